@@ -1,0 +1,186 @@
+"""The small async interface every queue backend implements.
+
+A backend moves opaque message bodies; it knows nothing about tasks.  The
+``JobQ`` layer turns tasks into :class:`OutgoingMessage` objects and back, so
+each backend module only has to speak its broker's protocol.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+
+class BackendError(Exception):
+    """A backend failed in a way the user should read (a clear message, no secrets)."""
+
+
+class LockLostError(BackendError):
+    """The message's lock (lease, pop receipt) is gone: another worker may have it."""
+
+
+class MessageTooLargeError(BackendError):
+    def __init__(self, message_id: str, size: int, limit: int):
+        super().__init__(
+            f"task {message_id} is {size} bytes when serialized; this queue accepts at most "
+            f"{limit} bytes per message. Store large inputs elsewhere (e.g. a blob) and pass "
+            "a reference in the task."
+        )
+        self.message_id = message_id
+        self.size = size
+        self.limit = limit
+
+
+class QueueUnavailableError(BackendError):
+    """The queue cannot be reached (not found, not configured, not available yet)."""
+
+
+@dataclass
+class QueueSettings:
+    """What a backend needs to create a queue on first use."""
+
+    dedup_window: timedelta = timedelta(days=7)
+    lock_duration: timedelta = timedelta(minutes=5)
+    max_delivery_count: int = 2000
+    duplicate_detection: bool = True
+
+
+@dataclass
+class OutgoingMessage:
+    message_id: str
+    body: bytes
+
+
+@dataclass
+class PushOutcome:
+    message_id: str
+    duplicate: bool | None  # None: the backend cannot know
+    error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class ReceivedMessage:
+    """A locked message.  ``handle`` is the backend's own settlement handle."""
+
+    message_id: str
+    body: bytes
+    delivery_count: int  # 1 on the first delivery
+    enqueued_time: float | None
+    locked_until: float | None
+    handle: Any = field(repr=False, default=None)
+    dead_letter_reason: str | None = None
+    dead_letter_description: str | None = None
+    sequence_number: int | None = None
+
+
+@dataclass
+class QueueCounts:
+    active: int
+    dead_letter: int
+    scheduled: int | None = None
+
+    def as_dict(self) -> dict[str, int | None]:
+        return {"active": self.active, "dead_letter": self.dead_letter, "scheduled": self.scheduled}
+
+
+@dataclass
+class DedupInfo:
+    """How the queue deduplicates, for the startup checker and ``jobq check``."""
+
+    backend: str
+    queue_exists: bool
+    duplicate_detection: bool | None  # None: could not be read (e.g. missing rights)
+    window: timedelta | None
+    mechanism: str  # "broker", "application ledger", "none"
+    note: str | None = None
+
+
+class Backend(abc.ABC):
+    """One queue on one broker.  Methods are coroutines; ``open`` before use."""
+
+    kind: str = "abstract"
+    #: largest body a single message may have, in bytes
+    max_message_size: int = 256 * 1024
+
+    def __init__(self, queue_name: str):
+        self.queue_name = queue_name
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Connect.  Must not create the queue: ``ensure_queue`` does that."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    async def __aenter__(self) -> Backend:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def description(self) -> str:
+        return f"{self.kind}:{self.queue_name}"
+
+    @abc.abstractmethod
+    async def ensure_queue(self, settings: QueueSettings) -> None:
+        """Create the queue with ``settings`` if it does not exist (never alters one)."""
+
+    @abc.abstractmethod
+    async def push(self, messages: Sequence[OutgoingMessage]) -> list[PushOutcome]:
+        """Send a batch; one outcome per message, in order.  An oversize message gets
+        an outcome with a :class:`MessageTooLargeError`; the others are still sent."""
+
+    @abc.abstractmethod
+    async def receive(
+        self, max_count: int, max_wait: float, *, dead_letter: bool = False
+    ) -> list[ReceivedMessage]:
+        """Lock up to ``max_count`` messages, waiting at most ``max_wait`` seconds for
+        the first one.  An empty list means none arrived in time."""
+
+    @abc.abstractmethod
+    async def renew(self, message: ReceivedMessage) -> None:
+        """Extend the lock; raise :class:`LockLostError` if it is gone."""
+
+    @abc.abstractmethod
+    async def complete(self, message: ReceivedMessage) -> None: ...
+
+    @abc.abstractmethod
+    async def abandon(self, message: ReceivedMessage) -> None:
+        """Make the message receivable again at once."""
+
+    @abc.abstractmethod
+    async def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
+        ...
+
+    @abc.abstractmethod
+    async def peek(self, max_count: int, *, dead_letter: bool = False) -> list[ReceivedMessage]:
+        """Read messages without locking or removing them (no ``handle``)."""
+
+    @abc.abstractmethod
+    async def counts(self) -> QueueCounts: ...
+
+    @abc.abstractmethod
+    async def clear(self, *, dead_letter: bool = False) -> int:
+        """Delete every message (of the dead-letter queue with ``dead_letter``)."""
+
+    @abc.abstractmethod
+    async def dedup_info(self) -> DedupInfo: ...
+
+    #: seconds after which an unrenewed lock expires; the worker renews at a third
+    def lock_renew_interval(self, message: ReceivedMessage) -> float:
+        import time
+
+        if message.locked_until is None:
+            return 30.0
+        return max(0.05, (message.locked_until - time.time()) / 3)
+
+    def extra_info(self) -> dict[str, Any]:
+        return {}

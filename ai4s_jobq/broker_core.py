@@ -1,0 +1,713 @@
+"""Service Bus queue semantics on SQLite.
+
+This is the one implementation of queue behaviour in the project: the embedded
+``local://`` backend calls it directly and the Service Bus emulator puts an AMQP
+front end on it.  It is synchronous and safe to share between threads and
+between processes (SQLite in WAL mode; every state change runs in a
+``BEGIN IMMEDIATE`` transaction, so two receivers can never lock the same
+message).
+
+What it models, following Azure Service Bus queues:
+
+* duplicate detection: a queue created with ``requires_duplicate_detection``
+  drops a message whose ``message_id`` was accepted within
+  ``duplicate_detection_window`` seconds (the sender still sees success);
+* peek-lock: a received message is locked for ``lock_duration`` seconds under a
+  fresh lock token; complete / abandon / dead-letter / renew need a live lock,
+  and an expired lock makes the message receivable again;
+* delivery count: incremented each time a message is locked (1 on the first
+  delivery); once a message has been delivered ``max_delivery_count`` times and
+  is abandoned or its lock expires, it moves to the dead-letter sub-queue with
+  reason ``MaxDeliveryCountExceeded``;
+* time to live, scheduled enqueue time, deferral, peek by sequence number.
+
+Message bodies are opaque bytes; ``properties`` is a JSON-able dict the caller
+may use for anything it wants carried along (the emulator keeps AMQP
+annotations there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+ACTIVE = ""
+DEAD_LETTER = "deadletter"
+
+_READY = 0
+_DEFERRED = 2
+
+MAX_DELIVERY_COUNT_REASON = "MaxDeliveryCountExceeded"
+TTL_EXPIRED_REASON = "TTLExpiredException"
+
+
+class BrokerError(Exception):
+    """Base class for errors raised by the broker core."""
+
+
+class QueueNotFound(BrokerError):
+    pass
+
+
+class QueueExists(BrokerError):
+    pass
+
+
+class LockLost(BrokerError):
+    """The lock token is unknown or its lock has expired (Azure: MessageLockLost)."""
+
+
+class InvalidOperation(BrokerError):
+    """A request Azure would refuse (e.g. toggling duplicate detection)."""
+
+
+class MessageTooLarge(BrokerError):
+    def __init__(self, index: int, size: int, limit: int):
+        super().__init__(f"message {index} is {size} bytes; the queue accepts at most {limit}")
+        self.index = index
+        self.size = size
+        self.limit = limit
+
+
+@dataclass
+class QueueProperties:
+    """Settings of one queue; durations are seconds."""
+
+    name: str
+    lock_duration: float = 60.0
+    requires_duplicate_detection: bool = False
+    duplicate_detection_window: float = 600.0
+    max_delivery_count: int = 10
+    default_message_ttl: float | None = None
+    dead_lettering_on_message_expiration: bool = False
+    max_message_size: int = 256 * 1024
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+@dataclass
+class NewMessage:
+    message_id: str
+    body: bytes
+    properties: dict[str, Any] = field(default_factory=dict)
+    time_to_live: float | None = None
+    scheduled_enqueue_time: float | None = None
+
+
+@dataclass
+class SendResult:
+    duplicate: bool
+    sequence_number: int | None  # None when dropped as a duplicate
+
+
+@dataclass
+class StoredMessage:
+    """A message as read from the store (received, peeked or dead-lettered)."""
+
+    sequence_number: int
+    message_id: str
+    body: bytes
+    properties: dict[str, Any]
+    enqueued_time: float
+    scheduled_enqueue_time: float
+    expires_at: float | None
+    delivery_count: int
+    lock_token: str | None
+    locked_until: float | None
+    sub_queue: str
+    state: str  # "active", "scheduled", "deferred"
+    dead_letter_reason: str | None
+    dead_letter_description: str | None
+
+
+@dataclass
+class QueueCounts:
+    active: int
+    dead_letter: int
+    scheduled: int
+    deferred: int
+
+    @property
+    def total(self) -> int:
+        return self.active + self.dead_letter + self.scheduled + self.deferred
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS queues (
+    name TEXT PRIMARY KEY,
+    props TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    sub TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    message_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    props TEXT,
+    enqueued_at REAL NOT NULL,
+    visible_at REAL NOT NULL,
+    expires_at REAL,
+    delivery_count INTEGER NOT NULL DEFAULT 0,
+    lock_token TEXT,
+    locked_until REAL,
+    dl_reason TEXT,
+    dl_description TEXT
+);
+CREATE INDEX IF NOT EXISTS messages_by_queue ON messages(queue, sub, state, seq);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_by_lock ON messages(lock_token)
+    WHERE lock_token IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_locked ON messages(queue, locked_until)
+    WHERE locked_until IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_expiring ON messages(queue, expires_at)
+    WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS dedup (
+    queue TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    accepted_at REAL NOT NULL,
+    PRIMARY KEY (queue, message_id)
+) WITHOUT ROWID;
+"""
+
+_COLUMNS = (
+    "seq, message_id, body, props, enqueued_at, visible_at, expires_at, delivery_count,"
+    " lock_token, locked_until, sub, state, dl_reason, dl_description"
+)
+
+
+class BrokerCore:
+    """A set of queues in one SQLite file (``":memory:"`` for a private in-memory store)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time):
+        self.path = str(path)
+        self.clock = clock
+        self._local = threading.local()
+        self._memory_conn: sqlite3.Connection | None = None
+        self._memory_lock = threading.RLock()
+        self._listeners: list[Callable[[str], None]] = []
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        with self._write() as conn:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _conn(self) -> sqlite3.Connection:
+        if self.path == ":memory:":
+            if self._memory_conn is None:
+                self._memory_conn = self._connect()
+            return self._memory_conn
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=60.0, isolation_level=None, check_same_thread=False
+        )
+        conn.execute("PRAGMA busy_timeout = 60000")
+        if self.path != ":memory:":
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    class _Txn:
+        def __init__(self, core: BrokerCore, conn: sqlite3.Connection):
+            self.core = core
+            self.conn = conn
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.core._memory_lock.acquire()
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.core._memory_lock.release()
+                raise
+            return self.conn
+
+        def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+            try:
+                if exc_type is None:
+                    self.conn.execute("COMMIT")
+                else:
+                    self.conn.execute("ROLLBACK")
+            finally:
+                self.core._memory_lock.release()
+
+    def _write(self, conn: sqlite3.Connection | None = None) -> BrokerCore._Txn:
+        return BrokerCore._Txn(self, conn or self._conn())
+
+    def add_listener(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(queue_name)`` (in the writer's thread) when messages may have
+        become receivable in this process: after a send, abandon or lock release."""
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[str], None]) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    def _notify(self, queue: str) -> None:
+        for callback in list(self._listeners):
+            try:
+                callback(queue)
+            except Exception:  # a listener must never break the broker
+                pass
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+        if self._memory_conn is not None:
+            self._memory_conn.close()
+            self._memory_conn = None
+
+    # ------------------------------------------------------------------ queues
+
+    def create_queue(self, props: QueueProperties, *, exist_ok: bool = False) -> QueueProperties:
+        _validate_properties(props)
+        now = self.clock()
+        with self._write() as conn:
+            row = conn.execute("SELECT props FROM queues WHERE name = ?", (props.name,)).fetchone()
+            if row is not None:
+                if exist_ok:
+                    return _props_from_json(row[0])
+                raise QueueExists(f"queue {props.name!r} already exists")
+            created = replace(props, created_at=now, updated_at=now)
+            conn.execute(
+                "INSERT INTO queues(name, props) VALUES (?, ?)",
+                (props.name, json.dumps(asdict(created))),
+            )
+        return created
+
+    def get_queue(self, name: str) -> QueueProperties:
+        row = self._conn().execute("SELECT props FROM queues WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise QueueNotFound(f"queue {name!r} does not exist")
+        return _props_from_json(row[0])
+
+    def queue_exists(self, name: str) -> bool:
+        row = self._conn().execute("SELECT 1 FROM queues WHERE name = ?", (name,)).fetchone()
+        return row is not None
+
+    def list_queues(self) -> list[QueueProperties]:
+        rows = self._conn().execute("SELECT props FROM queues ORDER BY name").fetchall()
+        return [_props_from_json(r[0]) for r in rows]
+
+    def update_queue(self, props: QueueProperties) -> QueueProperties:
+        """Change a queue's settings.  As on Azure, duplicate detection cannot be
+        switched on or off once the queue exists."""
+        _validate_properties(props)
+        with self._write() as conn:
+            row = conn.execute("SELECT props FROM queues WHERE name = ?", (props.name,)).fetchone()
+            if row is None:
+                raise QueueNotFound(f"queue {props.name!r} does not exist")
+            current = _props_from_json(row[0])
+            if current.requires_duplicate_detection != props.requires_duplicate_detection:
+                raise InvalidOperation(
+                    "requires_duplicate_detection cannot be changed on an existing queue; "
+                    "create a new queue instead"
+                )
+            updated = replace(props, created_at=current.created_at, updated_at=self.clock())
+            conn.execute(
+                "UPDATE queues SET props = ? WHERE name = ?",
+                (json.dumps(asdict(updated)), props.name),
+            )
+        return updated
+
+    def delete_queue(self, name: str) -> None:
+        with self._write() as conn:
+            cur = conn.execute("DELETE FROM queues WHERE name = ?", (name,))
+            if cur.rowcount == 0:
+                raise QueueNotFound(f"queue {name!r} does not exist")
+            conn.execute("DELETE FROM messages WHERE queue = ?", (name,))
+            conn.execute("DELETE FROM dedup WHERE queue = ?", (name,))
+
+    def counts(self, queue: str) -> QueueCounts:
+        props = self.get_queue(queue)
+        now = self.clock()
+        with self._write() as conn:
+            self._sweep(conn, props, now)
+        conn = self._conn()
+        active, scheduled, deferred, dead = conn.execute(
+            "SELECT"
+            " COALESCE(SUM(sub = ? AND state = ? AND visible_at <= ?), 0),"
+            " COALESCE(SUM(sub = ? AND state = ? AND visible_at > ?), 0),"
+            " COALESCE(SUM(sub = ? AND state = ?), 0),"
+            " COALESCE(SUM(sub = ?), 0)"
+            " FROM messages WHERE queue = ?",
+            (ACTIVE, _READY, now, ACTIVE, _READY, now, ACTIVE, _DEFERRED, DEAD_LETTER, queue),
+        ).fetchone()
+        return QueueCounts(active=active, dead_letter=dead, scheduled=scheduled, deferred=deferred)
+
+    # ------------------------------------------------------------------ sending
+
+    def send(self, queue: str, messages: Sequence[NewMessage]) -> list[SendResult]:
+        """Enqueue ``messages`` atomically; duplicates (by ``message_id``, within the
+        queue's window) are dropped and reported as such.  Raises
+        :class:`MessageTooLarge` before writing anything if any body is over the limit."""
+        props = self.get_queue(queue)
+        for index, message in enumerate(messages):
+            if len(message.body) > props.max_message_size:
+                raise MessageTooLarge(index, len(message.body), props.max_message_size)
+        now = self.clock()
+        results: list[SendResult] = []
+        with self._write() as conn:
+            seen = self._recently_accepted(conn, props, [m.message_id for m in messages], now)
+            for message in messages:
+                if props.requires_duplicate_detection:
+                    if message.message_id in seen:
+                        results.append(SendResult(duplicate=True, sequence_number=None))
+                        continue
+                    seen.add(message.message_id)
+                    conn.execute(
+                        "INSERT OR REPLACE INTO dedup(queue, message_id, accepted_at)"
+                        " VALUES (?, ?, ?)",
+                        (queue, message.message_id, now),
+                    )
+                ttl = message.time_to_live or props.default_message_ttl
+                visible_at = message.scheduled_enqueue_time or now
+                cur = conn.execute(
+                    "INSERT INTO messages(queue, sub, state, message_id, body, props,"
+                    " enqueued_at, visible_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        queue,
+                        ACTIVE,
+                        _READY,
+                        message.message_id,
+                        message.body,
+                        json.dumps(message.properties) if message.properties else None,
+                        now,
+                        visible_at,
+                        visible_at + ttl if ttl else None,
+                    ),
+                )
+                results.append(SendResult(duplicate=False, sequence_number=cur.lastrowid))
+        if any(not r.duplicate for r in results):
+            self._notify(queue)
+        return results
+
+    def _recently_accepted(
+        self, conn: sqlite3.Connection, props: QueueProperties, ids: list[str], now: float
+    ) -> set[str]:
+        if not props.requires_duplicate_detection or not ids:
+            return set()
+        cutoff = now - props.duplicate_detection_window
+        found: set[str] = set()
+        unique = list(dict.fromkeys(ids))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = conn.execute(
+                f"SELECT message_id FROM dedup WHERE queue = ? AND accepted_at > ?"
+                f" AND message_id IN ({marks})",
+                (props.name, cutoff, *chunk),
+            )
+            found.update(r[0] for r in rows)
+        return found
+
+    def prune_dedup_history(self, queue: str) -> int:
+        """Forget message IDs older than the window (they no longer count anyway)."""
+        props = self.get_queue(queue)
+        with self._write() as conn:
+            cur = conn.execute(
+                "DELETE FROM dedup WHERE queue = ? AND accepted_at <= ?",
+                (queue, self.clock() - props.duplicate_detection_window),
+            )
+        return cur.rowcount
+
+    def cancel_scheduled(self, queue: str, sequence_numbers: Iterable[int]) -> int:
+        now = self.clock()
+        removed = 0
+        with self._write() as conn:
+            for seq in sequence_numbers:
+                cur = conn.execute(
+                    "DELETE FROM messages WHERE seq = ? AND queue = ? AND sub = ?"
+                    " AND visible_at > ?",
+                    (seq, queue, ACTIVE, now),
+                )
+                removed += cur.rowcount
+        return removed
+
+    # ------------------------------------------------------------------ receiving
+
+    def receive(
+        self,
+        queue: str,
+        max_count: int = 1,
+        *,
+        sub_queue: str = ACTIVE,
+        receive_and_delete: bool = False,
+        lock_duration: float | None = None,
+    ) -> list[StoredMessage]:
+        """Lock (or, with ``receive_and_delete``, remove) up to ``max_count`` receivable
+        messages.  Never blocks waiting for messages: callers poll or listen."""
+        props = self.get_queue(queue)
+        now = self.clock()
+        until = now + (lock_duration if lock_duration is not None else props.lock_duration)
+        received: list[StoredMessage] = []
+        with self._write() as conn:
+            self._sweep(conn, props, now)
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM messages WHERE queue = ? AND sub = ? AND state = ?"
+                " AND visible_at <= ? AND (locked_until IS NULL OR locked_until <= ?)"
+                " ORDER BY seq LIMIT ?",
+                (queue, sub_queue, _READY, now, now, max_count),
+            ).fetchall()
+            for row in rows:
+                message = _row_to_message(row, now)
+                message.delivery_count += 1
+                if receive_and_delete:
+                    conn.execute("DELETE FROM messages WHERE seq = ?", (message.sequence_number,))
+                    message.lock_token = None
+                    message.locked_until = None
+                else:
+                    message.lock_token = str(uuid.uuid4())
+                    message.locked_until = until
+                    conn.execute(
+                        "UPDATE messages SET lock_token = ?, locked_until = ?,"
+                        " delivery_count = ? WHERE seq = ?",
+                        (message.lock_token, until, message.delivery_count,
+                         message.sequence_number),
+                    )
+                received.append(message)
+        return received
+
+    def receive_deferred(
+        self, queue: str, sequence_numbers: Sequence[int], *, sub_queue: str = ACTIVE
+    ) -> list[StoredMessage]:
+        props = self.get_queue(queue)
+        now = self.clock()
+        out: list[StoredMessage] = []
+        with self._write() as conn:
+            for seq in sequence_numbers:
+                row = conn.execute(
+                    f"SELECT {_COLUMNS} FROM messages WHERE seq = ? AND queue = ? AND sub = ?"
+                    " AND state = ? AND (locked_until IS NULL OR locked_until <= ?)",
+                    (seq, queue, sub_queue, _DEFERRED, now),
+                ).fetchone()
+                if row is None:
+                    continue
+                message = _row_to_message(row, now)
+                message.delivery_count += 1
+                message.lock_token = str(uuid.uuid4())
+                message.locked_until = now + props.lock_duration
+                conn.execute(
+                    "UPDATE messages SET lock_token = ?, locked_until = ?, delivery_count = ?"
+                    " WHERE seq = ?",
+                    (message.lock_token, message.locked_until, message.delivery_count, seq),
+                )
+                out.append(message)
+        return out
+
+    def peek(
+        self,
+        queue: str,
+        max_count: int = 1,
+        *,
+        from_sequence_number: int = 0,
+        sub_queue: str = ACTIVE,
+    ) -> list[StoredMessage]:
+        """Read messages without locking them, in sequence order (locked, scheduled
+        and deferred ones included, as Service Bus peeks them)."""
+        self.get_queue(queue)
+        now = self.clock()
+        rows = self._conn().execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE queue = ? AND sub = ? AND seq >= ?"
+            " ORDER BY seq LIMIT ?",
+            (queue, sub_queue, from_sequence_number, max_count),
+        ).fetchall()
+        return [_row_to_message(row, now) for row in rows]
+
+    # ------------------------------------------------------------------ settling
+
+    def _locked_row(self, conn: sqlite3.Connection, lock_token: str, now: float) -> tuple:
+        row = conn.execute(
+            "SELECT seq, queue, delivery_count, locked_until, props FROM messages"
+            " WHERE lock_token = ?",
+            (lock_token,),
+        ).fetchone()
+        if row is None or row[3] is None or row[3] <= now:
+            raise LockLost(
+                "the lock supplied is invalid: it expired, or the message was already "
+                "settled or received by another receiver"
+            )
+        return row
+
+    def renew_lock(self, lock_token: str) -> float:
+        """Extend a live lock by the queue's lock duration; returns the new locked-until."""
+        now = self.clock()
+        with self._write() as conn:
+            seq, queue, _, _, _ = self._locked_row(conn, lock_token, now)
+            until = now + self.get_queue(queue).lock_duration
+            conn.execute("UPDATE messages SET locked_until = ? WHERE seq = ?", (until, seq))
+        return until
+
+    def complete(self, lock_token: str) -> None:
+        now = self.clock()
+        with self._write() as conn:
+            seq = self._locked_row(conn, lock_token, now)[0]
+            conn.execute("DELETE FROM messages WHERE seq = ?", (seq,))
+
+    def abandon(self, lock_token: str, properties_to_modify: dict[str, Any] | None = None) -> None:
+        """Release the lock so the message can be received again at once; after
+        ``max_delivery_count`` deliveries it is dead-lettered instead."""
+        now = self.clock()
+        with self._write() as conn:
+            seq, queue, delivery_count, _, props_json = self._locked_row(conn, lock_token, now)
+            props = _merge_props(props_json, properties_to_modify)
+            conn.execute(
+                "UPDATE messages SET lock_token = NULL, locked_until = NULL, props = ?"
+                " WHERE seq = ?",
+                (props, seq),
+            )
+            max_count = self.get_queue(queue).max_delivery_count
+            if delivery_count >= max_count:
+                self._move_to_dead_letter(
+                    conn, seq, MAX_DELIVERY_COUNT_REASON,
+                    f"Message could not be consumed after {max_count} delivery attempts.",
+                )
+        self._notify(queue)
+
+    def dead_letter(
+        self,
+        lock_token: str,
+        reason: str | None = None,
+        description: str | None = None,
+        properties_to_modify: dict[str, Any] | None = None,
+    ) -> None:
+        now = self.clock()
+        with self._write() as conn:
+            seq, _, _, _, props_json = self._locked_row(conn, lock_token, now)
+            props = _merge_props(props_json, properties_to_modify)
+            conn.execute("UPDATE messages SET props = ? WHERE seq = ?", (props, seq))
+            self._move_to_dead_letter(conn, seq, reason, description)
+
+    def defer(self, lock_token: str, properties_to_modify: dict[str, Any] | None = None) -> None:
+        now = self.clock()
+        with self._write() as conn:
+            seq, _, _, _, props_json = self._locked_row(conn, lock_token, now)
+            conn.execute(
+                "UPDATE messages SET state = ?, lock_token = NULL, locked_until = NULL,"
+                " props = ? WHERE seq = ?",
+                (_DEFERRED, _merge_props(props_json, properties_to_modify), seq),
+            )
+
+    def purge(self, queue: str, *, sub_queue: str = ACTIVE) -> int:
+        """Delete every message of a queue (or of its dead-letter sub-queue)."""
+        self.get_queue(queue)
+        with self._write() as conn:
+            cur = conn.execute(
+                "DELETE FROM messages WHERE queue = ? AND sub = ?", (queue, sub_queue)
+            )
+        return cur.rowcount
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def _move_to_dead_letter(
+        self, conn: sqlite3.Connection, seq: int, reason: str | None, description: str | None
+    ) -> None:
+        conn.execute(
+            "UPDATE messages SET sub = ?, state = ?, lock_token = NULL, locked_until = NULL,"
+            " dl_reason = ?, dl_description = ? WHERE seq = ?",
+            (DEAD_LETTER, _READY, reason, description, seq),
+        )
+
+    def _sweep(self, conn: sqlite3.Connection, props: QueueProperties, now: float) -> None:
+        """Apply what time has done: expired locks past the delivery limit go to the
+        dead-letter queue, messages past their time to live expire."""
+        conn.execute(
+            "UPDATE messages SET sub = ?, lock_token = NULL, locked_until = NULL,"
+            " dl_reason = ?, dl_description = ?"
+            " WHERE queue = ? AND sub = ? AND locked_until IS NOT NULL AND locked_until <= ?"
+            " AND delivery_count >= ?",
+            (
+                DEAD_LETTER,
+                MAX_DELIVERY_COUNT_REASON,
+                f"Message could not be consumed after {props.max_delivery_count} "
+                "delivery attempts.",
+                props.name,
+                ACTIVE,
+                now,
+                props.max_delivery_count,
+            ),
+        )
+        expired = (props.name, ACTIVE, now, now)
+        where = (
+            " WHERE queue = ? AND sub = ? AND expires_at IS NOT NULL AND expires_at <= ?"
+            " AND (locked_until IS NULL OR locked_until <= ?)"
+        )
+        if props.dead_lettering_on_message_expiration:
+            conn.execute(
+                "UPDATE messages SET sub = ?, lock_token = NULL, locked_until = NULL,"
+                " dl_reason = ?, dl_description = ?" + where,
+                (DEAD_LETTER, TTL_EXPIRED_REASON, "The message expired.", *expired),
+            )
+        else:
+            conn.execute("DELETE FROM messages" + where, expired)
+
+
+def _validate_properties(props: QueueProperties) -> None:
+    if not props.name or len(props.name) > 260:
+        raise InvalidOperation("a queue name must have 1 to 260 characters")
+    if props.lock_duration <= 0:
+        raise InvalidOperation("lock_duration must be positive")
+    if props.duplicate_detection_window <= 0:
+        raise InvalidOperation("duplicate_detection_window must be positive")
+    if props.max_delivery_count < 1:
+        raise InvalidOperation("max_delivery_count must be at least 1")
+    if props.default_message_ttl is not None and props.default_message_ttl <= 0:
+        raise InvalidOperation("default_message_ttl must be positive")
+
+
+def _props_from_json(text: str) -> QueueProperties:
+    data = json.loads(text)
+    known = {f for f in QueueProperties.__dataclass_fields__}
+    return QueueProperties(**{k: v for k, v in data.items() if k in known})
+
+
+def _merge_props(props_json: str | None, extra: dict[str, Any] | None) -> str | None:
+    if not extra:
+        return props_json
+    props = json.loads(props_json) if props_json else {}
+    props.update(extra)
+    return json.dumps(props)
+
+
+def _row_to_message(row: tuple, now: float) -> StoredMessage:
+    (seq, message_id, body, props, enqueued_at, visible_at, expires_at, delivery_count,
+     lock_token, locked_until, sub, state, dl_reason, dl_description) = row
+    if state == _DEFERRED:
+        state_name = "deferred"
+    elif visible_at > now:
+        state_name = "scheduled"
+    else:
+        state_name = "active"
+    return StoredMessage(
+        sequence_number=seq,
+        message_id=message_id,
+        body=bytes(body),
+        properties=json.loads(props) if props else {},
+        enqueued_time=enqueued_at,
+        scheduled_enqueue_time=visible_at,
+        expires_at=expires_at,
+        delivery_count=delivery_count,
+        lock_token=lock_token if locked_until is not None and locked_until > now else None,
+        locked_until=locked_until,
+        sub_queue=sub,
+        state=state_name,
+        dead_letter_reason=dl_reason,
+        dead_letter_description=dl_description,
+    )
