@@ -1,0 +1,25 @@
+"""ai4s_jobq: push many small tasks to a queue with deterministic, deduplicating IDs,
+and drain it with worker loops.  See README.md and docs/."""
+
+from .api import push, push_many
+from .ids import TaskEncodingError, canonical_json, identify
+from .jobq import JobQ, PushFailure, PushResult, PushSummary
+from .task import Task, make_task
+from .worker import Worker, WorkerPolicy
+
+__all__ = [
+    "JobQ",
+    "PushFailure",
+    "PushResult",
+    "PushSummary",
+    "Task",
+    "TaskEncodingError",
+    "Worker",
+    "WorkerPolicy",
+    "canonical_json",
+    "identify",
+    "make_task",
+    "push",
+    "push_many",
+]
+__version__ = "0.1.0"

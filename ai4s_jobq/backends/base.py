@@ -108,6 +108,10 @@ class Backend(abc.ABC):
     kind: str = "abstract"
     #: largest body a single message may have, in bytes
     max_message_size: int = 256 * 1024
+    #: how many messages ``JobQ.push_many`` hands to one ``push`` call
+    push_batch_size: int = 500
+    #: how many ``push`` calls ``JobQ.push_many`` keeps in flight
+    push_concurrency: int = 1
 
     def __init__(self, queue_name: str):
         self.queue_name = queue_name

@@ -1,0 +1,196 @@
+"""The embedded backend: one SQLite file per queue, served by the broker core.
+
+It needs no server and no Azure, and has the same semantics as a Service Bus
+queue (duplicate detection window, peek-lock, delivery count, dead-letter
+queue), so what works here works there.  Several worker processes may share
+the file.  Core calls are short SQLite transactions, made inline: a thread hop
+would cost more than the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+from .. import broker_core as core
+from .base import (
+    Backend,
+    DedupInfo,
+    LockLostError,
+    MessageTooLargeError,
+    OutgoingMessage,
+    PushOutcome,
+    QueueCounts,
+    QueueSettings,
+    QueueUnavailableError,
+    ReceivedMessage,
+)
+
+_POLL_MIN = 0.005
+_POLL_MAX = 0.1
+
+
+class LocalBackend(Backend):
+    kind = "local"
+
+    def __init__(self, path: str | Path, queue_name: str = "default"):
+        super().__init__(queue_name)
+        self.path = Path(path)
+        self._core: core.BrokerCore | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def description(self) -> str:
+        return f"local://{self.queue_name} ({self.path})"
+
+    @property
+    def core(self) -> core.BrokerCore:
+        if self._core is None:
+            raise RuntimeError("backend is not open")
+        return self._core
+
+    async def open(self) -> None:
+        self._core = core.BrokerCore(self.path)
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        self._core.add_listener(self._on_available)
+
+    async def close(self) -> None:
+        if self._core is not None:
+            self._core.remove_listener(self._on_available)
+            self._core.close()
+            self._core = None
+
+    def _on_available(self, queue: str) -> None:
+        if self._loop is not None and self._wakeup is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._wakeup.set)
+
+    def _props(self) -> core.QueueProperties:
+        try:
+            return self.core.get_queue(self.queue_name)
+        except core.QueueNotFound:
+            raise QueueUnavailableError(
+                f"local queue {self.queue_name!r} does not exist yet in {self.path} "
+                "(it is created by the first push)"
+            ) from None
+
+    async def ensure_queue(self, settings: QueueSettings) -> None:
+        self.core.create_queue(
+            core.QueueProperties(
+                name=self.queue_name,
+                lock_duration=settings.lock_duration.total_seconds(),
+                requires_duplicate_detection=settings.duplicate_detection,
+                duplicate_detection_window=settings.dedup_window.total_seconds(),
+                max_delivery_count=settings.max_delivery_count,
+            ),
+            exist_ok=True,
+        )
+
+    async def push(self, messages: Sequence[OutgoingMessage]) -> list[PushOutcome]:
+        limit = self._props().max_message_size
+        outcomes: list[PushOutcome | None] = [None] * len(messages)
+        to_send: list[core.NewMessage] = []
+        positions: list[int] = []
+        for i, message in enumerate(messages):
+            if len(message.body) > limit:
+                error = MessageTooLargeError(message.message_id, len(message.body), limit)
+                outcomes[i] = PushOutcome(message.message_id, None, error)
+            else:
+                to_send.append(core.NewMessage(message.message_id, message.body))
+                positions.append(i)
+        if to_send:
+            results = self.core.send(self.queue_name, to_send)
+            for i, result in zip(positions, results):
+                outcomes[i] = PushOutcome(messages[i].message_id, result.duplicate)
+        return [o for o in outcomes if o is not None]
+
+    async def receive(
+        self, max_count: int, max_wait: float, *, dead_letter: bool = False
+    ) -> list[ReceivedMessage]:
+        self._props()
+        sub_queue = core.DEAD_LETTER if dead_letter else core.ACTIVE
+        deadline = time.monotonic() + max_wait
+        delay = _POLL_MIN
+        assert self._wakeup is not None
+        while True:
+            self._wakeup.clear()
+            stored = self.core.receive(self.queue_name, max_count, sub_queue=sub_queue)
+            if stored:
+                return [_to_received(m) for m in stored]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            # Woken at once by a send in this process; other processes are polled.
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=min(delay, remaining))
+            except asyncio.TimeoutError:
+                delay = min(delay * 2, _POLL_MAX)
+
+    def _settle(self, action, message: ReceivedMessage, *args: object) -> None:
+        try:
+            action(message.handle, *args)
+        except core.LockLost as exc:
+            raise LockLostError(str(exc)) from None
+
+    async def renew(self, message: ReceivedMessage) -> None:
+        try:
+            message.locked_until = self.core.renew_lock(message.handle)
+        except core.LockLost as exc:
+            raise LockLostError(str(exc)) from None
+
+    async def complete(self, message: ReceivedMessage) -> None:
+        self._settle(self.core.complete, message)
+
+    async def abandon(self, message: ReceivedMessage) -> None:
+        self._settle(self.core.abandon, message)
+
+    async def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
+        self._settle(self.core.dead_letter, message, reason, description)
+
+    async def peek(self, max_count: int, *, dead_letter: bool = False) -> list[ReceivedMessage]:
+        self._props()
+        sub_queue = core.DEAD_LETTER if dead_letter else core.ACTIVE
+        stored = self.core.peek(self.queue_name, max_count, sub_queue=sub_queue)
+        return [_to_received(m, with_handle=False) for m in stored]
+
+    async def counts(self) -> QueueCounts:
+        self._props()
+        counts = self.core.counts(self.queue_name)
+        return QueueCounts(counts.active, counts.dead_letter, counts.scheduled)
+
+    async def clear(self, *, dead_letter: bool = False) -> int:
+        self._props()
+        sub_queue = core.DEAD_LETTER if dead_letter else core.ACTIVE
+        return self.core.purge(self.queue_name, sub_queue=sub_queue)
+
+    async def dedup_info(self) -> DedupInfo:
+        try:
+            props = self.core.get_queue(self.queue_name)
+        except core.QueueNotFound:
+            return DedupInfo(self.kind, False, None, None, "none",
+                             "the queue does not exist yet")
+        return DedupInfo(
+            backend=self.kind,
+            queue_exists=True,
+            duplicate_detection=props.requires_duplicate_detection,
+            window=timedelta(seconds=props.duplicate_detection_window),
+            mechanism="broker" if props.requires_duplicate_detection else "none",
+        )
+
+
+def _to_received(message: core.StoredMessage, *, with_handle: bool = True) -> ReceivedMessage:
+    return ReceivedMessage(
+        message_id=message.message_id,
+        body=message.body,
+        delivery_count=message.delivery_count,
+        enqueued_time=message.enqueued_time,
+        locked_until=message.locked_until,
+        handle=message.lock_token if with_handle else None,
+        dead_letter_reason=message.dead_letter_reason,
+        dead_letter_description=message.dead_letter_description,
+        sequence_number=message.sequence_number,
+    )

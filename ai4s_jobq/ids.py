@@ -1,0 +1,181 @@
+"""Deterministic task IDs: the MD5 of a task's canonical JSON.
+
+The canonical form is also the wire form of the task's arguments, so the ID is a
+hash of exactly the bytes a worker will see.  Rules (see docs/dedup.md):
+
+* JSON with keys sorted, separators ``,`` and ``:``, UTF-8, no ASCII escaping;
+* object keys must be strings; ``NaN`` and infinities are rejected;
+* ``datetime`` must carry a timezone and is written in UTC as
+  ``YYYY-MM-DDTHH:MM:SS[.ffffff]Z`` (naive datetimes are rejected: their instant
+  depends on the machine); ``date`` as ``YYYY-MM-DD``;
+* ``UUID`` as its lowercase hyphenated string; ``Decimal`` as a normalized
+  plain-notation string (``Decimal("1.50")`` → ``"1.5"``);
+* tuples as lists; sets and frozensets as lists sorted by each element's
+  canonical JSON;
+* anything else (bytes, objects, paths, enums...) is rejected with the dotted
+  path of the field, so two machines can never hash one value two ways.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+MAX_ID_LENGTH = 128  # Service Bus MessageId limit
+DETERMINISTIC_IDS_ENV = "JOBQ_DETERMINISTIC_IDS"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class TaskEncodingError(ValueError):
+    """A task argument has no deterministic JSON encoding."""
+
+
+class ConfigError(ValueError):
+    """A setting (environment variable, option) has a value we cannot use."""
+
+
+def parse_bool(value: str, *, name: str) -> bool:
+    text = value.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(
+        f"{name}={value!r} is not a boolean; use one of 1/0, true/false, yes/no (any case)"
+    )
+
+
+def deterministic_ids_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Read ``JOBQ_DETERMINISTIC_IDS`` now (not at import), default true."""
+    env = os.environ if environ is None else environ
+    value = env.get(DETERMINISTIC_IDS_ENV)
+    if value is None or value.strip() == "":
+        return True
+    return parse_bool(value, name=DETERMINISTIC_IDS_ENV)
+
+
+def normalize(value: Any, path: str = "args") -> Any:
+    """Turn ``value`` into plain JSON types following the rules above."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            raise TaskEncodingError(f"{path}: {value!r} has no JSON encoding")
+        return value
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TaskEncodingError(
+                    f"{path}: key {key!r} is a {type(key).__name__}; task keys must be strings"
+                )
+            out[key] = normalize(item, f"{path}.{key}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [normalize(item, f"{path}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, (set, frozenset)):
+        items = [normalize(item, f"{path}{{}}") for item in value]
+        return sorted(items, key=canonical_json)
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise TaskEncodingError(
+                f"{path}: naive datetime {value.isoformat()} is ambiguous; "
+                "attach a timezone (e.g. datetime.now(timezone.utc))"
+            )
+        utc = value.astimezone(timezone.utc).replace(tzinfo=None)
+        return utc.isoformat() + "Z"
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise TaskEncodingError(f"{path}: Decimal {value} has no JSON encoding")
+        text = format(value.normalize(), "f")
+        return "0" if text in ("-0", "0") else text
+    raise TaskEncodingError(
+        f"{path}: values of type {type(value).__name__} have no deterministic encoding; "
+        "convert it to a string, number, list or dict first"
+        + (" (e.g. base64 for bytes)" if isinstance(value, (bytes, bytearray)) else "")
+    )
+
+
+def canonical_json(value: Any) -> str:
+    """The canonical JSON text of an already-normalized value."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False)
+
+
+def content_id(canonical: str) -> str:
+    return hashlib.md5(canonical.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
+def validate_explicit_id(task_id: str) -> str:
+    if not isinstance(task_id, str) or not task_id.strip():
+        raise ValueError("id= must be a non-empty string")
+    if len(task_id) > MAX_ID_LENGTH:
+        raise ValueError(
+            f"id= is {len(task_id)} characters; at most {MAX_ID_LENGTH} are allowed "
+            "(the Service Bus MessageId limit)"
+        )
+    return task_id
+
+
+@dataclass(frozen=True)
+class IdentifiedArgs:
+    """A task's normalized arguments, the text that was hashed, and the ID."""
+
+    args: dict[str, Any]
+    hashed: str
+    id: str
+    how: str  # "content", "dedup_keys", "explicit", "random"
+
+
+def identify(
+    args: Mapping[str, Any],
+    *,
+    id: str | None = None,
+    dedup_keys: Iterable[str] | None = None,
+    deterministic: bool | None = None,
+) -> IdentifiedArgs:
+    """Normalize ``args`` and choose the task ID.
+
+    Precedence: an explicit ``id`` wins; otherwise, if deterministic IDs are on
+    (``deterministic`` or, when None, ``JOBQ_DETERMINISTIC_IDS``), the MD5 of the
+    canonical JSON of ``args`` (restricted to ``dedup_keys`` when given);
+    otherwise a random ``uuid4`` hex.
+    """
+    normalized = normalize(dict(args))
+    if id is not None:
+        explicit = validate_explicit_id(id)
+        return IdentifiedArgs(normalized, "", explicit, "explicit")
+    if deterministic is None:
+        deterministic = deterministic_ids_enabled()
+    if not deterministic:
+        return IdentifiedArgs(normalized, "", uuid.uuid4().hex, "random")
+    if dedup_keys is not None:
+        keys = list(dedup_keys)
+        if not keys:
+            raise ValueError("dedup_keys must name at least one argument")
+        missing = [k for k in keys if k not in normalized]
+        if missing:
+            raise ValueError(
+                f"dedup_keys {missing} are not arguments of this task "
+                f"(it has {sorted(normalized)})"
+            )
+        hashed = canonical_json({k: normalized[k] for k in keys})
+        return IdentifiedArgs(normalized, hashed, content_id(hashed), "dedup_keys")
+    hashed = canonical_json(normalized)
+    return IdentifiedArgs(normalized, hashed, content_id(hashed), "content")

@@ -1,0 +1,356 @@
+"""The ``JobQ`` client: tasks in, tasks out, on any backend.
+
+``JobQ`` turns tasks into messages (ID, envelope) and hands them to a
+:class:`~ai4s_jobq.backends.base.Backend`.  It also carries the operations every
+backend shares: counts, peek, clear, the dead-letter tools and the startup check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from . import checker
+from .backends.base import (
+    Backend,
+    BackendError,
+    OutgoingMessage,
+    PushOutcome,
+    QueueCounts,
+    QueueSettings,
+    ReceivedMessage,
+)
+from .durations import parse_duration
+from .ids import TaskEncodingError, deterministic_ids_enabled
+from .spec import CONNECTION_STRING_ENV, make_backend, parse_spec
+from .task import MalformedTaskError, Task, make_task
+
+log = logging.getLogger("ai4s_jobq")
+
+DEFAULT_DEDUP_WINDOW = timedelta(days=7)
+DEDUP_WINDOW_ENV = "JOBQ_DEDUP_WINDOW"
+TaskInput = str | Mapping[str, Any] | Task
+
+
+@dataclass
+class PushResult:
+    id: str
+    duplicate: bool | None  # None where the backend cannot know
+
+
+@dataclass
+class PushFailure:
+    index: int
+    id: str | None
+    error: str
+
+
+@dataclass
+class PushSummary:
+    pushed: int = 0
+    duplicates: int = 0
+    unknown: int = 0  # accepted, but the backend cannot tell whether it was a duplicate
+    failures: list[PushFailure] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.pushed + self.duplicates + self.unknown + len(self.failures)
+
+
+@dataclass
+class DeadLetteredTask:
+    message_id: str
+    task: Task | None
+    reason: str | None
+    description: str | None
+    delivery_count: int
+    raw: bytes = b""
+
+
+class JobQ:
+    """A queue of tasks.  Use :meth:`open`::
+
+        async with JobQ.open("local://demo") as q:
+            result = await q.push("echo hello")
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        dedup_window: timedelta | None = None,
+        lock_duration: timedelta | None = None,
+        deterministic: bool | None = None,
+    ):
+        self.backend = backend
+        self.configured_window = dedup_window
+        self.settings = QueueSettings(
+            dedup_window=dedup_window or DEFAULT_DEDUP_WINDOW,
+            lock_duration=lock_duration or QueueSettings.lock_duration,
+        )
+        self.deterministic = deterministic
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        spec: str | None = None,
+        *,
+        connection_string: str | None = None,
+        dedup_window: timedelta | str | int | None = None,
+        lock_duration: timedelta | None = None,
+        deterministic: bool | None = None,
+        check: bool = True,
+        create: bool = True,
+    ) -> AsyncIterator[JobQ]:
+        """Connect to the queue named by ``spec`` (see :mod:`ai4s_jobq.spec`), create it
+        on first use, and log the startup checker's warnings."""
+        connection_string = connection_string or os.environ.get(CONNECTION_STRING_ENV) or None
+        window = configured_dedup_window(dedup_window)
+        backend = make_backend(parse_spec(spec, connection_string), connection_string,
+                               dedup_window=window)
+        q = cls(backend, dedup_window=window, lock_duration=lock_duration,
+                deterministic=deterministic)
+        await backend.open()
+        try:
+            if create:
+                await backend.ensure_queue(q.settings)
+            if check:
+                checker.log_findings(await q.check())
+            yield q
+        finally:
+            await backend.close()
+
+    # ------------------------------------------------------------------ producing
+
+    def make_task(self, task: TaskInput, **options: Any) -> Task:
+        options.setdefault("deterministic", self.deterministic)
+        return make_task(task, **options)
+
+    async def push(
+        self,
+        task: TaskInput,
+        *,
+        num_retries: int | None = None,
+        id: str | None = None,
+        dedup_keys: Iterable[str] | None = None,
+        deterministic: bool | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> PushResult:
+        """Push one task.  Raises on failure (e.g. ``MessageTooLargeError``)."""
+        built = make_task(
+            task, num_retries=num_retries, id=id, dedup_keys=dedup_keys, env=env,
+            deterministic=self.deterministic if deterministic is None else deterministic,
+        )
+        (outcome,) = await self.backend.push([OutgoingMessage(built.id, built.to_body())])
+        if outcome.error is not None:
+            raise outcome.error
+        return PushResult(built.id, outcome.duplicate)
+
+    async def push_many(
+        self,
+        tasks: Iterable[TaskInput | Exception],
+        *,
+        num_retries: int | None = None,
+        dedup_keys: Iterable[str] | None = None,
+        deterministic: bool | None = None,
+        env: Mapping[str, str] | None = None,
+        batch_size: int | None = None,
+        on_result: Callable[[int, str | None, PushOutcome | PushFailure], None] | None = None,
+    ) -> PushSummary:
+        """Push tasks from an iterable in batches, holding only a few batches in memory.
+
+        A task that cannot be built or sent is recorded in ``summary.failures`` with
+        its index; the others are still pushed.  An ``Exception`` instance among
+        ``tasks`` stands for an input the caller could not read: it is recorded as a
+        failure at its index.  ``on_result(index, id, outcome)``
+        is called for every task, in order.
+        """
+        size = batch_size or self.backend.push_batch_size
+        keys = list(dedup_keys) if dedup_keys is not None else None
+        det = self.deterministic if deterministic is None else deterministic
+        summary = PushSummary()
+        # Each entry is (index, task) or (index, the error that prevented building it);
+        # failures travel with their batch so results are reported in input order.
+        Entry = tuple[int, Task | Exception]
+        pending: list[tuple[list[Entry], asyncio.Future[list[PushOutcome]]]] = []
+
+        async def send(batch: list[Entry]) -> list[PushOutcome]:
+            messages = [OutgoingMessage(t.id, t.to_body()) for _, t in batch
+                        if isinstance(t, Task)]
+            return await self.backend.push(messages) if messages else []
+
+        def record(batch: list[Entry], outcomes: Sequence[PushOutcome]) -> None:
+            sent = iter(outcomes)
+            for index, built in batch:
+                result: PushOutcome | PushFailure
+                if isinstance(built, Exception):
+                    result = PushFailure(index, None, str(built))
+                else:
+                    outcome = next(sent)
+                    result = (PushFailure(index, built.id, str(outcome.error))
+                              if outcome.error is not None else outcome)
+                if isinstance(result, PushFailure):
+                    summary.failures.append(result)
+                elif result.duplicate is True:
+                    summary.duplicates += 1
+                elif result.duplicate is False:
+                    summary.pushed += 1
+                else:
+                    summary.unknown += 1
+                if on_result is not None:
+                    on_result(index, result.id if isinstance(result, PushFailure)
+                              else result.message_id, result)
+
+        async def drain(keep: int) -> None:
+            while len(pending) > keep:
+                batch, job = pending.pop(0)
+                try:
+                    outcomes = await job
+                except Exception as exc:  # the whole batch failed (after the backend's retries)
+                    outcomes = [PushOutcome(t.id, None, exc) for _, t in batch
+                                if isinstance(t, Task)]
+                record(batch, outcomes)
+
+        batch: list[Entry] = []
+        for index, item in enumerate(tasks):
+            built: Task | Exception
+            if isinstance(item, Exception):  # an input the caller could not read
+                built = item
+            else:
+                try:
+                    built = make_task(item, num_retries=num_retries, dedup_keys=keys,
+                                      deterministic=det, env=env)
+                except (TaskEncodingError, ValueError, TypeError) as exc:
+                    built = exc
+            batch.append((index, built))
+            if len(batch) >= size:
+                pending.append((batch, asyncio.ensure_future(send(batch))))
+                batch = []
+                await drain(self.backend.push_concurrency - 1)
+        if batch:
+            pending.append((batch, asyncio.ensure_future(send(batch))))
+        await drain(0)
+        return summary
+
+    # ------------------------------------------------------------------ inspecting
+
+    async def counts(self) -> QueueCounts:
+        return await self.backend.counts()
+
+    async def peek(self, max_count: int = 10, *, dead_letter: bool = False
+                   ) -> list[DeadLetteredTask]:
+        return [_describe(m) for m in await self.backend.peek(max_count, dead_letter=dead_letter)]
+
+    async def clear(self, *, dead_letter: bool = False) -> int:
+        return await self.backend.clear(dead_letter=dead_letter)
+
+    async def check(self) -> list[checker.Finding]:
+        try:
+            info = await self.backend.dedup_info()
+        except BackendError as exc:
+            return [checker.Finding("info", "unreadable", f"could not read queue settings: {exc}")]
+        deterministic = (
+            self.deterministic if self.deterministic is not None else deterministic_ids_enabled()
+        )
+        return checker.evaluate(info, self.backend.description, deterministic=deterministic,
+                                configured_window=self.configured_window)
+
+    # ------------------------------------------------------------------ dead letters
+
+    async def dlq_list(self, max_count: int = 100) -> list[DeadLetteredTask]:
+        return await self.peek(max_count, dead_letter=True)
+
+    async def dlq_purge(self) -> int:
+        return await self.clear(dead_letter=True)
+
+    async def dlq_requeue(self, ids: Iterable[str] | None = None, *, max_wait: float = 1.0) -> int:
+        """Move dead-lettered tasks back to the queue with a fresh delivery count.
+
+        ``ids=None`` requeues all.  The new message's ID is derived from the task ID
+        and the dead-lettered message's identity (``requeue_message_id``), so the
+        queue's duplicate detection does not drop it, while re-running an
+        interrupted requeue does not create two copies.
+        """
+        wanted = set(ids) if ids is not None else None
+        seen: set[str] = set()
+        moved = 0
+        while True:
+            batch = await self.backend.receive(32, max_wait, dead_letter=True)
+            if not batch:
+                return moved
+            fresh = [m for m in batch if _dlq_key(m) not in seen]
+            for message in batch:
+                seen.add(_dlq_key(message))
+            for message in batch:
+                if message not in fresh or not _selected(message, wanted):
+                    await self.backend.abandon(message)
+                    continue
+                await self._requeue_one(message)
+                moved += 1
+            if not fresh:
+                return moved
+
+    async def _requeue_one(self, message: ReceivedMessage) -> None:
+        try:
+            task = Task.from_body(message.body)
+        except MalformedTaskError:
+            body, task_id = message.body, message.message_id
+        else:
+            body, task_id = message.body, task.id
+        new_id = requeue_message_id(task_id, _dlq_key(message))
+        (outcome,) = await self.backend.push([OutgoingMessage(new_id, body)])
+        if outcome.error is not None:
+            raise outcome.error
+        await self.backend.complete(message)
+
+
+def requeue_message_id(task_id: str, dlq_key: str) -> str:
+    digest = hashlib.md5(f"{task_id}\0requeue\0{dlq_key}".encode(), usedforsecurity=False)
+    return digest.hexdigest()
+
+
+def _dlq_key(message: ReceivedMessage) -> str:
+    if message.sequence_number is not None:
+        return f"seq:{message.sequence_number}"
+    return f"msg:{message.message_id}:{message.enqueued_time}"
+
+
+def _selected(message: ReceivedMessage, wanted: set[str] | None) -> bool:
+    if wanted is None:
+        return True
+    if message.message_id in wanted:
+        return True
+    try:
+        return Task.from_body(message.body).id in wanted
+    except MalformedTaskError:
+        return False
+
+
+def _describe(message: ReceivedMessage) -> DeadLetteredTask:
+    try:
+        task: Task | None = Task.from_body(message.body)
+    except MalformedTaskError:
+        task = None
+    return DeadLetteredTask(
+        message_id=message.message_id,
+        task=task,
+        reason=message.dead_letter_reason,
+        description=message.dead_letter_description,
+        delivery_count=message.delivery_count,
+        raw=message.body,
+    )
+
+
+def configured_dedup_window(value: timedelta | str | int | None) -> timedelta | None:
+    """An explicitly configured window (argument, else ``JOBQ_DEDUP_WINDOW``), or None."""
+    if value is None:
+        value = os.environ.get(DEDUP_WINDOW_ENV) or None
+    return None if value is None else parse_duration(value)

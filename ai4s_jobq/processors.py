@@ -1,0 +1,200 @@
+"""What runs a task: a shell command or a Python callable.
+
+A processor is an async callable ``(task) -> None`` that raises
+:class:`TaskFailed` when the task did not succeed.  Cancellation (lost lock,
+shutdown) must stop the work: the shell processor kills the command's whole
+process group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import importlib
+import inspect
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .task import Task
+
+log = logging.getLogger("ai4s_jobq.task")
+
+Processor = Callable[[Task], Awaitable[None]]
+
+STDERR_TAIL_LINES = 20
+STDERR_TAIL_CHARS = 2000
+KILL_GRACE_SECONDS = 5.0
+
+
+class TaskFailed(Exception):
+    """The task ran and failed; ``description`` says how (exit code, stderr tail)."""
+
+    def __init__(self, reason: str, description: str):
+        super().__init__(f"{reason}: {description}")
+        self.reason = reason
+        self.description = description
+
+
+class ShellProcessor:
+    """Runs ``args["cmd"]`` with ``/bin/sh -c`` in its own process group.
+
+    ``args["env"]`` adds environment variables; ``args["cwd"]`` sets the working
+    directory.  Output lines go to the ``ai4s_jobq.task`` logger tagged with the
+    task ID; the tail of stderr is kept for the dead-letter description.
+    """
+
+    def __init__(self, *, kill_grace: float = KILL_GRACE_SECONDS):
+        self.kill_grace = kill_grace
+
+    async def __call__(self, task: Task) -> None:
+        cmd = task.args.get("cmd")
+        if not isinstance(cmd, str) or not cmd:
+            raise TaskFailed("BadTask", "a shell task needs a 'cmd' string argument")
+        env = os.environ.copy()
+        extra_env = task.args.get("env") or {}
+        if not isinstance(extra_env, dict):
+            raise TaskFailed("BadTask", "a shell task's 'env' must be an object")
+        env.update({str(k): str(v) for k, v in extra_env.items()})
+        env["JOBQ_TASK_ID"] = task.id
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", cmd,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            cwd=task.args.get("cwd") or None,
+            start_new_session=True,  # its own process group, so we can kill all of it
+        )
+        tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        assert proc.stdout is not None and proc.stderr is not None
+        readers = [
+            asyncio.ensure_future(_stream(proc.stdout, task.id, logging.INFO, None)),
+            asyncio.ensure_future(_stream(proc.stderr, task.id, logging.WARNING, tail)),
+        ]
+        try:
+            code = await proc.wait()
+            await asyncio.gather(*readers)
+        except asyncio.CancelledError:
+            await self._kill(proc)
+            for reader in readers:
+                reader.cancel()
+            raise
+        if code != 0:
+            stderr_tail = "\n".join(tail)[-STDERR_TAIL_CHARS:]
+            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            raise TaskFailed("NonZeroExit", how + (f"; stderr tail:\n{stderr_tail}"
+                                                   if stderr_tail else ""))
+
+    async def _kill(self, proc: asyncio.subprocess.Process) -> None:
+        """SIGTERM the group, then SIGKILL it if it has not gone within the grace."""
+        for sig, wait in ((signal.SIGTERM, self.kill_grace), (signal.SIGKILL, None)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            if wait is None:
+                break
+            try:
+                await asyncio.wait_for(asyncio.shield(proc.wait()), wait)
+                return
+            except asyncio.TimeoutError:
+                continue
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except asyncio.TimeoutError:
+            log.error("process group %s did not die after SIGKILL", proc.pid)
+
+
+async def _stream(
+    stream: asyncio.StreamReader, task_id: str, level: int, tail: collections.deque[str] | None
+) -> None:
+    while True:
+        line = await stream.readline()
+        if not line:
+            return
+        text = line.decode("utf-8", "replace").rstrip("\n")
+        if tail is not None:
+            tail.append(text)
+        log.log(level, "[%s] %s", task_id, text)
+
+
+class CallableProcessor:
+    """Calls a Python function with the task's arguments as keyword arguments.
+
+    Async functions are awaited; sync ones run in a thread so lock renewal keeps
+    going (a sync function cannot be interrupted: on cancellation the worker stops
+    waiting for it and does not settle the message).
+    """
+
+    def __init__(self, function: Callable[..., Any]):
+        self.function = function
+        self.is_async = inspect.iscoroutinefunction(function)
+
+    async def __call__(self, task: Task) -> None:
+        try:
+            if self.is_async:
+                await self.function(**task.args)
+            else:
+                await asyncio.to_thread(self.function, **task.args)
+        except (asyncio.CancelledError, TaskFailed):
+            raise
+        except Exception as exc:  # a task's own error is a failure, not a worker crash
+            raise TaskFailed(type(exc).__name__, _exception_text(exc)) from exc
+
+
+def _exception_text(exc: BaseException) -> str:
+    import traceback
+
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return text[-STDERR_TAIL_CHARS:]
+
+
+def load_callable(reference: str) -> Callable[..., Any]:
+    """Import ``module:function`` (or ``module.function``)."""
+    module_name, sep, attr = reference.partition(":")
+    if not sep:
+        module_name, _, attr = reference.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"{reference!r} is not module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import {module_name!r}: {exc}") from None
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ValueError(f"{module_name!r} has no attribute {attr!r}") from None
+    if not callable(target):
+        raise ValueError(f"{reference!r} is not callable")
+    return target
+
+
+def make_processor(reference: str | None) -> Processor:
+    """``None`` or ``"shell"`` runs shell tasks; anything else is ``module:function``."""
+    if reference in (None, "", "shell"):
+        return ShellProcessor()
+    return CallableProcessor(load_callable(reference))
+
+
+def install_signal_handlers(
+    loop: asyncio.AbstractEventLoop, on_signal: Callable[[int], None]
+) -> Callable[[], None]:
+    """Route SIGTERM/SIGINT to ``on_signal``; returns a function that restores them."""
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+
+    def restore() -> None:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+    return restore

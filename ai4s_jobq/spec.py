@@ -1,0 +1,120 @@
+"""Queue specs: which backend serves a queue, and how to reach it.
+
+* ``local://NAME`` — the embedded SQLite broker, a file under the local data
+  directory (``JOBQ_LOCAL_DIR``, default ``$XDG_DATA_HOME/ai4s_jobq``).
+* ``sb://NAMESPACE/QUEUE`` — Azure Service Bus.  ``NAMESPACE`` without a dot
+  means ``NAMESPACE.servicebus.windows.net``.  With a connection string the
+  connection string's endpoint wins and only ``QUEUE`` is taken from the spec.
+* ``ACCOUNT/QUEUE`` — Azure Storage Queue (``https://ACCOUNT.queue.core.windows.net``);
+  with a connection string, its account wins.
+* ``QUEUE`` alone with a connection string: the backend the connection string
+  points at (``Endpoint=sb://`` → Service Bus, otherwise Storage).
+* nothing at all: ``local://default``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from .backends.base import Backend, QueueUnavailableError
+
+QUEUE_ENV = "JOBQ_QUEUE"
+CONNECTION_STRING_ENV = "JOBQ_CONNECTION_STRING"
+LOCAL_DIR_ENV = "JOBQ_LOCAL_DIR"
+DEFAULT_SPEC = "local://default"
+
+_LOCAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class SpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    kind: str  # "local", "servicebus", "storage"
+    queue: str
+    namespace: str | None = None  # Service Bus namespace (FQDN) or storage account
+
+    def __str__(self) -> str:
+        if self.kind == "local":
+            return f"local://{self.queue}"
+        if self.kind == "servicebus":
+            return f"sb://{self.namespace or '?'}/{self.queue}"
+        return f"{self.namespace or '?'}/{self.queue}"
+
+
+def local_dir() -> Path:
+    configured = os.environ.get(LOCAL_DIR_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(base) / "ai4s_jobq"
+
+
+def parse_spec(spec: str | None, connection_string: str | None = None) -> QueueSpec:
+    text = (spec or "").strip() or os.environ.get(QUEUE_ENV, "").strip() or DEFAULT_SPEC
+    if text.startswith("local://"):
+        name = text[len("local://"):]
+        if not _LOCAL_NAME.match(name):
+            raise SpecError(
+                f"{text!r}: a local queue name uses letters, digits, '.', '_' or '-' "
+                "(up to 128 characters)"
+            )
+        return QueueSpec("local", name)
+    if text.startswith("sb://"):
+        rest = text[len("sb://"):].strip("/")
+        namespace, _, queue = rest.partition("/")
+        if not namespace or not queue or "/" in queue:
+            raise SpecError(f"{text!r}: expected sb://NAMESPACE/QUEUE")
+        fqdn = namespace if "." in namespace else f"{namespace}.servicebus.windows.net"
+        return QueueSpec("servicebus", queue, fqdn)
+    if "://" in text:
+        raise SpecError(f"{text!r}: unknown scheme; use local://NAME, sb://NAMESPACE/QUEUE "
+                        "or ACCOUNT/QUEUE")
+    account, slash, queue = text.partition("/")
+    if slash:
+        if not account or not queue or "/" in queue:
+            raise SpecError(f"{text!r}: expected ACCOUNT/QUEUE")
+        return QueueSpec("storage", queue, account)
+    if connection_string:
+        kind = "servicebus" if "endpoint=sb://" in connection_string.lower() else "storage"
+        return QueueSpec(kind, text)
+    raise SpecError(
+        f"{text!r} names no backend: use local://{text}, sb://NAMESPACE/{text} or "
+        f"ACCOUNT/{text} (or give a connection string)"
+    )
+
+
+def make_backend(
+    spec: QueueSpec,
+    connection_string: str | None = None,
+    *,
+    dedup_window: timedelta | None = None,
+) -> Backend:
+    """Instantiate (not open) the backend for ``spec``."""
+    if spec.kind == "local":
+        from .backends.local import LocalBackend
+
+        return LocalBackend(local_dir() / f"{spec.queue}.sqlite3", spec.queue)
+    if spec.kind == "servicebus":
+        try:
+            from .backends.servicebus import ServiceBusBackend
+        except ImportError as exc:
+            raise QueueUnavailableError(
+                f"the Service Bus backend is not available yet ({exc})"
+            ) from None
+        return ServiceBusBackend.from_spec(spec.namespace, spec.queue, connection_string)
+    try:
+        from .backends.storage_queue import StorageQueueBackend
+    except ImportError as exc:
+        raise QueueUnavailableError(
+            f"the Storage Queue backend is not available yet ({exc})"
+        ) from None
+    return StorageQueueBackend.from_spec(
+        spec.namespace, spec.queue, connection_string, dedup_window=dedup_window
+    )

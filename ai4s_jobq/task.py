@@ -1,0 +1,111 @@
+"""Tasks and their wire envelope.
+
+A task is a dict of keyword arguments for a processor plus a retry budget.  A
+shell task is ``{"cmd": "...", "env": {...}}``.  On the queue a task travels as
+a small JSON envelope::
+
+    {"v": 1, "id": "<task id>", "args": {...}, "num_retries": 2}
+
+Only ``args`` (or the ``dedup_keys`` subset of it) is hashed into the ID: the
+retry budget says how hard to try, not what the work is, so re-pushing the same
+work with another budget still deduplicates.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .ids import IdentifiedArgs, identify
+
+ENVELOPE_VERSION = 1
+DEFAULT_NUM_RETRIES = 2
+
+
+class MalformedTaskError(ValueError):
+    """A queue message that is not a task envelope we can run."""
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    args: dict[str, Any]
+    num_retries: int = DEFAULT_NUM_RETRIES
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def is_shell(self) -> bool:
+        return "cmd" in self.args
+
+    @property
+    def max_attempts(self) -> int:
+        return self.num_retries + 1
+
+    def to_body(self) -> bytes:
+        envelope = {"v": ENVELOPE_VERSION, "id": self.id, "args": self.args,
+                    "num_retries": self.num_retries, **self.extra}
+        return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    @classmethod
+    def from_body(cls, body: bytes) -> Task:
+        try:
+            envelope = json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise MalformedTaskError(f"message body is not UTF-8 text ({exc})") from None
+        except json.JSONDecodeError as exc:
+            raise MalformedTaskError(f"message body is not JSON ({exc})") from None
+        if not isinstance(envelope, dict):
+            raise MalformedTaskError("message body is not a JSON object")
+        task_id, args = envelope.get("id"), envelope.get("args")
+        num_retries = envelope.get("num_retries", DEFAULT_NUM_RETRIES)
+        if not isinstance(task_id, str) or not task_id:
+            raise MalformedTaskError("task envelope has no 'id' string")
+        if not isinstance(args, dict):
+            raise MalformedTaskError("task envelope has no 'args' object")
+        if not isinstance(num_retries, int) or isinstance(num_retries, bool) or num_retries < 0:
+            raise MalformedTaskError("task envelope's 'num_retries' is not a non-negative integer")
+        extra = {k: v for k, v in envelope.items() if k not in ("v", "id", "args", "num_retries")}
+        return cls(id=task_id, args=args, num_retries=num_retries, extra=extra)
+
+
+def task_args(task: str | Mapping[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A shell command string becomes ``{"cmd": ...}``; a mapping is used as is."""
+    if isinstance(task, str):
+        if not task.strip():
+            raise ValueError("a shell task needs a non-empty command")
+        args: dict[str, Any] = {"cmd": task}
+    elif isinstance(task, Mapping):
+        args = dict(task)
+    else:
+        raise TypeError(
+            f"a task is a shell command string or a dict of arguments, not {type(task).__name__}"
+        )
+    if env:
+        args["env"] = {**args.get("env", {}), **env}
+    return args
+
+
+def make_task(
+    task: str | Mapping[str, Any] | Task,
+    *,
+    num_retries: int | None = None,
+    id: str | None = None,
+    dedup_keys: Iterable[str] | None = None,
+    deterministic: bool | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Task:
+    """Build a :class:`Task`, computing its ID (see :func:`ai4s_jobq.ids.identify`)."""
+    if isinstance(task, Task):
+        return task
+    if num_retries is not None and (not isinstance(num_retries, int) or num_retries < 0):
+        raise ValueError("num_retries must be a non-negative integer")
+    identified: IdentifiedArgs = identify(
+        task_args(task, env), id=id, dedup_keys=dedup_keys, deterministic=deterministic
+    )
+    return Task(
+        id=identified.id,
+        args=identified.args,
+        num_retries=DEFAULT_NUM_RETRIES if num_retries is None else num_retries,
+    )

@@ -1,0 +1,167 @@
+"""Reading tasks for ``jobq push`` and reporting the outcome.
+
+Lines stream through (constant memory).  A blank line is ignored.  A malformed
+line (bad JSON, a JSON value that is not an object, a value with no
+deterministic encoding) becomes a failure at its line number: it is reported
+and not pushed, while every other line is pushed.  So after fixing the bad lines
+the whole input can simply be pushed again: deduplication drops what was
+already accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import click
+
+from ai4s_jobq.backends.base import PushOutcome
+from ai4s_jobq.jobq import JobQ, PushFailure
+
+MAX_ERRORS_SHOWN = 20
+
+
+class BadLine(ValueError):
+    """Stands in for a line that could not be read as a task."""
+
+
+def read_tasks(lines: Iterable[tuple[int, str]], line_format: str,
+               env: Mapping[str, str]) -> Iterator[Any]:
+    """Yield one task per non-blank line: a shell command string, an arguments dict,
+    or a :class:`BadLine` carrying the line number and what is wrong."""
+    for number, raw in lines:
+        line = raw.rstrip("\r\n")
+        if not line.strip():
+            continue
+        is_json = line_format == "json" or (line_format == "auto"
+                                            and line.lstrip().startswith("{"))
+        if not is_json:
+            yield _Numbered(number, {"cmd": line, **({"env": dict(env)} if env else {})})
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield _Numbered(number, BadLine(f"line {number}: not valid JSON ({exc.msg} at "
+                                            f"column {exc.colno})"))
+            continue
+        if not isinstance(value, dict):
+            yield _Numbered(number, BadLine(
+                f"line {number}: a JSON task must be an object of arguments, "
+                f"not {type(value).__name__}"))
+            continue
+        yield _Numbered(number, value)
+
+
+class _Numbered:
+    __slots__ = ("number", "value")
+
+    def __init__(self, number: int, value: Any):
+        self.number = number
+        self.value = value
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.pushed = self.duplicates = self.unknown = self.failed = 0
+
+
+async def run_push(q: JobQ, tasks: Iterator[Any], *, num_retries: int | None,
+                   dedup_keys: list[str] | None, as_json: bool, show_progress: bool,
+                   print_ids: bool) -> int:
+    line_numbers: dict[int, int] = {}
+    counter = _Counter()
+    errors_shown = 0
+
+    def values() -> Iterator[Any]:
+        for index, numbered in enumerate(tasks):
+            line_numbers[index] = numbered.number
+            yield numbered.value
+
+    def on_result(index: int, task_id: str | None, outcome: PushOutcome | PushFailure) -> None:
+        nonlocal errors_shown
+        number = line_numbers.pop(index, index + 1)
+        if isinstance(outcome, PushFailure):
+            counter.failed += 1
+            status, error = "failed", outcome.error
+            if not error.startswith("line "):
+                error = f"line {number}: {error}"
+            if not as_json and errors_shown < MAX_ERRORS_SHOWN:
+                click.echo(f"error: {error}", err=True)
+                errors_shown += 1
+        else:
+            error = None
+            if outcome.duplicate is True:
+                counter.duplicates += 1
+                status = "duplicate"
+            elif outcome.duplicate is False:
+                counter.pushed += 1
+                status = "pushed"
+            else:
+                counter.unknown += 1
+                status = "accepted"
+        if as_json:
+            click.echo(json.dumps({"line": number, "id": task_id, "status": status,
+                                   **({"error": error} if error else {})}))
+        elif print_ids and task_id:
+            click.echo(f"{task_id}\t{status}")
+        if progress is not None:
+            progress.update(counter)
+
+    progress = _Progress() if show_progress else None
+    started = time.monotonic()
+    try:
+        await q.push_many(values(), num_retries=num_retries,
+                          dedup_keys=dedup_keys, on_result=on_result)
+    finally:
+        if progress is not None:
+            progress.stop(counter)
+    elapsed = time.monotonic() - started
+    if counter.failed > errors_shown and not as_json:
+        click.echo(f"error: ... and {counter.failed - errors_shown} more rejected line(s)",
+                   err=True)
+    summary = {"pushed": counter.pushed, "duplicates": counter.duplicates,
+               "accepted_unknown": counter.unknown, "failed": counter.failed,
+               "seconds": round(elapsed, 3)}
+    if as_json:
+        click.echo(json.dumps({"summary": summary}))
+    else:
+        unknown = f", {counter.unknown} accepted" if counter.unknown else ""
+        click.echo(f"pushed {counter.pushed} new task(s), dropped {counter.duplicates} "
+                   f"duplicate(s){unknown}, rejected {counter.failed} in {elapsed:.2f}s "
+                   f"to {q.backend.description}", err=True)
+    return 1 if counter.failed else 0
+
+
+class _Progress:
+    """A rich progress line on stderr, refreshed a few times a second."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+            console=Console(file=sys.stderr), transient=False, refresh_per_second=5)
+        self._task = self._progress.add_task("pushing", total=None)
+        self._progress.start()
+        self._last = 0.0
+
+    def update(self, counter: _Counter) -> None:
+        now = time.monotonic()
+        if now - self._last < 0.1:
+            return
+        self._last = now
+        self._render(counter)
+
+    def _render(self, counter: _Counter) -> None:
+        self._progress.update(
+            self._task,
+            description=f"pushed {counter.pushed}  duplicates {counter.duplicates}  "
+                        f"rejected {counter.failed}")
+
+    def stop(self, counter: _Counter) -> None:
+        self._render(counter)
+        self._progress.stop()
