@@ -26,11 +26,13 @@ from enum import IntEnum
 
 from .backends.base import Backend, BackendError, LockLostError, ReceivedMessage
 from .processors import Processor, TaskFailed, install_signal_handlers
+from .redact import redact
 from .task import MalformedTaskError, Task
 
 log = logging.getLogger("ai4s_jobq.worker")
 
 RECEIVE_WAIT_SECONDS = 1.0
+RECEIVE_RETRY_MAX = 30.0
 
 
 class ExitCode(IntEnum):
@@ -101,6 +103,7 @@ class Worker:
     async def _receive_loop(self) -> str:
         policy = self.policy
         started = last_activity = time.monotonic()
+        receive_errors = 0
         while True:
             if self._signal is not None:
                 return f"signal {signal.Signals(self._signal).name}"
@@ -119,7 +122,17 @@ class Worker:
                 continue
             if policy.max_tasks is not None:
                 free = min(free, policy.max_tasks - self._taken)
-            messages = await self.backend.receive(free, self._receive_wait(last_activity))
+            try:
+                messages = await self.backend.receive(free, self._receive_wait(last_activity))
+            except Exception as exc:  # broker down or connection dropped: back off, retry
+                receive_errors += 1
+                delay = min(RECEIVE_RETRY_MAX, 0.5 * 2 ** min(receive_errors, 6))
+                log.warning("receive failed (%s: %s); retrying in %.1fs", type(exc).__name__,
+                            redact(str(exc))[:300], delay)
+                await self._wait_for(self._slot_freed, delay)
+                last_activity = time.monotonic()
+                continue
+            receive_errors = 0
             if messages:
                 last_activity = time.monotonic()
                 for message in messages:

@@ -350,12 +350,15 @@ cli.add_command(dlq)
 
 
 def _register_optional() -> None:
-    """Commands whose modules may need optional dependencies."""
-    try:
-        from .emulator_cmd import emulator
-    except ImportError:
-        return
-    cli.add_command(emulator)
+    """Commands that live in their own modules (the emulator's needs an optional extra,
+    which its module imports only when the command runs)."""
+    import importlib
+    import importlib.util
+
+    for module_name, command_name in (("cli.emulator_cmd", "emulator"),
+                                      ("cli.migrate", "migrate")):
+        if importlib.util.find_spec(module_name) is not None:
+            cli.add_command(getattr(importlib.import_module(module_name), command_name))
 
 
 _register_optional()
