@@ -1,0 +1,4 @@
+"""`python -m cli` runs jobq."""
+from .main import main
+
+main()

@@ -1,0 +1,50 @@
+"""Shared fixtures.  Backend-specific fixtures live in their own plugin modules
+(``emulator_fixtures``, ``azurite_fixtures``), loaded here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+pytest_plugins = [
+    name for name in ("emulator_fixtures", "azurite_fixtures")
+    if (Path(__file__).parent / f"{name}.py").exists()
+]
+
+
+@pytest.fixture
+def local_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private JOBQ_LOCAL_DIR, so local:// queues never touch the user's data."""
+    directory = tmp_path / "jobq-data"
+    monkeypatch.setenv("JOBQ_LOCAL_DIR", str(directory))
+    monkeypatch.delenv("JOBQ_QUEUE", raising=False)
+    monkeypatch.delenv("JOBQ_CONNECTION_STRING", raising=False)
+    monkeypatch.delenv("JOBQ_DETERMINISTIC_IDS", raising=False)
+    monkeypatch.delenv("JOBQ_DEDUP_WINDOW", raising=False)
+    return directory
+
+
+def jobq_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None,
+             timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the real ``jobq`` console entry point in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    result = subprocess.run(
+        [sys.executable, "-m", "cli", *args], input=input, capture_output=True, text=True,
+        env=full_env, timeout=timeout, cwd=ROOT,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"jobq {' '.join(args)} exited {result.returncode}:\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def jobq():
+    return jobq_cli

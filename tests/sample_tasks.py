@@ -1,0 +1,38 @@
+"""Task functions used by the worker tests (``--proc sample_tasks:NAME``)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+
+def record(log: str, name: str, seconds: float = 0.0) -> None:
+    """Append start/end lines (with the worker's pid) to ``log``."""
+    with open(log, "a") as f:
+        f.write(f"start {name} {os.getpid()} {time.time()}\n")
+    time.sleep(seconds)
+    with open(log, "a") as f:
+        f.write(f"end {name} {os.getpid()} {time.time()}\n")
+
+
+async def async_record(log: str, name: str, seconds: float = 0.0) -> None:
+    with open(log, "a") as f:
+        f.write(f"start {name} {os.getpid()} {time.time()}\n")
+    await asyncio.sleep(seconds)
+    with open(log, "a") as f:
+        f.write(f"end {name} {os.getpid()} {time.time()}\n")
+
+
+def fail(message: str = "boom") -> None:
+    raise RuntimeError(message)
+
+
+def noop(**_: object) -> None:
+    return None
+
+
+def touch_then_sleep(marker: str, seconds: float) -> None:
+    Path(marker).write_text("started")
+    time.sleep(seconds)

@@ -1,0 +1,113 @@
+"""The push API (sync and async) against the real local backend."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+import ai4s_jobq
+from ai4s_jobq import JobQ
+from ai4s_jobq.backends.base import MessageTooLargeError
+from ai4s_jobq.task import Task
+
+
+def test_push_reports_duplicates(local_dir):
+    first = ai4s_jobq.push("echo hi", queue="local://t")
+    second = ai4s_jobq.push("echo hi", queue="local://t")
+    third = ai4s_jobq.push({"cmd": "echo hi", "env": {"A": "1"}}, queue="local://t")
+    assert first.id == second.id != third.id
+    assert (first.duplicate, second.duplicate, third.duplicate) == (False, True, False)
+
+
+def test_default_queue_is_local_default(local_dir):
+    ai4s_jobq.push("echo default")
+    assert (local_dir / "default.sqlite3").exists()
+
+
+def test_random_ids_push_twice(local_dir, monkeypatch):
+    monkeypatch.setenv("JOBQ_DETERMINISTIC_IDS", "no")
+    a = ai4s_jobq.push("echo hi", queue="local://t")
+    b = ai4s_jobq.push("echo hi", queue="local://t")
+    assert a.id != b.id and not a.duplicate and not b.duplicate
+
+
+def test_explicit_id_and_dedup_keys(local_dir):
+    assert not ai4s_jobq.push({"x": 1}, id="job-1", queue="local://t").duplicate
+    assert ai4s_jobq.push({"x": 2}, id="job-1", queue="local://t").duplicate
+    a = ai4s_jobq.push({"url": "u", "note": 1}, dedup_keys=["url"], queue="local://t")
+    b = ai4s_jobq.push({"url": "u", "note": 2}, dedup_keys=["url"], queue="local://t")
+    assert (a.duplicate, b.duplicate) == (False, True)
+
+
+def test_dedup_window_expiry(local_dir):
+    ai4s_jobq.push("echo w", queue="local://w", dedup_window="1s")
+    assert ai4s_jobq.push("echo w", queue="local://w").duplicate
+    time.sleep(1.1)  # the window itself is what is being tested
+    assert ai4s_jobq.push("echo w", queue="local://w").duplicate is False
+
+
+def test_push_many_streams_and_reports_failures(local_dir):
+    produced = []
+
+    def tasks():
+        for i in range(2500):
+            produced.append(i)
+            yield {"i": i % 2000} if i != 7 else {"bad": float("inf")}
+
+    results = []
+    summary = ai4s_jobq.push_many(
+        tasks(), queue="local://many", batch_size=100,
+        on_result=lambda index, task_id, outcome: results.append(index))
+    # {"i": 7} is first pushed at index 2007, so 2000 distinct tasks get in.
+    assert summary.pushed == 2000 and summary.duplicates == 499
+    assert [(f.index, f.id) for f in summary.failures] == [(7, None)]
+    assert "args.bad" in summary.failures[0].error
+    assert results == list(range(2500))  # every input reported, in order
+
+
+def test_push_many_is_lazy(local_dir):
+    """Tasks are pulled from the iterable batch by batch, not all up front."""
+    pulled = 0
+
+    def tasks():
+        nonlocal pulled
+        for i in range(10_000):
+            pulled += 1
+            yield {"i": i}
+
+    seen_when_first_result = []
+
+    def on_result(index, task_id, outcome):
+        if index == 0:
+            seen_when_first_result.append(pulled)
+
+    ai4s_jobq.push_many(tasks(), queue="local://lazy", batch_size=500, on_result=on_result)
+    assert seen_when_first_result[0] <= 1000
+
+
+def test_oversize_task_is_a_clear_error_and_others_still_pushed(local_dir):
+    summary = ai4s_jobq.push_many([{"x": "a"}, {"x": "y" * 300_000}, {"x": "b"}],
+                                  queue="local://big")
+    assert summary.pushed == 2
+    (failure,) = summary.failures
+    assert failure.index == 1 and "bytes" in failure.error and failure.id in failure.error
+    with pytest.raises(MessageTooLargeError):
+        ai4s_jobq.push({"x": "y" * 300_000}, queue="local://big")
+
+
+async def test_async_client(local_dir):
+    async with JobQ.open("local://a") as q:
+        result = await q.push({"n": 1}, num_retries=4)
+        assert result.duplicate is False
+        (peeked,) = await q.peek()
+        assert peeked.task == Task(result.id, {"n": 1}, 4)
+        assert (await q.counts()).active == 1
+        assert await q.clear() == 1
+
+
+async def test_sync_push_refuses_inside_event_loop(local_dir):
+    with pytest.raises(RuntimeError, match="JobQ.open"):
+        ai4s_jobq.push("echo x")
+    await asyncio.sleep(0)
