@@ -581,6 +581,38 @@ class BrokerCore:
                 )
         self._notify(queue)
 
+    def release(self, lock_token: str) -> None:
+        """Give a lock back without counting a delivery (AMQP ``released``): the
+        client never handed the message to the application, e.g. a prefetched
+        message dropped when a receiver closes.  Silently ignores dead locks."""
+        now = self.clock()
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT seq, queue, locked_until FROM messages WHERE lock_token = ?",
+                (lock_token,),
+            ).fetchone()
+            if row is None or row[2] is None or row[2] <= now:
+                return
+            conn.execute(
+                "UPDATE messages SET lock_token = NULL, locked_until = NULL,"
+                " delivery_count = MAX(delivery_count - 1, 0) WHERE seq = ?",
+                (row[0],),
+            )
+        self._notify(row[1])
+
+    def next_due_time(self, queue: str, *, sub_queue: str = ACTIVE) -> float | None:
+        """The earliest future time at which a message of ``queue`` becomes
+        receivable by the passage of time alone (a scheduled time arrives or a lock
+        expires), or None.  Lets a server sleep until then instead of polling."""
+        now = self.clock()
+        row = self._conn().execute(
+            "SELECT MIN(MAX(visible_at, COALESCE(locked_until, 0))) FROM messages"
+            " WHERE queue = ? AND sub = ? AND state = ?"
+            " AND (visible_at > ? OR locked_until > ?)",
+            (queue, sub_queue, _READY, now, now),
+        ).fetchone()
+        return row[0] if row and row[0] is not None else None
+
     def dead_letter(
         self,
         lock_token: str,

@@ -1,0 +1,52 @@
+"""What every front end of one emulator instance shares: the broker core, the SAS
+authority and the wake-up hub that tells connection threads a queue may have
+new messages (so receivers wait on an event, not on a polling loop)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ai4s_jobq.broker_core import BrokerCore
+
+from .auth import SasAuthority
+
+
+class WakeHub:
+    """Fan-out of the broker core's "queue X may have messages" notifications."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subscribers: set[Callable[[str], None]] = set()
+
+    def subscribe(self, callback: Callable[[str], None]) -> None:
+        with self._lock:
+            self._subscribers.add(callback)
+
+    def unsubscribe(self, callback: Callable[[str], None]) -> None:
+        with self._lock:
+            self._subscribers.discard(callback)
+
+    def notify(self, queue: str) -> None:
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for callback in subscribers:
+            try:
+                callback(queue)
+            except Exception:  # a dying connection must not break senders
+                pass
+
+
+@dataclass
+class EmulatorContext:
+    core: BrokerCore
+    authority: SasAuthority
+    hub: WakeHub = field(default_factory=WakeHub)
+    #: Smallest duplicate-detection window / lock duration the management API
+    #: accepts, in seconds.  Azure's minimum window is 20 s; the emulator accepts
+    #: shorter ones so tests can cross a window quickly.
+    min_duration: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.core.add_listener(self.hub.notify)
