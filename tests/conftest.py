@@ -48,3 +48,24 @@ def jobq_cli(*args: str, input: str | None = None, env: dict[str, str] | None = 
 @pytest.fixture
 def jobq():
     return jobq_cli
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02, what: str = "condition"):
+    """Poll ``predicate`` until it is truthy (an event we cannot await directly, such as
+    a file written by another process); fail after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def worker_env(local_dir: Path) -> dict[str, str]:
+    """Environment for subprocess workers that import ``sample_tasks``."""
+    tests_dir = str(Path(__file__).resolve().parent)
+    return {"JOBQ_LOCAL_DIR": str(local_dir),
+            "PYTHONPATH": os.pathsep.join([tests_dir, str(ROOT)])}

@@ -36,3 +36,12 @@ def noop(**_: object) -> None:
 def touch_then_sleep(marker: str, seconds: float) -> None:
     Path(marker).write_text("started")
     time.sleep(seconds)
+
+
+def hang_first_time(marker: str, log: str) -> None:
+    """First attempt: mark and hang (to be killed); later attempts: succeed."""
+    with open(log, "a") as f:
+        f.write(f"attempt {os.getpid()}\n")
+    if not os.path.exists(marker):
+        Path(marker).write_text(str(os.getpid()))
+        time.sleep(600)

@@ -1,0 +1,129 @@
+"""The worker loop against the real local backend (in-process)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+
+from ai4s_jobq import JobQ, Worker, WorkerPolicy
+from ai4s_jobq.backends.base import OutgoingMessage
+from ai4s_jobq.processors import CallableProcessor, ShellProcessor
+from ai4s_jobq.worker import ExitCode
+
+import sample_tasks
+
+
+def policy(**kwargs) -> WorkerPolicy:
+    return WorkerPolicy(**{"idle_timeout": 0.3, **kwargs})
+
+
+async def test_success_and_retry_then_dead_letter_with_reason(local_dir):
+    async with JobQ.open("local://w") as q:
+        await q.push("echo fine")
+        bad = await q.push("echo 'something broke' >&2; exit 3", num_retries=2)
+        stats = await Worker(q.backend, ShellProcessor(), policy(slots=2)).run()
+        assert (stats.succeeded, stats.failed, stats.dead_lettered) == (1, 3, 1)
+        assert stats.exit_code == ExitCode.OK
+        counts = await q.counts()
+        assert (counts.active, counts.dead_letter) == (0, 1)
+        (dead,) = await q.dlq_list()
+        assert dead.task.id == bad.id and dead.delivery_count == 3
+        assert dead.reason == "NonZeroExit"
+        assert "exit code 3" in dead.description and "something broke" in dead.description
+
+
+async def test_zero_retries_dead_letters_after_one_attempt(local_dir):
+    async with JobQ.open("local://w0") as q:
+        await q.push({"message": "nope"}, num_retries=0)
+        stats = await Worker(q.backend, CallableProcessor(sample_tasks.fail), policy()).run()
+        assert (stats.failed, stats.dead_lettered) == (1, 1)
+        (dead,) = await q.dlq_list()
+        assert dead.reason == "RuntimeError" and "nope" in dead.description
+
+
+async def test_malformed_message_dead_lettered_and_worker_continues(local_dir, tmp_path):
+    log = tmp_path / "log"
+    async with JobQ.open("local://m") as q:
+        await q.backend.push([OutgoingMessage("junk-1", b"\xff\xfe not json"),
+                              OutgoingMessage("junk-2", b'{"id": "x"}')])
+        await q.push({"log": str(log), "name": "after"})
+        stats = await Worker(q.backend, CallableProcessor(sample_tasks.record), policy()).run()
+        assert (stats.malformed, stats.succeeded) == (2, 1)
+        assert "end after" in log.read_text()
+        reasons = {d.message_id: (d.reason, d.description) for d in await q.dlq_list()}
+        assert reasons["junk-1"][0] == "MalformedTask" and "UTF-8" in reasons["junk-1"][1]
+        assert "'args'" in reasons["junk-2"][1]
+
+
+async def test_lock_is_renewed_while_a_long_task_runs(local_dir, tmp_path):
+    log = tmp_path / "log"
+    async with JobQ.open("local://renew", lock_duration=timedelta(seconds=1)) as q:
+        await q.push({"log": str(log), "name": "long", "seconds": 3.0})
+        # A second worker polls the same queue the whole time: it must never get the task.
+        first = Worker(q.backend, CallableProcessor(sample_tasks.async_record), policy())
+        rival = Worker(q.backend, CallableProcessor(sample_tasks.async_record),
+                       policy(idle_timeout=4.0))
+        stats = await asyncio.gather(first.run(), rival.run())
+    assert sum(s.succeeded for s in stats) == 1
+    assert log.read_text().count("start long") == 1
+
+
+async def test_lost_lock_cancels_the_task_without_settling(local_dir, tmp_path):
+    log = tmp_path / "log"
+    async with JobQ.open("local://lost", lock_duration=timedelta(seconds=0.5)) as q:
+        await q.push({"log": str(log), "name": "t", "seconds": 5.0})
+        worker = Worker(q.backend, CallableProcessor(sample_tasks.async_record), policy())
+        # Renew too late on purpose: the lock expires and a thief takes the message.
+        worker.backend.lock_renew_interval = lambda message: 1.5  # type: ignore[method-assign]
+        run = asyncio.ensure_future(worker.run())
+        stolen = []
+        while not stolen:
+            await asyncio.sleep(0.1)
+            stolen = q.backend.core.receive("lost", lock_duration=60)
+        stats = await run
+        assert stats.lost_locks == 1 and stats.succeeded == 0
+        assert "end t" not in log.read_text()  # the task was cancelled
+        q.backend.core.complete(stolen[0].lock_token)  # the thief still owns it
+
+
+async def test_max_consecutive_failures_stops_with_code_3(local_dir):
+    async with JobQ.open("local://f") as q:
+        for i in range(5):
+            await q.push({"message": str(i)}, num_retries=0)
+        stats = await Worker(q.backend, CallableProcessor(sample_tasks.fail),
+                             policy(max_consecutive_failures=2)).run()
+        assert stats.exit_code == ExitCode.TOO_MANY_FAILURES == 3
+        assert stats.failed == 2
+        assert (await q.counts()).active == 3
+
+
+async def test_time_limit_stops_taking_tasks(local_dir, tmp_path):
+    log = tmp_path / "log"
+    async with JobQ.open("local://tl") as q:
+        for i in range(4):
+            await q.push({"log": str(log), "name": str(i), "seconds": 0.4})
+        stats = await Worker(q.backend, CallableProcessor(sample_tasks.async_record),
+                             policy(time_limit=0.2)).run()
+        assert stats.stop_reason == "time limit" and stats.succeeded == 1
+        assert (await q.counts()).active == 3
+
+
+async def test_pull_runs_exactly_one(local_dir):
+    async with JobQ.open("local://p") as q:
+        await q.push({"x": 1})
+        await q.push({"x": 2})
+        stats = await Worker(q.backend, CallableProcessor(sample_tasks.noop),
+                             policy(max_tasks=1)).run()
+        assert stats.succeeded == 1 and stats.exit_code == 0
+        assert (await q.counts()).active == 1
+
+
+async def test_async_and_sync_callables(local_dir, tmp_path: Path):
+    log = tmp_path / "log"
+    async with JobQ.open("local://c") as q:
+        await q.push({"log": str(log), "name": "a"})
+        await Worker(q.backend, CallableProcessor(sample_tasks.async_record), policy()).run()
+        await q.push({"log": str(log), "name": "s"})
+        await Worker(q.backend, CallableProcessor(sample_tasks.record), policy()).run()
+    assert "end a" in log.read_text() and "end s" in log.read_text()
