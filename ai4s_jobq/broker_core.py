@@ -363,41 +363,52 @@ class BrokerCore:
             if len(message.body) > props.max_message_size:
                 raise MessageTooLarge(index, len(message.body), props.max_message_size)
         now = self.clock()
-        results: list[SendResult] = []
         with self._write() as conn:
-            seen = self._recently_accepted(conn, props, [m.message_id for m in messages], now)
-            for message in messages:
-                if props.requires_duplicate_detection:
-                    if message.message_id in seen:
-                        results.append(SendResult(duplicate=True, sequence_number=None))
-                        continue
-                    seen.add(message.message_id)
-                    conn.execute(
-                        "INSERT OR REPLACE INTO dedup(queue, message_id, accepted_at)"
-                        " VALUES (?, ?, ?)",
-                        (queue, message.message_id, now),
-                    )
-                ttl = message.time_to_live or props.default_message_ttl
-                visible_at = message.scheduled_enqueue_time or now
-                cur = conn.execute(
-                    "INSERT INTO messages(queue, sub, state, message_id, body, props,"
-                    " enqueued_at, visible_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        queue,
-                        ACTIVE,
-                        _READY,
-                        message.message_id,
-                        message.body,
-                        json.dumps(message.properties) if message.properties else None,
-                        now,
-                        visible_at,
-                        visible_at + ttl if ttl else None,
-                    ),
+            fresh = self._new_messages(conn, props, messages, now)
+            if props.requires_duplicate_detection:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO dedup(queue, message_id, accepted_at)"
+                    " VALUES (?, ?, ?)",
+                    [(queue, m.message_id, now) for m, new in zip(messages, fresh) if new],
                 )
-                results.append(SendResult(duplicate=False, sequence_number=cur.lastrowid))
-        if any(not r.duplicate for r in results):
+            first_seq = self._insert_messages(
+                conn, [_message_row(queue, props, m, now)
+                       for m, new in zip(messages, fresh) if new])
+        seqs = iter(range(first_seq, first_seq + sum(fresh)))
+        results = [SendResult(duplicate=False, sequence_number=next(seqs)) if new
+                   else SendResult(duplicate=True, sequence_number=None) for new in fresh]
+        if any(fresh):
             self._notify(queue)
         return results
+
+    def _new_messages(self, conn: sqlite3.Connection, props: QueueProperties,
+                      messages: Sequence[NewMessage], now: float) -> list[bool]:
+        """For each message, whether it is accepted (False: a duplicate of one accepted
+        within the window, or of an earlier one in this batch)."""
+        if not props.requires_duplicate_detection:
+            return [True] * len(messages)
+        seen = self._recently_accepted(conn, props, [m.message_id for m in messages], now)
+        fresh = []
+        for message in messages:
+            fresh.append(message.message_id not in seen)
+            seen.add(message.message_id)
+        return fresh
+
+    @staticmethod
+    def _insert_messages(conn: sqlite3.Connection, rows: list[tuple]) -> int:
+        """Insert with one ``executemany`` (a per-row ``execute`` costs more than the
+        insert itself) and return the first row's sequence number.  The rows got
+        consecutive numbers: with AUTOINCREMENT each new seq is the previous
+        maximum plus one, and ``BEGIN IMMEDIATE`` keeps other writers out."""
+        if not rows:
+            return 0
+        conn.executemany(
+            "INSERT INTO messages(queue, sub, state, message_id, body, props,"
+            " enqueued_at, visible_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        return last - len(rows) + 1
 
     def _recently_accepted(
         self, conn: sqlite3.Connection, props: QueueProperties, ids: list[str], now: float
@@ -689,6 +700,23 @@ class BrokerCore:
             )
         else:
             conn.execute("DELETE FROM messages" + where, expired)
+
+
+def _message_row(queue: str, props: QueueProperties, message: NewMessage, now: float) -> tuple:
+    """The ``messages`` columns of a newly sent message."""
+    ttl = message.time_to_live or props.default_message_ttl
+    visible_at = message.scheduled_enqueue_time or now
+    return (
+        queue,
+        ACTIVE,
+        _READY,
+        message.message_id,
+        message.body,
+        json.dumps(message.properties) if message.properties else None,
+        now,
+        visible_at,
+        visible_at + ttl if ttl else None,
+    )
 
 
 def _validate_properties(props: QueueProperties) -> None:
