@@ -32,6 +32,7 @@ from .management import serve_https_connection
 
 log = logging.getLogger(__name__)
 
+DEFAULT_PORT = 5672
 SNIFF_TIMEOUT = 10.0
 TLS_RECORD_HANDSHAKE = 0x16
 
@@ -86,7 +87,9 @@ class EmulatorServer:
         if not self.settings.key:
             self.settings.key = new_key()
         self.host = host
-        self._requested_port = port if port is not None else 0
+        # None: the port of the last run with this data dir (so clients keep working
+        # across restarts), else any free port
+        self._requested_port = port if port is not None else self.settings.port
         self.port = 0
         self.core: BrokerCore | None = None
         self.ctx: EmulatorContext | None = None
