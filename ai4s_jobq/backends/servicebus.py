@@ -1,0 +1,505 @@
+"""Azure Service Bus backend, through the official ``azure-servicebus`` SDK (aio).
+
+* Connecting: a connection string (its endpoint wins; the spec's QUEUE names the
+  queue) or ``DefaultAzureCredential`` with the namespace's FQDN.
+* Queues are created on first use with duplicate detection on (see
+  :mod:`.servicebus_admin`), so the task ID as MessageId deduplicates pushes.
+* Push fills ``ServiceBusMessageBatch``es to the link's size limit.  Service Bus
+  does not tell a sender that it dropped a duplicate, so ``duplicate`` is None.
+* Receive is peek-lock with a bounded prefetch; a message is settled through the
+  receiver that received it.  After a failure the receiver is replaced, so a
+  worker carries on when the connection drops (e.g. the broker restarts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from azure.servicebus import (
+    ServiceBusMessage,
+    ServiceBusReceivedMessage,
+    ServiceBusReceiveMode,
+    ServiceBusSubQueue,
+)
+from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBusSender
+from azure.servicebus.aio.management import ServiceBusAdministrationClient
+from azure.servicebus.exceptions import (
+    MessageAlreadySettled,
+    MessageLockLostError,
+    MessageSizeExceededError,
+    MessagingEntityNotFoundError,
+    ServiceBusAuthenticationError,
+    ServiceBusAuthorizationError,
+    ServiceBusError,
+)
+
+from ..redact import redact
+from .base import (
+    Backend,
+    BackendError,
+    DedupInfo,
+    LockLostError,
+    MessageTooLargeError,
+    OutgoingMessage,
+    PushOutcome,
+    QueueCounts,
+    QueueSettings,
+    QueueUnavailableError,
+    ReceivedMessage,
+)
+from .servicebus_admin import AdminPlane, validate_settings
+
+log = logging.getLogger("ai4s_jobq.servicebus")
+
+#: attempts for one batch send (the SDK retries inside each attempt too)
+SEND_ATTEMPTS = 4
+#: Azure caps DeadLetterReason/Description; keep them well inside the header limit
+MAX_DEAD_LETTER_TEXT = 4096
+#: SDK retry settings: fail fast enough that our own recovery (new link) kicks in
+SDK_RETRY = {"retry_total": 2, "retry_backoff_factor": 0.5, "retry_backoff_max": 8}
+
+
+def parse_connection_string(connection_string: str) -> dict[str, str]:
+    settings: dict[str, str] = {}
+    for part in connection_string.strip().split(";"):
+        if "=" in part:
+            key, value = part.split("=", 1)
+            settings[key.strip().lower()] = value.strip()
+    return settings
+
+
+def _endpoint_host(connection_string: str) -> str:
+    endpoint = parse_connection_string(connection_string).get("endpoint", "")
+    host = endpoint.split("://", 1)[-1].strip("/")
+    if not host:
+        raise QueueUnavailableError("the Service Bus connection string has no Endpoint")
+    return host
+
+
+def _without_entity_path(connection_string: str) -> str:
+    """The spec's QUEUE names the queue, so drop an EntityPath the string may carry."""
+    parts = [p for p in connection_string.strip().split(";")
+             if p.strip() and not p.strip().lower().startswith("entitypath=")]
+    return ";".join(parts)
+
+
+def _timestamp(value: datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+def _body(message: ServiceBusReceivedMessage) -> bytes:
+    body = message.body
+    if isinstance(body, (bytes, bytearray)):
+        return bytes(body)
+    if isinstance(body, str):
+        return body.encode("utf-8")
+    try:
+        return b"".join(bytes(part) for part in body)
+    except TypeError:  # a value or sequence body: not one of ours; let the worker reject it
+        return str(body).encode("utf-8")
+
+
+def _short(exc: BaseException) -> str:
+    lines = redact(str(exc)).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+@dataclass(eq=False)
+class _ReceiverSlot:
+    """A receiver and the number of its messages not settled yet."""
+
+    receiver: ServiceBusReceiver
+    outstanding: int = 0
+    retired: bool = False
+    closing: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+@dataclass(eq=False)
+class _Handle:
+    slot: _ReceiverSlot
+    message: ServiceBusReceivedMessage
+    settled: bool = False
+
+
+class ServiceBusBackend(Backend):
+    kind = "servicebus"
+    push_batch_size = 4000
+    push_concurrency = 4
+
+    def __init__(
+        self,
+        queue_name: str,
+        *,
+        namespace: str,
+        connection_string: str | None = None,
+        credential: Any = None,
+        prefetch: int = 0,
+    ):
+        super().__init__(queue_name)
+        self.namespace = namespace
+        self.prefetch = prefetch
+        self._connection_string = connection_string
+        self._credential = credential
+        self._owns_credential = False
+        self._client: ServiceBusClient | None = None
+        self._admin: AdminPlane | None = None
+        self._senders: asyncio.Queue[ServiceBusSender] | None = None
+        self._sender_count = 0
+        self._receivers: dict[bool, _ReceiverSlot] = {}
+        self._retired: set[_ReceiverSlot] = set()
+        self._receiver_lock: asyncio.Lock | None = None
+
+    # ------------------------------------------------------------------ connecting
+
+    @classmethod
+    def from_spec(
+        cls, namespace_fqdn: str | None, queue: str, connection_string: str | None = None,
+        **options: Any,
+    ) -> ServiceBusBackend:
+        """``sb://NAMESPACE/QUEUE``: with a connection string its endpoint wins and
+        ``queue`` names the queue; otherwise ``DefaultAzureCredential`` on the FQDN."""
+        if connection_string and "endpoint=sb://" in connection_string.lower():
+            connection_string = _without_entity_path(connection_string)
+            return cls(queue, namespace=_endpoint_host(connection_string),
+                       connection_string=connection_string, **options)
+        if connection_string:
+            raise QueueUnavailableError(
+                "the connection string is not a Service Bus one (it has no Endpoint=sb://...)")
+        if not namespace_fqdn:
+            raise QueueUnavailableError("no Service Bus namespace: use sb://NAMESPACE/QUEUE")
+        return cls(queue, namespace=namespace_fqdn, **options)
+
+    @property
+    def description(self) -> str:
+        return f"sb://{self.namespace}/{self.queue_name}"
+
+    async def open(self) -> None:
+        self._senders = asyncio.Queue()
+        self._receiver_lock = asyncio.Lock()
+        if self._connection_string is not None:
+            cs = self._connection_string
+            self._client = ServiceBusClient.from_connection_string(cs, **SDK_RETRY)
+            admin = ServiceBusAdministrationClient.from_connection_string(
+                cs, **_admin_kwargs(cs))
+        else:
+            if self._credential is None:
+                from azure.identity.aio import DefaultAzureCredential
+
+                self._credential = DefaultAzureCredential()
+                self._owns_credential = True
+            self._client = ServiceBusClient(self.namespace, self._credential, **SDK_RETRY)
+            admin = ServiceBusAdministrationClient(self.namespace, self._credential)
+        self._admin = AdminPlane(admin, self.queue_name, self.description)
+
+    async def close(self) -> None:
+        slots = list(self._receivers.values()) + list(self._retired)
+        self._receivers.clear()
+        self._retired.clear()
+        for slot in slots:
+            await _quiet_close(slot.receiver)
+        if self._senders is not None:
+            while not self._senders.empty():
+                await _quiet_close(self._senders.get_nowait())
+        for closer in (self._client, self._admin):
+            if closer is not None:
+                await _quiet_close(closer)
+        self._client = self._admin = None
+        if self._owns_credential and self._credential is not None:
+            await _quiet_close(self._credential)
+            self._credential = None
+
+    @property
+    def client(self) -> ServiceBusClient:
+        if self._client is None:
+            raise RuntimeError("backend is not open")
+        return self._client
+
+    @property
+    def admin(self) -> AdminPlane:
+        if self._admin is None:
+            raise RuntimeError("backend is not open")
+        return self._admin
+
+    def _error(self, what: str, exc: BaseException) -> BackendError:
+        if isinstance(exc, MessagingEntityNotFoundError):
+            return QueueUnavailableError(f"queue {self.description} does not exist")
+        if isinstance(exc, (ServiceBusAuthenticationError, ServiceBusAuthorizationError)):
+            return BackendError(f"{what} on {self.description} was refused (check the "
+                                f"credentials and their rights): {_short(exc)}")
+        return BackendError(f"{what} on {self.description} failed: {_short(exc)}")
+
+    # ------------------------------------------------------------------ queue settings
+
+    async def ensure_queue(self, settings: QueueSettings) -> None:
+        validate_settings(settings)
+        await self.admin.create_queue(settings)
+
+    async def dedup_info(self) -> DedupInfo:
+        return await self.admin.dedup_info()
+
+    async def counts(self) -> QueueCounts:
+        return await self.admin.counts()
+
+    # ------------------------------------------------------------------ push
+
+    async def _take_sender(self) -> ServiceBusSender:
+        assert self._senders is not None
+        if self._senders.empty() and self._sender_count < self.push_concurrency:
+            self._sender_count += 1
+            return self.client.get_queue_sender(self.queue_name)
+        return await self._senders.get()
+
+    async def push(self, messages: Sequence[OutgoingMessage]) -> list[PushOutcome]:
+        outcomes: list[PushOutcome | None] = [None] * len(messages)
+        sender = await self._take_sender()
+        try:
+            sender = await self._push_with(sender, messages, outcomes)
+        finally:
+            assert self._senders is not None
+            self._senders.put_nowait(sender)
+        return [o for o in outcomes if o is not None]
+
+    async def _push_with(self, sender: ServiceBusSender, messages: Sequence[OutgoingMessage],
+                         outcomes: list[PushOutcome | None]) -> ServiceBusSender:
+        batch, positions = None, []
+        index = 0
+        while index < len(messages):
+            message = messages[index]
+            if batch is None:
+                batch, sender = await self._new_batch(sender)
+            try:
+                batch.add_message(ServiceBusMessage(message.body, message_id=message.message_id))
+            except MessageSizeExceededError:
+                if positions:  # the batch is full: send it, then retry this message
+                    sender = await self._send(sender, batch, positions, messages, outcomes)
+                    batch, positions = None, []
+                    continue
+                limit = batch.max_size_in_bytes
+                self.max_message_size = limit
+                error = MessageTooLargeError(message.message_id, len(message.body), limit)
+                outcomes[index] = PushOutcome(message.message_id, None, error)
+                index += 1
+                continue
+            positions.append(index)
+            index += 1
+        if batch is not None and positions:
+            sender = await self._send(sender, batch, positions, messages, outcomes)
+        return sender
+
+    async def _new_batch(self, sender: ServiceBusSender) -> tuple[Any, ServiceBusSender]:
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            try:
+                return await sender.create_message_batch(), sender
+            except ServiceBusError as exc:
+                sender = await self._replace_sender(sender, "opening a sender", exc, attempt)
+        raise AssertionError("unreachable")
+
+    async def _send(self, sender: ServiceBusSender, batch: Any, positions: list[int],
+                    messages: Sequence[OutgoingMessage],
+                    outcomes: list[PushOutcome | None]) -> ServiceBusSender:
+        """Send one batch, retrying transient errors (the same MessageIds make a retried
+        send safe on a queue with duplicate detection)."""
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            try:
+                await sender.send_messages(batch)
+                break
+            except (ServiceBusError, OSError, asyncio.TimeoutError) as exc:
+                try:
+                    sender = await self._replace_sender(sender, "sending", exc, attempt)
+                except BackendError as final:
+                    for i in positions:
+                        outcomes[i] = PushOutcome(messages[i].message_id, None, final)
+                    return sender
+        for i in positions:
+            outcomes[i] = PushOutcome(messages[i].message_id, None)
+        return sender
+
+    async def _replace_sender(self, sender: ServiceBusSender, what: str, exc: BaseException,
+                              attempt: int) -> ServiceBusSender:
+        await _quiet_close(sender)
+        fatal = isinstance(exc, (MessagingEntityNotFoundError, ServiceBusAuthorizationError))
+        if fatal or attempt >= SEND_ATTEMPTS:
+            raise self._error(what, exc) from None
+        delay = min(8.0, 0.5 * 2 ** attempt)
+        log.warning("%s to %s failed (%s); retrying in %.1fs", what, self.description,
+                    _short(exc), delay)
+        await asyncio.sleep(delay)
+        return self.client.get_queue_sender(self.queue_name)
+
+    # ------------------------------------------------------------------ receive and settle
+
+    def _new_receiver(self, dead_letter: bool, **kwargs: Any) -> ServiceBusReceiver:
+        return self.client.get_queue_receiver(
+            self.queue_name,
+            sub_queue=ServiceBusSubQueue.DEAD_LETTER if dead_letter else None,
+            **kwargs,
+        )
+
+    async def _slot(self, dead_letter: bool) -> _ReceiverSlot:
+        slot = self._receivers.get(dead_letter)
+        if slot is None:
+            receiver = self._new_receiver(dead_letter, receive_mode=ServiceBusReceiveMode.PEEK_LOCK,
+                                          prefetch_count=self.prefetch)
+            slot = self._receivers[dead_letter] = _ReceiverSlot(receiver)
+        return slot
+
+    def _retire(self, slot: _ReceiverSlot) -> None:
+        """Stop receiving through ``slot``; keep it for settling its messages."""
+        for key, current in list(self._receivers.items()):
+            if current is slot:
+                del self._receivers[key]
+        slot.retired = True
+        self._retired.add(slot)
+        self._close_if_idle(slot)
+
+    def _close_if_idle(self, slot: _ReceiverSlot) -> None:
+        if slot.retired and slot.outstanding <= 0 and slot.closing is None:
+            self._retired.discard(slot)
+            slot.closing = asyncio.ensure_future(_quiet_close(slot.receiver))
+
+    async def receive(
+        self, max_count: int, max_wait: float, *, dead_letter: bool = False
+    ) -> list[ReceivedMessage]:
+        if max_count <= 0:
+            return []
+        slot = await self._slot(dead_letter)
+        try:
+            received = await slot.receiver.receive_messages(
+                max_message_count=max_count, max_wait_time=max(max_wait, 0.05))
+        except Exception as exc:
+            self._retire(slot)  # the next receive opens a fresh link (reconnects)
+            raise self._error("receiving", exc) from None
+        slot.outstanding += len(received)
+        return [self._to_received(m, slot) for m in received]
+
+    def _to_received(self, message: ServiceBusReceivedMessage,
+                     slot: _ReceiverSlot | None) -> ReceivedMessage:
+        # The SDK exposes the AMQP header's delivery-count, which Service Bus sets to
+        # DeliveryCount - 1 on a received message (0 on the first delivery); peeked
+        # messages carry DeliveryCount itself.
+        raw_count = message.delivery_count or 0
+        return ReceivedMessage(
+            message_id=str(message.message_id or ""),
+            body=_body(message),
+            delivery_count=raw_count + 1 if slot is not None else raw_count,
+            enqueued_time=_timestamp(message.enqueued_time_utc),
+            locked_until=_timestamp(message.locked_until_utc) if slot is not None else None,
+            handle=_Handle(slot, message) if slot is not None else None,
+            dead_letter_reason=message.dead_letter_reason,
+            dead_letter_description=message.dead_letter_error_description,
+            sequence_number=message.sequence_number,
+        )
+
+    def lock_renew_interval(self, message: ReceivedMessage) -> float:
+        interval = super().lock_renew_interval(message)
+        lock = self._admin.lock_duration if self._admin is not None else None
+        if lock is not None:  # guards against a client clock running behind the broker's
+            interval = min(interval, max(0.05, lock.total_seconds() / 3))
+        return interval
+
+    async def renew(self, message: ReceivedMessage) -> None:
+        handle: _Handle = message.handle
+        try:
+            until = await handle.slot.receiver.renew_message_lock(handle.message)
+        except (MessageLockLostError, MessageAlreadySettled) as exc:
+            raise LockLostError(f"lock on message {message.message_id} lost: "
+                                f"{_short(exc)}") from None
+        except ValueError as exc:  # the receiver was shut down
+            raise LockLostError(f"lock on message {message.message_id} lost: "
+                                f"{_short(exc)}") from None
+        except Exception as exc:
+            raise self._error("renewing a lock", exc) from None
+        message.locked_until = _timestamp(until) if until is not None else message.locked_until
+
+    async def _settle(self, message: ReceivedMessage, action: str, **kwargs: Any) -> None:
+        handle: _Handle = message.handle
+        receiver = handle.slot.receiver
+        try:
+            await getattr(receiver, action)(handle.message, **kwargs)
+        except (MessageLockLostError, MessageAlreadySettled, ValueError) as exc:
+            self._settled(handle)
+            raise LockLostError(f"lock on message {message.message_id} lost: "
+                                f"{_short(exc)}") from None
+        except Exception as exc:
+            raise self._error(action.replace("_", " "), exc) from None
+        self._settled(handle)
+
+    def _settled(self, handle: _Handle) -> None:
+        if not handle.settled:
+            handle.settled = True
+            handle.slot.outstanding -= 1
+            self._close_if_idle(handle.slot)
+
+    async def complete(self, message: ReceivedMessage) -> None:
+        await self._settle(message, "complete_message")
+
+    async def abandon(self, message: ReceivedMessage) -> None:
+        await self._settle(message, "abandon_message")
+
+    async def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
+        await self._settle(message, "dead_letter_message",
+                           reason=(reason or "")[:MAX_DEAD_LETTER_TEXT],
+                           error_description=(description or "")[-MAX_DEAD_LETTER_TEXT:])
+
+    # ------------------------------------------------------------------ inspect and clear
+
+    async def peek(self, max_count: int, *, dead_letter: bool = False) -> list[ReceivedMessage]:
+        found: list[ReceivedMessage] = []
+        try:
+            async with self._new_receiver(dead_letter) as receiver:
+                next_sequence = 0
+                while len(found) < max_count:
+                    batch = await receiver.peek_messages(
+                        max_message_count=max_count - len(found), sequence_number=next_sequence)
+                    if not batch:
+                        break
+                    found.extend(self._to_received(m, None) for m in batch)
+                    next_sequence = (batch[-1].sequence_number or 0) + 1
+        except ServiceBusError as exc:
+            raise self._error("peeking", exc) from None
+        return found
+
+    async def clear(self, *, dead_letter: bool = False) -> int:
+        deleted = 0
+        try:
+            async with self._new_receiver(
+                dead_letter, receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE,
+                prefetch_count=0,
+            ) as receiver:
+                while True:
+                    batch = await receiver.receive_messages(max_message_count=500,
+                                                            max_wait_time=1.0)
+                    if not batch:
+                        return deleted
+                    deleted += len(batch)
+        except ServiceBusError as exc:
+            raise self._error("clearing", exc) from None
+
+    def extra_info(self) -> dict[str, Any]:
+        return {"namespace": self.namespace, "prefetch": self.prefetch,
+                "auth": "connection string" if self._connection_string else "Azure AD"}
+
+
+def _admin_kwargs(connection_string: str) -> dict[str, Any]:
+    """How the admin client trusts the local emulator's certificate (nothing for Azure)."""
+    try:
+        from ..emulator.client import admin_client_kwargs
+    except ImportError:  # pragma: no cover - the emulator package is part of ai4s_jobq
+        return {}
+    try:
+        return admin_client_kwargs(connection_string)
+    except FileNotFoundError as exc:
+        log.warning("%s", exc)
+        return {}
+
+
+async def _quiet_close(closable: Any) -> None:
+    try:
+        await closable.close()
+    except Exception as exc:  # closing a broken link: nothing left to save
+        log.debug("closing %s: %s", type(closable).__name__, _short(exc))
