@@ -24,6 +24,10 @@ ENVELOPE_VERSION = 1
 DEFAULT_NUM_RETRIES = 2
 
 
+# Built once: ``json.dumps`` with options builds an encoder per call.
+_ENVELOPE_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 class MalformedTaskError(ValueError):
     """A queue message that is not a task envelope we can run."""
 
@@ -46,7 +50,7 @@ class Task:
     def to_body(self) -> bytes:
         envelope = {"v": ENVELOPE_VERSION, "id": self.id, "args": self.args,
                     "num_retries": self.num_retries, **self.extra}
-        return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return _ENVELOPE_JSON.encode(envelope).encode("utf-8")
 
     @classmethod
     def from_body(cls, body: bytes) -> Task:

@@ -6,12 +6,12 @@ import asyncio
 from datetime import timedelta
 from pathlib import Path
 
+import sample_tasks
+
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
 from ai4s_jobq.backends.base import OutgoingMessage
 from ai4s_jobq.processors import CallableProcessor, ShellProcessor
 from ai4s_jobq.worker import ExitCode
-
-import sample_tasks
 
 
 def policy(**kwargs) -> WorkerPolicy:

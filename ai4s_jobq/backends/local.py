@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
-from .. import broker_core as core
+from .. import broker_core
 from .base import (
     Backend,
     DedupInfo,
@@ -39,7 +39,7 @@ class LocalBackend(Backend):
     def __init__(self, path: str | Path, queue_name: str = "default"):
         super().__init__(queue_name)
         self.path = Path(path)
-        self._core: core.BrokerCore | None = None
+        self._core: broker_core.BrokerCore | None = None
         self._wakeup: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -48,13 +48,13 @@ class LocalBackend(Backend):
         return f"local://{self.queue_name} ({self.path})"
 
     @property
-    def core(self) -> core.BrokerCore:
+    def core(self) -> broker_core.BrokerCore:
         if self._core is None:
             raise RuntimeError("backend is not open")
         return self._core
 
     async def open(self) -> None:
-        self._core = core.BrokerCore(self.path)
+        self._core = broker_core.BrokerCore(self.path)
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         self._core.add_listener(self._on_available)
@@ -69,10 +69,10 @@ class LocalBackend(Backend):
         if self._loop is not None and self._wakeup is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._wakeup.set)
 
-    def _props(self) -> core.QueueProperties:
+    def _props(self) -> broker_core.QueueProperties:
         try:
             return self.core.get_queue(self.queue_name)
-        except core.QueueNotFound:
+        except broker_core.QueueNotFound:
             raise QueueUnavailableError(
                 f"local queue {self.queue_name!r} does not exist yet in {self.path} "
                 "(it is created by the first push)"
@@ -80,7 +80,7 @@ class LocalBackend(Backend):
 
     async def ensure_queue(self, settings: QueueSettings) -> None:
         self.core.create_queue(
-            core.QueueProperties(
+            broker_core.QueueProperties(
                 name=self.queue_name,
                 lock_duration=settings.lock_duration.total_seconds(),
                 requires_duplicate_detection=settings.duplicate_detection,
@@ -93,14 +93,14 @@ class LocalBackend(Backend):
     async def push(self, messages: Sequence[OutgoingMessage]) -> list[PushOutcome]:
         limit = self._props().max_message_size
         outcomes: list[PushOutcome | None] = [None] * len(messages)
-        to_send: list[core.NewMessage] = []
+        to_send: list[broker_core.NewMessage] = []
         positions: list[int] = []
         for i, message in enumerate(messages):
             if len(message.body) > limit:
                 error = MessageTooLargeError(message.message_id, len(message.body), limit)
                 outcomes[i] = PushOutcome(message.message_id, None, error)
             else:
-                to_send.append(core.NewMessage(message.message_id, message.body))
+                to_send.append(broker_core.NewMessage(message.message_id, message.body))
                 positions.append(i)
         if to_send:
             results = self.core.send(self.queue_name, to_send)
@@ -112,7 +112,7 @@ class LocalBackend(Backend):
         self, max_count: int, max_wait: float, *, dead_letter: bool = False
     ) -> list[ReceivedMessage]:
         self._props()
-        sub_queue = core.DEAD_LETTER if dead_letter else core.ACTIVE
+        sub_queue = broker_core.DEAD_LETTER if dead_letter else broker_core.ACTIVE
         deadline = time.monotonic() + max_wait
         delay = _POLL_MIN
         assert self._wakeup is not None
@@ -133,13 +133,13 @@ class LocalBackend(Backend):
     def _settle(self, action, message: ReceivedMessage, *args: object) -> None:
         try:
             action(message.handle, *args)
-        except core.LockLost as exc:
+        except broker_core.LockLost as exc:
             raise LockLostError(str(exc)) from None
 
     async def renew(self, message: ReceivedMessage) -> None:
         try:
             message.locked_until = self.core.renew_lock(message.handle)
-        except core.LockLost as exc:
+        except broker_core.LockLost as exc:
             raise LockLostError(str(exc)) from None
 
     async def complete(self, message: ReceivedMessage) -> None:
@@ -153,7 +153,7 @@ class LocalBackend(Backend):
 
     async def peek(self, max_count: int, *, dead_letter: bool = False) -> list[ReceivedMessage]:
         self._props()
-        sub_queue = core.DEAD_LETTER if dead_letter else core.ACTIVE
+        sub_queue = broker_core.DEAD_LETTER if dead_letter else broker_core.ACTIVE
         stored = self.core.peek(self.queue_name, max_count, sub_queue=sub_queue)
         return [_to_received(m, with_handle=False) for m in stored]
 
@@ -164,13 +164,13 @@ class LocalBackend(Backend):
 
     async def clear(self, *, dead_letter: bool = False) -> int:
         self._props()
-        sub_queue = core.DEAD_LETTER if dead_letter else core.ACTIVE
+        sub_queue = broker_core.DEAD_LETTER if dead_letter else broker_core.ACTIVE
         return self.core.purge(self.queue_name, sub_queue=sub_queue)
 
     async def dedup_info(self) -> DedupInfo:
         try:
             props = self.core.get_queue(self.queue_name)
-        except core.QueueNotFound:
+        except broker_core.QueueNotFound:
             return DedupInfo(self.kind, False, None, None, "none",
                              "the queue does not exist yet")
         return DedupInfo(
@@ -182,7 +182,7 @@ class LocalBackend(Backend):
         )
 
 
-def _to_received(message: core.StoredMessage, *, with_handle: bool = True) -> ReceivedMessage:
+def _to_received(message: broker_core.StoredMessage, *, with_handle: bool = True) -> ReceivedMessage:
     return ReceivedMessage(
         message_id=message.message_id,
         body=message.body,
