@@ -15,6 +15,7 @@ import inspect
 import logging
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -153,12 +154,17 @@ def _exception_text(exc: BaseException) -> str:
 
 
 def load_callable(reference: str) -> Callable[..., Any]:
-    """Import ``module:function`` (or ``module.function``)."""
+    """Import ``module:function`` (or ``module.function``), looking in the working
+    directory too."""
     module_name, sep, attr = reference.partition(":")
     if not sep:
         module_name, _, attr = reference.rpartition(".")
     if not module_name or not attr:
         raise ValueError(f"{reference!r} is not module:function")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        # Like `python -m`, find the user's modules in the working directory; a
+        # console script otherwise only sees its own bin directory.
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -154,3 +154,22 @@ def test_bad_queue_specs_are_clear_errors(local_dir, jobq):
     assert "Traceback" not in result.stderr
     result = jobq("--queue", "justaname", "size")
     assert result.returncode == 4 and "local://justaname" in result.stderr
+
+
+def test_worker_finds_proc_module_in_working_directory(local_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    (tmp_path / "userjobs.py").write_text(
+        "def greet(name):\n    open(name, 'w').write('done')\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-m", "cli", "push"], input='{"name": "out.txt"}\n',
+                   text=True, cwd=tmp_path, env=env, check=True, capture_output=True)
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path.pop(0); from cli.main import main; main()",
+         "worker", "--proc", "userjobs:greet", "--idle-timeout", "0.3"],
+        text=True, cwd=tmp_path, env=env, capture_output=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out.txt").read_text() == "done"
