@@ -41,6 +41,7 @@ from proton import (
     Event,
     Link,
     Message,
+    Terminus,
     Transport,
     symbol,
 )
@@ -319,6 +320,12 @@ class AmqpConnection:
         link.rcv_settle_mode = link.remote_rcv_settle_mode
         error = self._check_link(role, link)
         if error is not None:
+            # as Service Bus does: attach with no terminus on our side, then detach
+            # with the error (pyamqp reports the detach's error to the caller)
+            if link.is_receiver:
+                link.target.type = Terminus.UNSPECIFIED
+            else:
+                link.source.type = Terminus.UNSPECIFIED
             link.open()
             link.condition = _condition(*error)
             link.close()
