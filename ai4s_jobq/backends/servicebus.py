@@ -152,7 +152,7 @@ class ServiceBusBackend(Backend):
         self._sender_count = 0
         self._receivers: dict[bool, _ReceiverSlot] = {}
         self._retired: set[_ReceiverSlot] = set()
-        self._receiver_lock: asyncio.Lock | None = None
+        self._closing: set[asyncio.Future[None]] = set()
 
     # ------------------------------------------------------------------ connecting
 
@@ -180,7 +180,6 @@ class ServiceBusBackend(Backend):
 
     async def open(self) -> None:
         self._senders = asyncio.Queue()
-        self._receiver_lock = asyncio.Lock()
         if self._connection_string is not None:
             cs = self._connection_string
             self._client = ServiceBusClient.from_connection_string(cs, **SDK_RETRY)
@@ -197,6 +196,7 @@ class ServiceBusBackend(Backend):
         self._admin = AdminPlane(admin, self.queue_name, self.description)
 
     async def close(self) -> None:
+        await self._closed()
         slots = list(self._receivers.values()) + list(self._retired)
         self._receivers.clear()
         self._retired.clear()
@@ -271,7 +271,12 @@ class ServiceBusBackend(Backend):
         while index < len(messages):
             message = messages[index]
             if batch is None:
-                batch, sender = await self._new_batch(sender)
+                try:
+                    batch, sender = await self._new_batch(sender)
+                except BackendError as exc:  # cannot even open a link: the rest fails
+                    for i in range(index, len(messages)):
+                        outcomes[i] = PushOutcome(messages[i].message_id, None, exc)
+                    return sender
             try:
                 batch.add_message(ServiceBusMessage(message.body, message_id=message.message_id))
             except MessageSizeExceededError:
@@ -322,7 +327,8 @@ class ServiceBusBackend(Backend):
     async def _replace_sender(self, sender: ServiceBusSender, what: str, exc: BaseException,
                               attempt: int) -> ServiceBusSender:
         await _quiet_close(sender)
-        fatal = isinstance(exc, (MessagingEntityNotFoundError, ServiceBusAuthorizationError))
+        fatal = isinstance(exc, (MessagingEntityNotFoundError, ServiceBusAuthorizationError,
+                                 ServiceBusAuthenticationError))
         if fatal or attempt >= SEND_ATTEMPTS:
             raise self._error(what, exc) from None
         delay = min(8.0, 0.5 * 2 ** attempt)
@@ -360,13 +366,23 @@ class ServiceBusBackend(Backend):
     def _close_if_idle(self, slot: _ReceiverSlot) -> None:
         if slot.retired and slot.outstanding <= 0 and slot.closing is None:
             self._retired.discard(slot)
-            slot.closing = asyncio.ensure_future(_quiet_close(slot.receiver))
+            # Closing drains the link and releases messages sent against leftover credit.
+            slot.closing = closing = asyncio.ensure_future(_quiet_close(slot.receiver))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+
+    async def _closed(self) -> None:
+        """Wait for retired receivers to finish closing (their released messages are
+        then receivable again)."""
+        if self._closing:
+            await asyncio.wait(list(self._closing))
 
     async def receive(
         self, max_count: int, max_wait: float, *, dead_letter: bool = False
     ) -> list[ReceivedMessage]:
         if max_count <= 0:
             return []
+        await self._closed()
         slot = await self._slot(dead_letter)
         try:
             received = await slot.receiver.receive_messages(
@@ -375,6 +391,10 @@ class ServiceBusBackend(Backend):
             self._retire(slot)  # the next receive opens a fresh link (reconnects)
             raise self._error("receiving", exc) from None
         slot.outstanding += len(received)
+        if dead_letter:
+            # Dead-letter tools take one batch at a time: a link per batch leaves no
+            # credit behind that would lock more dead letters than they asked for.
+            self._retire(slot)
         return [self._to_received(m, slot) for m in received]
 
     def _to_received(self, message: ServiceBusReceivedMessage,
@@ -449,6 +469,7 @@ class ServiceBusBackend(Backend):
     # ------------------------------------------------------------------ inspect and clear
 
     async def peek(self, max_count: int, *, dead_letter: bool = False) -> list[ReceivedMessage]:
+        await self._closed()
         found: list[ReceivedMessage] = []
         try:
             async with self._new_receiver(dead_letter) as receiver:
@@ -465,6 +486,7 @@ class ServiceBusBackend(Backend):
         return found
 
     async def clear(self, *, dead_letter: bool = False) -> int:
+        await self._closed()
         deleted = 0
         try:
             async with self._new_receiver(
