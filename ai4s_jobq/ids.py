@@ -112,10 +112,15 @@ def normalize(value: Any, path: str = "args") -> Any:
     )
 
 
+# Built once: ``json.dumps`` with non-default options builds an encoder per call,
+# which is a noticeable share of pushing many small tasks.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                              allow_nan=False)
+
+
 def canonical_json(value: Any) -> str:
     """The canonical JSON text of an already-normalized value."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False)
+    return _CANONICAL.encode(value)
 
 
 def content_id(canonical: str) -> str:
