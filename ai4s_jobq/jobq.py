@@ -28,7 +28,7 @@ from .backends.base import (
     ReceivedMessage,
 )
 from .durations import parse_duration
-from .ids import TaskEncodingError, deterministic_ids_enabled
+from .ids import ConfigError, TaskEncodingError, deterministic_ids_enabled
 from .spec import CONNECTION_STRING_ENV, make_backend, parse_spec
 from .task import MalformedTaskError, Task, make_task
 
@@ -176,6 +176,8 @@ class JobQ:
         size = batch_size or self.backend.push_batch_size
         keys = list(dedup_keys) if dedup_keys is not None else None
         det = self.deterministic if deterministic is None else deterministic
+        if det is None:
+            det = _deterministic_setting()
         summary = PushSummary()
         # Each entry is (index, task) or (index, the error that prevented building it);
         # failures travel with their batch so results are reported in input order.
@@ -310,6 +312,16 @@ class JobQ:
         if outcome.error is not None:
             raise outcome.error
         await self.backend.complete(message)
+
+
+def _deterministic_setting() -> bool | None:
+    """``JOBQ_DETERMINISTIC_IDS``, read once per ``push_many`` rather than once per
+    task (an environment lookup is a measurable share of building a task).  None
+    when the value is invalid: each task then reports the error, as before."""
+    try:
+        return deterministic_ids_enabled()
+    except ConfigError:
+        return None
 
 
 def requeue_message_id(task_id: str, dlq_key: str) -> str:
