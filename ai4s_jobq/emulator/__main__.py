@@ -11,7 +11,6 @@ import logging
 import signal
 import sys
 import threading
-
 from pathlib import Path
 
 from .server import DEFAULT_PORT, EmulatorServer, load_settings

@@ -236,7 +236,8 @@ def render_for_delivery(stored: bytes, info: DeliveryInfo) -> bytes:
         app_props[DEAD_LETTER_DESCRIPTION] = info.dead_letter_description
         rewrite_app = True
 
-    out = [_encode_section(HEADER, header_fields), _encode_section(MESSAGE_ANNOTATIONS, annotations)]
+    out = [_encode_section(HEADER, header_fields),
+           _encode_section(MESSAGE_ANNOTATIONS, annotations)]
     for section in parsed.sections:
         if section.code in (HEADER, DELIVERY_ANNOTATIONS, MESSAGE_ANNOTATIONS):
             continue
@@ -267,9 +268,3 @@ def lock_token_to_tag(lock_token: str) -> bytes:
     """The delivery tag for a lock token: the SDK reads ``UUID(bytes_le=tag)``."""
     return uuid.UUID(lock_token).bytes_le
 
-
-def tag_to_lock_token(tag: bytes) -> str | None:
-    try:
-        return str(uuid.UUID(bytes_le=bytes(tag)))
-    except ValueError:
-        return None
