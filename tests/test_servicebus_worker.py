@@ -1,0 +1,160 @@
+"""Workers on Service Bus (emulator, real SDK): outcomes, lock renewal, SIGKILLed
+workers, a broker restart mid-drain, and concurrent producers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+import time
+
+import sample_tasks
+import servicebus_support as support
+from conftest import ROOT, wait_for
+from servicebus_support import run_counts, sb_env, short_lock_queue, spec, start_worker
+
+from ai4s_jobq import JobQ, Worker, WorkerPolicy
+from ai4s_jobq.backends.base import OutgoingMessage
+from ai4s_jobq.emulator.process import EmulatorProcess
+from ai4s_jobq.processors import CallableProcessor, ShellProcessor
+from ai4s_jobq.worker import ExitCode
+
+sb_process, sb_cs, sb_queue = support.sb_process, support.sb_cs, support.sb_queue
+
+
+def policy(**kwargs) -> WorkerPolicy:
+    return WorkerPolicy(**{"idle_timeout": 1.0, **kwargs})
+
+
+async def test_success_retry_and_dead_letter_with_reason(sb_cs, sb_queue):
+    async with JobQ.open(spec(sb_queue), connection_string=sb_cs) as q:
+        await q.push("echo fine")
+        bad = await q.push("echo 'something broke' >&2; exit 3", num_retries=2)
+        stats = await Worker(q.backend, ShellProcessor(), policy(slots=2)).run()
+        assert (stats.succeeded, stats.failed, stats.dead_lettered) == (1, 3, 1)
+        assert stats.exit_code == ExitCode.OK
+        counts = await q.counts()
+        assert (counts.active, counts.dead_letter) == (0, 1)
+        (dead,) = await q.dlq_list()
+        assert dead.task.id == bad.id and dead.delivery_count == 3
+        assert dead.reason == "NonZeroExit"
+        assert "exit code 3" in dead.description and "something broke" in dead.description
+
+
+async def test_malformed_message_dead_lettered_and_worker_continues(sb_cs, sb_queue, tmp_path):
+    log = tmp_path / "log"
+    async with JobQ.open(spec(sb_queue), connection_string=sb_cs) as q:
+        await q.backend.push([OutgoingMessage("junk-1", b"\xff\xfe not json"),
+                              OutgoingMessage("junk-2", b'{"id": "x"}')])
+        await q.push({"log": str(log), "name": "after"})
+        stats = await Worker(q.backend, CallableProcessor(sample_tasks.record), policy()).run()
+        assert (stats.malformed, stats.succeeded) == (2, 1)
+        assert "end after" in log.read_text()
+        reasons = {d.message_id: (d.reason, d.description) for d in await q.dlq_list()}
+        assert reasons["junk-1"][0] == "MalformedTask" and "UTF-8" in reasons["junk-1"][1]
+        assert "'args'" in reasons["junk-2"][1]
+
+
+async def test_lock_renewal_keeps_a_task_longer_than_the_lock(sb_cs, sb_queue, tmp_path, caplog):
+    await asyncio.to_thread(short_lock_queue, sb_cs, sb_queue, 3)
+    log = tmp_path / "log"
+    async with JobQ.open(spec(sb_queue), connection_string=sb_cs) as q:
+        await q.push({"log": str(log), "name": "long", "seconds": 8.0})
+        with caplog.at_level(logging.INFO, logger="ai4s_jobq.worker"):
+            stats = await Worker(q.backend, CallableProcessor(sample_tasks.async_record),
+                                 policy(idle_timeout=1.0)).run()
+        assert (stats.succeeded, stats.failed, stats.lost_locks) == (1, 0, 0)
+        lines = log.read_text().splitlines()
+        assert [line.split()[0] for line in lines] == ["start", "end"]
+        assert float(lines[1].split()[3]) - float(lines[0].split()[3]) >= 8.0  # > 2 locks
+        assert any("attempt 1 of 3" in r.getMessage() for r in caplog.records)
+        assert not any("attempt 2" in r.getMessage() for r in caplog.records)
+        counts = await q.counts()
+        assert (counts.active, counts.dead_letter) == (0, 0)
+
+
+def test_sigkilled_worker_task_is_redelivered_and_completed(sb_cs, sb_queue, tmp_path):
+    marker, log = tmp_path / "marker", tmp_path / "log"
+    short_lock_queue(sb_cs, sb_queue, 3)
+    push = subprocess.run(
+        [sys.executable, "-c", "import ai4s_jobq, sys; "
+         f"ai4s_jobq.push({{'marker': {str(marker)!r}, 'log': {str(log)!r}}})"],
+        env=sb_env(sb_cs, sb_queue), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert push.returncode == 0, push.stderr
+    first = start_worker(sb_cs, sb_queue, "--proc", "sample_tasks:hang_first_time",
+                         "--idle-timeout", "0")
+    try:
+        wait_for(marker.exists, timeout=60, what="the first attempt to start")
+    finally:
+        first.kill()
+        first.communicate(timeout=10)
+    killed_at = time.monotonic()
+    second = start_worker(sb_cs, sb_queue, "--proc", "sample_tasks:hang_first_time",
+                          "--idle-timeout", "3")
+    _, err = second.communicate(timeout=90)
+    assert second.returncode == 0, err
+    assert log.read_text().count("attempt") == 2
+    assert "attempt 2 of 3" in err and "succeeded" in err
+    assert time.monotonic() - killed_at >= 2.0  # it came back by lock expiry
+    assert run_counts(sb_cs, sb_queue) == (0, 0)
+
+
+def test_broker_restart_mid_drain_loses_nothing(tmp_path):
+    """SIGKILL the emulator while a worker drains, start it again on the same port:
+    the worker reconnects and every task completes."""
+    log = tmp_path / "log"
+    names = [f"t{i}" for i in range(40)]
+    with EmulatorProcess(tmp_path / "emulator") as emulator:
+        cs, queue = emulator.connection_string, "restart"
+        short_lock_queue(cs, queue, 3)
+
+        async def push() -> None:
+            async with JobQ.open(spec(queue), connection_string=cs) as q:
+                summary = await q.push_many(
+                    {"log": str(log), "name": n, "seconds": 0.15} for n in names)
+                assert not summary.failures
+
+        asyncio.run(push())
+        worker = start_worker(cs, queue, "--proc", "sample_tasks:record", "-n", "2",
+                              "--idle-timeout", "8")
+        try:
+            wait_for(lambda: log.exists() and log.read_text().count("end ") >= 8,
+                     timeout=60, what="the worker to finish some tasks")
+            emulator.kill()
+            emulator.start()
+            _, err = worker.communicate(timeout=120)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.communicate()
+        assert worker.returncode == 0, err
+        done = {line.split()[1] for line in log.read_text().splitlines()
+                if line.startswith("end ")}
+        assert done == set(names), f"missing: {set(names) - done}\n{err[-3000:]}"
+        assert "receive failed" in err  # the outage was seen, and survived
+        assert run_counts(cs, queue) == (0, 0)
+
+
+def test_sixteen_concurrent_producers_push_the_same_tasks_once(sb_cs, sb_queue, tmp_path):
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("".join(f"echo task {i}\n" for i in range(500)))
+    env = sb_env(sb_cs, sb_queue)
+    # Create the queue first so that all producers race on pushing, not on creating.
+    first = subprocess.run([sys.executable, "-m", "cli", "push", "-c", "echo task 0"],
+                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    producers = [subprocess.Popen([sys.executable, "-m", "cli", "push", str(tasks)], env=env,
+                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(16)]
+    for producer in producers:
+        _, err = producer.communicate(timeout=150)
+        assert producer.returncode == 0, err
+
+    async def inspect():
+        async with JobQ.open(spec(sb_queue), connection_string=sb_cs, check=False) as q:
+            return (await q.counts()).active, await q.peek(1000)
+
+    active, peeked = asyncio.run(inspect())
+    assert active == 500
+    assert sorted(int(t.task.args["cmd"].split()[-1]) for t in peeked) == list(range(500))
