@@ -42,6 +42,7 @@ class LocalBackend(Backend):
         self._core: broker_core.BrokerCore | None = None
         self._wakeup: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._completions: list[tuple[str, asyncio.Future[None]]] = []
 
     @property
     def description(self) -> str:
@@ -60,6 +61,8 @@ class LocalBackend(Backend):
         self._core.add_listener(self._on_available)
 
     async def close(self) -> None:
+        if self._completions:
+            self._flush_completions()
         if self._core is not None:
             self._core.remove_listener(self._on_available)
             self._core.close()
@@ -143,7 +146,37 @@ class LocalBackend(Backend):
             raise LockLostError(str(exc)) from None
 
     async def complete(self, message: ReceivedMessage) -> None:
-        self._settle(self.core.complete, message)
+        """Completions requested in the same event-loop turn (e.g. by a worker's
+        slots finishing together) share one transaction; each caller still returns
+        only once its message is completed, or gets its own ``LockLostError``."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if not self._completions:
+            loop.call_soon(self._flush_completions)
+        self._completions.append((message.handle, future))
+        await future
+
+    def _flush_completions(self) -> None:
+        # A caller cancelled before the flush never got its completion, as when
+        # ``complete`` ran inline: leave its message locked.
+        batch = [(token, f) for token, f in self._completions if not f.cancelled()]
+        self._completions = []
+        if not batch:
+            return
+        try:
+            outcomes: list[Exception | None] = list(
+                self.core.complete_many([token for token, _ in batch]))
+        except Exception as exc:  # the transaction failed: every caller sees why
+            outcomes = [exc] * len(batch)
+        for (_, future), error in zip(batch, outcomes):
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(None)
+            elif isinstance(error, broker_core.LockLost):
+                future.set_exception(LockLostError(str(error)))
+            else:
+                future.set_exception(error)
 
     async def abandon(self, message: ReceivedMessage) -> None:
         self._settle(self.core.abandon, message)
