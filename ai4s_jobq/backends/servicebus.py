@@ -351,6 +351,13 @@ class ServiceBusBackend(Backend):
         if slot is None:
             receiver = self._new_receiver(dead_letter, receive_mode=ServiceBusReceiveMode.PEEK_LOCK,
                                           prefetch_count=self.prefetch)
+            try:
+                # Open the link now: inside receive_messages the link's opening would
+                # have to fit in that call's (possibly short) wait.
+                await receiver.__aenter__()
+            except Exception as exc:
+                await _quiet_close(receiver)
+                raise self._error("opening a receiver", exc) from None
             slot = self._receivers[dead_letter] = _ReceiverSlot(receiver)
         return slot
 
