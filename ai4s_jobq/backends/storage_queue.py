@@ -1,0 +1,695 @@
+"""Azure Storage Queue backend (``ACCOUNT/QUEUE``), on the official aio SDK.
+
+Storage Queue is the cheap backend: at-least-once delivery with a visibility
+timeout as the lock, no sessions, no duplicate detection, no dead-letter queue.
+This module maps the :class:`~ai4s_jobq.backends.base.Backend` contract onto it:
+
+* lock = visibility timeout; the settlement handle is (Azure message id, pop
+  receipt); ``renew`` extends the visibility and gets a new pop receipt; a lost
+  pop receipt (another worker received the message) raises ``LockLostError``.
+* delivery count = the message's ``dequeue_count``.
+* dead-letter queue = a sibling queue ``QUEUE-failed``; each record carries the
+  reason, description and delivery count in its header.
+* duplicate detection = the Table ledger in :mod:`.storage_dedup`, on when the
+  queue's metadata ``jobq_dedup_window_seconds`` is > 0 (set when jobq creates it).
+
+Message text (what the portal shows) is one JSON object, framed so the body
+comes back byte for byte without re-serializing it::
+
+    {"jobq":{"id":"<task id>"},"body":<the task envelope JSON as is>}
+
+Bodies that are not JSON travel as a JSON string (``"enc":"text"``) or, if they
+are not XML-safe UTF-8, base64 (``"enc":"base64"``).  Text that does not parse as
+this frame (put there by another tool) is still delivered, raw, so the worker
+can dead-letter it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+)
+from azure.storage.queue._shared.policies_async import ExponentialRetry
+
+from .base import (
+    Backend,
+    BackendError,
+    DedupInfo,
+    LockLostError,
+    MessageTooLargeError,
+    OutgoingMessage,
+    PushOutcome,
+    QueueCounts,
+    QueueSettings,
+    QueueUnavailableError,
+    ReceivedMessage,
+)
+from .storage_dedup import LEDGER_TABLE, DedupLedger, ensure_ledger_table
+
+log = logging.getLogger("ai4s_jobq.storage")
+
+MESSAGE_TEXT_LIMIT = 64 * 1024  # bytes of message text (UTF-8), Azure's limit
+DLQ_SUFFIX = "-failed"
+META_DEDUP_WINDOW = "jobq_dedup_window_seconds"
+META_VISIBILITY = "jobq_visibility_timeout_seconds"
+META_MAX_DELIVERY = "jobq_max_delivery_count"
+SEND_CONCURRENCY = 32  # sends in flight per backend
+RECEIVE_BATCH = 32  # Storage Queue's maximum per receive call
+DEFAULT_VISIBILITY = 300  # seconds, for queues created by other tools
+_DESCRIPTION_LIMIT = 4096
+
+_QUEUE_NAME = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9-]{1,54}[a-z0-9]$")
+_XML_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+_FRAME_PREFIX = '{"jobq":'
+_BODY_KEY = ',"body":'
+_DECODER = json.JSONDecoder()
+
+
+# ---------------------------------------------------------------------- framing
+
+
+def encode_text(header: dict[str, Any], body: bytes) -> str:
+    """The queue message text for ``body`` with ``header`` (see module docstring)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and not _XML_UNSAFE.search(text):
+        try:
+            json.loads(text)
+            payload = text
+        except ValueError:
+            header = {**header, "enc": "text"}
+            payload = json.dumps(text, ensure_ascii=False)
+    else:
+        header = {**header, "enc": "base64"}
+        payload = json.dumps(base64.b64encode(body).decode("ascii"))
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False)
+    return f"{_FRAME_PREFIX}{head}{_BODY_KEY}{payload}}}"
+
+
+def decode_text(text: str) -> tuple[dict[str, Any] | None, bytes]:
+    """``(header, body)``; ``(None, raw text bytes)`` for text that is not our frame."""
+    raw = text.encode("utf-8", "surrogatepass")
+    if not text.startswith(_FRAME_PREFIX) or not text.endswith("}"):
+        return None, raw
+    try:
+        header, end = _DECODER.raw_decode(text, len(_FRAME_PREFIX))
+    except ValueError:
+        return None, raw
+    if not isinstance(header, dict) or text[end:end + len(_BODY_KEY)] != _BODY_KEY:
+        return None, raw
+    payload = text[end + len(_BODY_KEY):-1]
+    encoding = header.get("enc")
+    if encoding is None:
+        return header, payload.encode("utf-8")
+    try:
+        value = json.loads(payload)
+        if encoding == "text" and isinstance(value, str):
+            return header, value.encode("utf-8")
+        if encoding == "base64" and isinstance(value, str):
+            return header, base64.b64decode(value, validate=True)
+    except ValueError:
+        pass
+    return None, raw
+
+
+def text_size(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+# ---------------------------------------------------------------------- errors
+
+
+def _account_of(connection_string: str | None, account: str | None) -> str:
+    if connection_string:
+        for part in connection_string.split(";"):
+            key, _, value = part.partition("=")
+            if key.strip().lower() == "accountname":
+                return value.strip()
+        return "(from connection string)"
+    return account or "?"
+
+
+@contextmanager
+def _translate(what: str, account: str) -> Iterator[None]:
+    """Turn SDK errors into :class:`BackendError` with an actionable message.
+
+    Only the status and Azure error code are kept: SDK messages can echo request
+    URLs (with SAS tokens), so they never reach our errors or logs.
+    """
+    try:
+        yield
+    except BackendError:
+        raise
+    except ClientAuthenticationError as exc:
+        code = _code(exc) or type(exc).__name__
+        raise BackendError(
+            f"{what}: storage account {account!r} refused the credentials ({code}). "
+            "Check the account key or SAS in the connection string (JOBQ_CONNECTION_STRING / "
+            "--conn-str), or, with ACCOUNT/QUEUE, your Azure login (`az login`) and that it has "
+            "the 'Storage Queue Data Contributor' (and, for dedup, 'Storage Table Data "
+            "Contributor') role."
+        ) from None
+    except ServiceRequestError as exc:
+        raise BackendError(
+            f"{what}: cannot reach storage account {account!r} ({type(exc).__name__}). "
+            "Check the account name or the endpoints in the connection string, and the network."
+        ) from None
+    except ResourceNotFoundError as exc:
+        raise QueueUnavailableError(
+            f"{what}: not found on storage account {account!r} "
+            f"({_code(exc) or 'NotFound'}); push once to create the queue"
+        ) from None
+    except HttpResponseError as exc:
+        raise BackendError(
+            f"{what}: storage account {account!r} answered {exc.status_code} "
+            f"{_code(exc)}".rstrip()
+        ) from None
+
+
+def _code(exc: BaseException) -> str:
+    """Azure's error code as plain text (the SDK gives an enum or a string)."""
+    code = getattr(exc, "error_code", None)
+    return str(getattr(code, "value", code) or "")
+
+
+def _is_lock_lost(exc: HttpResponseError) -> bool:
+    """404: the message is gone; 400 PopReceiptMismatch: someone else received it."""
+    return exc.status_code == 404 or _code(exc) == "PopReceiptMismatch"
+
+
+# ---------------------------------------------------------------------- backend
+
+
+@dataclass
+class _Lease:
+    """Settlement handle: the message's Azure id and current pop receipt.  The lock
+    keeps a heartbeat and a settlement from using the same pop receipt at once."""
+
+    azure_id: str
+    pop_receipt: str
+    dead_letter_queue: bool
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class _QueueConfig:
+    """What jobq keeps in the queue's metadata, so every producer and worker agree."""
+
+    exists: bool
+    dedup_window: timedelta | None  # None: no dedup
+    visibility_timeout: int
+    max_delivery_count: int
+    jobq_metadata: bool
+
+
+class StorageQueueBackend(Backend):
+    kind = "storage"
+    max_message_size = MESSAGE_TEXT_LIMIT
+    push_batch_size = 500
+    push_concurrency = 3
+
+    def __init__(
+        self,
+        queue_name: str,
+        *,
+        connection_string: str | None = None,
+        account: str | None = None,
+        dedup_window: timedelta | None = None,
+    ):
+        if not _QUEUE_NAME.match(queue_name):
+            raise QueueUnavailableError(
+                f"{queue_name!r} is not a valid Storage Queue name for jobq: use 3-56 "
+                "lowercase letters, digits and single hyphens, starting and ending with a "
+                f"letter or digit (jobq adds {DLQ_SUFFIX!r} for the dead-letter queue)"
+            )
+        if not connection_string and not account:
+            raise QueueUnavailableError(
+                "a Storage Queue needs ACCOUNT/QUEUE or a connection string "
+                "(JOBQ_CONNECTION_STRING / --conn-str)"
+            )
+        super().__init__(queue_name)
+        self.connection_string = connection_string
+        self.account = _account_of(connection_string, account)
+        self._account_arg = account
+        self.requested_dedup_window = dedup_window
+        self.dlq_name = queue_name + DLQ_SUFFIX
+        self._credential: Any = None
+        self._service: Any = None
+        self._tables: Any = None
+        self._queue: Any = None
+        self._dlq: Any = None
+        self._config: _QueueConfig | None = None
+        self._ledger: DedupLedger | None = None
+        self._send_limit = asyncio.Semaphore(SEND_CONCURRENCY)
+
+    @classmethod
+    def from_spec(
+        cls,
+        account: str | None,
+        queue: str,
+        connection_string: str | None,
+        *,
+        dedup_window: timedelta | None,
+    ) -> StorageQueueBackend:
+        """``ACCOUNT/QUEUE`` (Azure AD via DefaultAzureCredential) or a connection
+        string, which wins when given (its account is used, not ``account``)."""
+        return cls(queue, connection_string=connection_string, account=account,
+                   dedup_window=dedup_window)
+
+    @property
+    def description(self) -> str:
+        return f"storage:{self.account}/{self.queue_name}"
+
+    # -------------------------------------------------------------- connection
+
+    async def open(self) -> None:
+        from azure.data.tables.aio import TableServiceClient
+        from azure.storage.queue.aio import QueueServiceClient
+
+        # The SDK default backs off 15 s and more: too slow to tell a user about a typo.
+        retry = {"retry_policy": ExponentialRetry(initial_backoff=0.5, increment_base=2,
+                                                  retry_total=3, random_jitter_range=0.5)}
+        table_retry = {"retry_total": 3, "retry_backoff_factor": 0.5}
+        if self.connection_string:
+            self._service = QueueServiceClient.from_connection_string(
+                self.connection_string, **retry)
+            self._tables = TableServiceClient.from_connection_string(
+                self.connection_string, **table_retry)
+        else:
+            from azure.identity.aio import DefaultAzureCredential
+
+            self._credential = DefaultAzureCredential()
+            self._service = QueueServiceClient(
+                f"https://{self._account_arg}.queue.core.windows.net",
+                credential=self._credential, **retry)
+            self._tables = TableServiceClient(
+                f"https://{self._account_arg}.table.core.windows.net",
+                credential=self._credential, **table_retry)
+        self._queue = self._service.get_queue_client(self.queue_name)
+        self._dlq = self._service.get_queue_client(self.dlq_name)
+
+    async def close(self) -> None:
+        for client in (self._queue, self._dlq, self._service, self._tables, self._credential):
+            if client is not None:
+                try:
+                    await client.close()
+                except Exception:  # noqa: BLE001 - closing is best effort
+                    pass
+        self._queue = self._dlq = self._service = self._tables = self._credential = None
+
+    def _translate(self, what: str) -> Any:
+        return _translate(what, self.account)
+
+    # -------------------------------------------------------------- queue settings
+
+    async def ensure_queue(self, settings: QueueSettings) -> None:
+        """Create the queue (and ``-failed``, and the ledger table) with jobq's settings
+        in its metadata.  An existing queue keeps its settings, with one exception: a
+        queue created by another tool (no jobq metadata) gets the ledger turned on when
+        a dedup window was given explicitly (``--dedup-window``)."""
+        window = settings.dedup_window if settings.duplicate_detection else timedelta(0)
+        metadata = {
+            META_DEDUP_WINDOW: str(int(window.total_seconds())),
+            META_VISIBILITY: str(max(1, int(settings.lock_duration.total_seconds()))),
+            META_MAX_DELIVERY: str(settings.max_delivery_count),
+        }
+        with self._translate(f"creating queue {self.queue_name}"):
+            try:
+                await self._queue.create_queue(metadata=metadata)
+            except ResourceExistsError:
+                await self._adopt_foreign_queue(metadata)
+            try:
+                await self._dlq.create_queue()
+            except ResourceExistsError:
+                pass
+        self._config = None
+        config = await self._read_config()
+        if config.dedup_window:
+            with self._translate(f"creating dedup ledger table {LEDGER_TABLE}"):
+                await ensure_ledger_table(self._tables)
+
+    async def _adopt_foreign_queue(self, metadata: dict[str, str]) -> None:
+        props = await self._queue.get_queue_properties()
+        existing = dict(props.metadata or {})
+        if META_DEDUP_WINDOW in existing or self.requested_dedup_window is None:
+            return
+        log.info("queue %s has no jobq settings; turning on the dedup ledger (%s s)",
+                 self.queue_name, metadata[META_DEDUP_WINDOW])
+        await self._queue.set_queue_metadata(metadata={**metadata, **existing})
+
+    async def _read_config(self) -> _QueueConfig:
+        if self._config is not None:
+            return self._config
+        with self._translate(f"reading queue {self.queue_name}"):
+            try:
+                props = await self._queue.get_queue_properties()
+            except ResourceNotFoundError:
+                return _QueueConfig(False, None, DEFAULT_VISIBILITY, 2000, False)
+        meta = props.metadata or {}
+        seconds = _int(meta.get(META_DEDUP_WINDOW), 0)
+        self._config = _QueueConfig(
+            exists=True,
+            dedup_window=timedelta(seconds=seconds) if seconds > 0 else None,
+            visibility_timeout=max(1, _int(meta.get(META_VISIBILITY), DEFAULT_VISIBILITY)),
+            max_delivery_count=max(1, _int(meta.get(META_MAX_DELIVERY), 2000)),
+            jobq_metadata=META_DEDUP_WINDOW in meta,
+        )
+        return self._config
+
+    async def _dedup_ledger(self) -> DedupLedger | None:
+        config = await self._read_config()
+        if config.dedup_window is None:
+            return None
+        if self._ledger is None:
+            self._ledger = DedupLedger(self._tables.get_table_client(LEDGER_TABLE),
+                                       self.queue_name, config.dedup_window)
+        return self._ledger
+
+    async def dedup_info(self) -> DedupInfo:
+        config = await self._read_config()
+        if not config.exists:
+            return DedupInfo(self.kind, False, None, None, "none")
+        if config.dedup_window is None:
+            note = ("created by another tool (no jobq metadata)" if not config.jobq_metadata
+                    else "created with dedup off")
+            return DedupInfo(self.kind, True, False, None, "none", note=note)
+        return DedupInfo(
+            self.kind, True, True, config.dedup_window, "application ledger",
+            note=f"Azure Table {LEDGER_TABLE!r} in account {self.account!r}",
+        )
+
+    def extra_info(self) -> dict[str, Any]:
+        config = self._config
+        return {
+            "dead_letter_queue": self.dlq_name,
+            "visibility_timeout_s": config.visibility_timeout if config else None,
+            "dedup_ledger_table": LEDGER_TABLE,
+        }
+
+    # -------------------------------------------------------------- push
+
+    async def push(self, messages: Sequence[OutgoingMessage]) -> list[PushOutcome]:
+        outcomes: list[PushOutcome | None] = [None] * len(messages)
+        ready: list[tuple[int, str, str]] = []  # (index, task id, message text)
+        for index, message in enumerate(messages):
+            text = encode_text({"id": message.message_id}, message.body)
+            size = text_size(text)
+            if size > MESSAGE_TEXT_LIMIT:
+                error = MessageTooLargeError(message.message_id, size, MESSAGE_TEXT_LIMIT)
+                outcomes[index] = PushOutcome(message.message_id, None, error)
+            else:
+                ready.append((index, message.message_id, text))
+        ledger = await self._dedup_ledger()
+        if ledger is None:
+            await asyncio.gather(*(self._send(i, t, x, outcomes, None) for i, t, x in ready))
+        else:
+            # The same ID twice in one call: later copies go in a later round, where
+            # they meet the first copy's ledger entry like any other duplicate.
+            while ready:
+                first, ready = _split_first_occurrences(ready)
+                await asyncio.gather(*(
+                    self._push_deduplicated(ledger, first[s:s + 100], outcomes)
+                    for s in range(0, len(first), 100)
+                ))
+        return [o for o in outcomes if o is not None]
+
+    async def _push_deduplicated(self, ledger: DedupLedger, items: list[tuple[int, str, str]],
+                                 outcomes: list[PushOutcome | None]) -> None:
+        started = time.time()
+        with self._translate(f"dedup ledger for {self.queue_name}"):
+            claims = await ledger.claim([task_id for _, task_id, _ in items])
+        sends = []
+        for (index, task_id, text), claim in zip(items, claims):
+            if claim.status == "duplicate":
+                outcomes[index] = PushOutcome(task_id, True)
+            elif claim.status == "error":
+                outcomes[index] = PushOutcome(task_id, None, _as_backend_error(
+                    claim.error, f"dedup ledger for task {task_id}", self.account))
+            else:
+                sends.append(self._send(index, task_id, text, outcomes, False, claim))
+        await asyncio.gather(*sends)
+        sent = [task_id for index, task_id, _ in items
+                if (o := outcomes[index]) is not None and o.ok and o.duplicate is False]
+        await ledger.mark_sent(sent, started)
+
+    async def _send(self, index: int, task_id: str, text: str,
+                    outcomes: list[PushOutcome | None], duplicate: bool | None,
+                    claim: Any = None) -> None:
+        try:
+            async with self._send_limit:
+                with self._translate(f"sending task {task_id} to {self.queue_name}"):
+                    try:
+                        await self._queue.send_message(text, time_to_live=-1)
+                    except HttpResponseError as exc:
+                        if exc.status_code == 413:
+                            raise MessageTooLargeError(
+                                task_id, text_size(text), MESSAGE_TEXT_LIMIT) from None
+                        raise
+            outcomes[index] = PushOutcome(task_id, duplicate)
+        except BackendError as exc:
+            outcomes[index] = PushOutcome(task_id, None, exc)
+            if claim is not None and self._ledger is not None:
+                await self._ledger.release(claim)
+            if not isinstance(exc, MessageTooLargeError) and _is_account_error(exc):
+                raise
+
+    # -------------------------------------------------------------- receive & settle
+
+    async def receive(
+        self, max_count: int, max_wait: float, *, dead_letter: bool = False
+    ) -> list[ReceivedMessage]:
+        """Poll (Storage Queue has no long polling) with backoff up to ``max_wait``.
+        Never more than ``max_count``: each message's visibility timeout starts now, so
+        receiving more than the caller can start would eat into their lock time."""
+        deadline = time.monotonic() + max(0.0, max_wait)
+        delay = 0.05
+        while True:
+            messages = await self._receive_once(max(1, min(max_count, RECEIVE_BATCH)),
+                                                dead_letter)
+            remaining = deadline - time.monotonic()
+            if messages or remaining <= 0:
+                return messages
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 1.0)
+
+    async def _receive_once(self, count: int, dead_letter: bool) -> list[ReceivedMessage]:
+        config = await self._read_config()
+        client = self._dlq if dead_letter else self._queue
+        name = self.dlq_name if dead_letter else self.queue_name
+        received: list[ReceivedMessage] = []
+        with self._translate(f"receiving from {name}"):
+            pages = client.receive_messages(messages_per_page=count, max_messages=count,
+                                            visibility_timeout=config.visibility_timeout)
+            async for item in pages:
+                received.append(self._to_received(item, dead_letter, with_handle=True))
+        if dead_letter:
+            return received
+        kept = []
+        for message in received:
+            if message.delivery_count > config.max_delivery_count:
+                await self.dead_letter(message, "MaxDeliveryCountExceeded",
+                                       f"delivered {message.delivery_count} times")
+            else:
+                kept.append(message)
+        return kept
+
+    def _to_received(self, item: Any, dead_letter: bool, *, with_handle: bool) -> ReceivedMessage:
+        header, body = decode_text(item.content or "")
+        header = header or {}
+        delivery = int(item.dequeue_count or 0)
+        if dead_letter and isinstance(header.get("delivery_count"), int):
+            delivery = header["delivery_count"]
+        return ReceivedMessage(
+            message_id=str(header.get("id") or item.id),
+            body=body,
+            delivery_count=max(delivery, 1) if with_handle else delivery,
+            enqueued_time=item.inserted_on.timestamp() if item.inserted_on else None,
+            locked_until=(item.next_visible_on.timestamp()
+                          if with_handle and item.next_visible_on else None),
+            handle=_Lease(item.id, item.pop_receipt, dead_letter) if with_handle else None,
+            dead_letter_reason=header.get("reason"),
+            dead_letter_description=header.get("description"),
+        )
+
+    def _lease(self, message: ReceivedMessage) -> _Lease:
+        if not isinstance(message.handle, _Lease):
+            raise BackendError(f"message {message.message_id} was not received from "
+                               f"{self.description} (peeked messages cannot be settled)")
+        return message.handle
+
+    async def _update_visibility(self, message: ReceivedMessage, seconds: int) -> None:
+        lease = self._lease(message)
+        client = self._dlq if lease.dead_letter_queue else self._queue
+        async with lease.lock:
+            try:
+                with self._translate(f"updating message {message.message_id}"):
+                    try:
+                        updated = await client.update_message(
+                            lease.azure_id, pop_receipt=lease.pop_receipt,
+                            visibility_timeout=seconds)
+                    except HttpResponseError as exc:
+                        if _is_lock_lost(exc):
+                            raise LockLostError(_lost(message)) from None
+                        raise
+            except QueueUnavailableError:
+                raise LockLostError(_lost(message)) from None
+            lease.pop_receipt = updated.pop_receipt
+            if updated.next_visible_on:
+                message.locked_until = updated.next_visible_on.timestamp()
+
+    async def renew(self, message: ReceivedMessage) -> None:
+        config = await self._read_config()
+        await self._update_visibility(message, config.visibility_timeout)
+
+    async def abandon(self, message: ReceivedMessage) -> None:
+        await self._update_visibility(message, 0)
+
+    async def complete(self, message: ReceivedMessage) -> None:
+        lease = self._lease(message)
+        client = self._dlq if lease.dead_letter_queue else self._queue
+        async with lease.lock:
+            try:
+                with self._translate(f"deleting message {message.message_id}"):
+                    try:
+                        await client.delete_message(lease.azure_id, lease.pop_receipt)
+                    except HttpResponseError as exc:
+                        if _is_lock_lost(exc):
+                            raise LockLostError(_lost(message)) from None
+                        raise
+            except QueueUnavailableError:
+                raise LockLostError(_lost(message)) from None
+
+    async def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
+        """Renew (proves we still hold the lock), copy to ``-failed``, then delete.
+        A crash between copy and delete leaves the task in both queues, never in none."""
+        await self.renew(message)
+        text = _dead_letter_text(message, reason, description)
+        with self._translate(f"dead-lettering {message.message_id} to {self.dlq_name}"):
+            await self._dlq.send_message(text, time_to_live=-1)
+        await self.complete(message)
+
+    # -------------------------------------------------------------- inspect
+
+    async def peek(self, max_count: int, *, dead_letter: bool = False) -> list[ReceivedMessage]:
+        """At most 32 (Storage Queue peeks only the front 32 messages)."""
+        client = self._dlq if dead_letter else self._queue
+        name = self.dlq_name if dead_letter else self.queue_name
+        count = max(1, min(max_count, RECEIVE_BATCH))
+        with self._translate(f"peeking {name}"):
+            try:
+                items = await client.peek_messages(max_messages=count)
+            except ResourceNotFoundError:
+                return []
+        return [self._to_received(i, dead_letter, with_handle=False) for i in items]
+
+    async def _approximate_count(self, client: Any, name: str) -> int:
+        with self._translate(f"reading queue {name}"):
+            try:
+                props = await client.get_queue_properties()
+            except ResourceNotFoundError:
+                return 0
+        return int(props.approximate_message_count or 0)
+
+    async def counts(self) -> QueueCounts:
+        """Approximate (Azure's count), and including messages currently locked."""
+        active, dead = await asyncio.gather(
+            self._approximate_count(self._queue, self.queue_name),
+            self._approximate_count(self._dlq, self.dlq_name),
+        )
+        return QueueCounts(active=active, dead_letter=dead)
+
+    async def clear(self, *, dead_letter: bool = False) -> int:
+        """Returns Azure's approximate count from just before clearing."""
+        client = self._dlq if dead_letter else self._queue
+        name = self.dlq_name if dead_letter else self.queue_name
+        count = await self._approximate_count(client, name)
+        with self._translate(f"clearing {name}"):
+            try:
+                await client.clear_messages()
+            except ResourceNotFoundError:
+                return 0
+        return count
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _int(value: str | None, default: int) -> int:
+    try:
+        return int(value) if value is not None else default
+    except ValueError:
+        return default
+
+
+def _lost(message: ReceivedMessage) -> str:
+    return (f"lost the lock on message {message.message_id}: its visibility timeout "
+            "expired and another receiver took it (or it was deleted)")
+
+
+def _is_account_error(exc: BackendError) -> bool:
+    """Errors about the account rather than the message: abort the whole push."""
+    text = str(exc)
+    return "refused the credentials" in text or "cannot reach" in text
+
+
+def _as_backend_error(exc: BaseException | None, what: str, account: str) -> BaseException:
+    if exc is None or isinstance(exc, BackendError):
+        return exc or BackendError(what)
+    try:
+        with _translate(what, account):
+            raise exc
+    except BackendError as translated:
+        return translated
+    except Exception:  # noqa: BLE001 - not an SDK error: keep only its type
+        return BackendError(f"{what}: {type(exc).__name__}")
+
+
+def _split_first_occurrences(
+    items: list[tuple[int, str, str]],
+) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str]]]:
+    seen: set[str] = set()
+    first, later = [], []
+    for item in items:
+        (later if item[1] in seen else first).append(item)
+        seen.add(item[1])
+    return first, later
+
+
+def _dead_letter_text(message: ReceivedMessage, reason: str, description: str) -> str:
+    """The ``-failed`` record: the body plus why.  The description is cut to fit the
+    64 KiB limit; if even the reason does not fit, the body alone is kept (the body
+    matters more than the explanation)."""
+    header: dict[str, Any] = {
+        "id": message.message_id,
+        "reason": (reason or "")[:256],
+        "description": (description or "")[-_DESCRIPTION_LIMIT:],
+        "delivery_count": message.delivery_count,
+        "dead_lettered_at": time.time(),
+    }
+    text = encode_text(header, message.body)
+    while text_size(text) > MESSAGE_TEXT_LIMIT and header["description"]:
+        header["description"] = header["description"][len(header["description"]) // 2 + 1:]
+        text = encode_text(header, message.body)
+    if text_size(text) > MESSAGE_TEXT_LIMIT:
+        log.warning("dead-lettering %s without its reason (%s): the body fills the message",
+                    message.message_id, reason)
+        text = encode_text({"id": message.message_id}, message.body)
+    return text
