@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -56,6 +57,8 @@ from .servicebus_admin import AdminPlane, validate_settings
 
 log = logging.getLogger("ai4s_jobq.servicebus")
 
+#: longest single wait inside ``receive`` (see _ReceiverSlot.lock)
+RECEIVE_SLICE = 0.25
 #: attempts for one batch send (the SDK retries inside each attempt too)
 SEND_ATTEMPTS = 4
 #: Azure caps DeadLetterReason/Description; keep them well inside the header limit
@@ -114,6 +117,9 @@ class _ReceiverSlot:
     """A receiver and the number of its messages not settled yet."""
 
     receiver: ServiceBusReceiver
+    #: One operation at a time per link: the SDK's reads hold the connection's socket
+    #: lock for their timeout, so a settlement made while a receive waits is delayed.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     outstanding: int = 0
     retired: bool = False
     closing: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -391,9 +397,17 @@ class ServiceBusBackend(Backend):
             return []
         await self._closed()
         slot = await self._slot(dead_letter)
+        deadline = time.monotonic() + max_wait
         try:
-            received = await slot.receiver.receive_messages(
-                max_message_count=max_count, max_wait_time=max(max_wait, 0.05))
+            while True:
+                # Wait in short slices, so settlements and renewals queued on the
+                # link's lock get through while the queue is empty.
+                async with slot.lock:
+                    wait = min(RECEIVE_SLICE, deadline - time.monotonic())
+                    received = await slot.receiver.receive_messages(
+                        max_message_count=max_count, max_wait_time=max(wait, 0.05))
+                if received or time.monotonic() >= deadline:
+                    break
         except Exception as exc:
             self._retire(slot)  # the next receive opens a fresh link (reconnects)
             raise self._error("receiving", exc) from None
@@ -432,7 +446,8 @@ class ServiceBusBackend(Backend):
     async def renew(self, message: ReceivedMessage) -> None:
         handle: _Handle = message.handle
         try:
-            until = await handle.slot.receiver.renew_message_lock(handle.message)
+            async with handle.slot.lock:
+                until = await handle.slot.receiver.renew_message_lock(handle.message)
         except (MessageLockLostError, MessageAlreadySettled) as exc:
             raise LockLostError(f"lock on message {message.message_id} lost: "
                                 f"{_short(exc)}") from None
@@ -447,7 +462,8 @@ class ServiceBusBackend(Backend):
         handle: _Handle = message.handle
         receiver = handle.slot.receiver
         try:
-            await getattr(receiver, action)(handle.message, **kwargs)
+            async with handle.slot.lock:
+                await getattr(receiver, action)(handle.message, **kwargs)
         except (MessageLockLostError, MessageAlreadySettled, ValueError) as exc:
             self._settled(handle)
             raise LockLostError(f"lock on message {message.message_id} lost: "
