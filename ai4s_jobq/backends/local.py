@@ -35,6 +35,11 @@ _POLL_MAX = 0.1
 
 class LocalBackend(Backend):
     kind = "local"
+    #: Larger than the default: each batch is one transaction, and the commit
+    #: rewrites every dedup-index page the batch touched (random MD5 keys touch
+    #: many), so 2000 per commit costs ~20% less CPU per task than 500 once the
+    #: queue holds ~100k IDs.  A batch holds the write lock for tens of ms.
+    push_batch_size = 2000
 
     def __init__(self, path: str | Path, queue_name: str = "default"):
         super().__init__(queue_name)
