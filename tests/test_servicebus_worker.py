@@ -57,17 +57,17 @@ async def test_malformed_message_dead_lettered_and_worker_continues(sb_cs, sb_qu
 
 
 async def test_lock_renewal_keeps_a_task_longer_than_the_lock(sb_cs, sb_queue, tmp_path, caplog):
-    await asyncio.to_thread(short_lock_queue, sb_cs, sb_queue, 3)
+    await asyncio.to_thread(short_lock_queue, sb_cs, sb_queue, 2)
     log = tmp_path / "log"
     async with JobQ.open(spec(sb_queue), connection_string=sb_cs) as q:
-        await q.push({"log": str(log), "name": "long", "seconds": 8.0})
+        await q.push({"log": str(log), "name": "long", "seconds": 6.0})
         with caplog.at_level(logging.INFO, logger="ai4s_jobq.worker"):
             stats = await Worker(q.backend, CallableProcessor(sample_tasks.async_record),
                                  policy(idle_timeout=1.0)).run()
         assert (stats.succeeded, stats.failed, stats.lost_locks) == (1, 0, 0)
         lines = log.read_text().splitlines()
         assert [line.split()[0] for line in lines] == ["start", "end"]
-        assert float(lines[1].split()[3]) - float(lines[0].split()[3]) >= 8.0  # > 2 locks
+        assert float(lines[1].split()[3]) - float(lines[0].split()[3]) >= 6.0  # 3 locks
         assert any("attempt 1 of 3" in r.getMessage() for r in caplog.records)
         assert not any("attempt 2" in r.getMessage() for r in caplog.records)
         counts = await q.counts()
@@ -117,7 +117,7 @@ def test_broker_restart_mid_drain_loses_nothing(tmp_path):
 
         asyncio.run(push())
         worker = start_worker(cs, queue, "--proc", "sample_tasks:record", "-n", "2",
-                              "--idle-timeout", "8")
+                              "--idle-timeout", "5")
         try:
             wait_for(lambda: log.exists() and log.read_text().count("end ") >= 8,
                      timeout=60, what="the worker to finish some tasks")
