@@ -135,7 +135,7 @@ class _Handle:
 class ServiceBusBackend(Backend):
     kind = "servicebus"
     push_batch_size = 4000
-    push_concurrency = 4
+    push_concurrency = 2
 
     def __init__(
         self,
