@@ -25,7 +25,9 @@ DEFAULT_NUM_RETRIES = 2
 
 
 # Built once: ``json.dumps`` with options builds an encoder per call.
-_ENVELOPE_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+# Sorted keys: the envelope's "args" is then exactly the canonical text that was
+# hashed into the ID (when the ID was computed from all arguments).
+_ENVELOPE_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 class MalformedTaskError(ValueError):

@@ -179,8 +179,9 @@ def test_persists_across_reopen(tmp_path):
     assert msg.body == b"body"
 
 
-def _receive_all(path: str, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+def _receive_all(path: str, out: multiprocessing.Queue, start) -> None:  # type: ignore[type-arg]
     core = BrokerCore(path)
+    start.wait(60)  # all processes begin together, so they really compete
     got = []
     while True:
         batch = core.receive("q", 7)
@@ -197,7 +198,8 @@ def test_concurrent_processes_never_lock_the_same_message(tmp_path):
     core.send("q", [NewMessage(str(i), b"x") for i in range(2000)])
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_receive_all, args=(str(path), out)) for _ in range(4)]
+    start = ctx.Barrier(4)
+    procs = [ctx.Process(target=_receive_all, args=(str(path), out, start)) for _ in range(4)]
     for p in procs:
         p.start()
     results = [out.get(timeout=120) for _ in procs]

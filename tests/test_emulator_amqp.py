@@ -235,7 +235,7 @@ def test_scheduled_message_appears_on_time_and_can_be_cancelled(sb):
         # both links open before the clock starts: opening one takes a few hundred ms
         with client.get_queue_sender(queue) as sender, \
                 client.get_queue_receiver(queue) as receiver:
-            due = _utc_now() + datetime.timedelta(seconds=1.5)
+            due = _utc_now() + datetime.timedelta(seconds=3)  # slack for a loaded machine
             [kept] = sender.schedule_messages(ServiceBusMessage("later", message_id="s1"), due)
             [cancelled] = sender.schedule_messages(ServiceBusMessage("never"), due)
             assert kept != cancelled

@@ -175,3 +175,10 @@ def test_retry_budget_is_not_part_of_identity():
 def test_envelope_round_trip():
     task = make_task({"x": [1, 2]}, num_retries=4)
     assert Task.from_body(task.to_body()) == task
+
+
+def test_wire_args_are_the_hashed_text():
+    task = make_task({"b": 1, "a": {"d": 2, "c": 3}})
+    body = task.to_body().decode("utf-8")
+    hashed = identify({"b": 1, "a": {"d": 2, "c": 3}}, deterministic=True).hashed
+    assert f'"args":{hashed}' in body
