@@ -86,7 +86,7 @@ class Claim:
 
     task_id: str
     status: str  # "claimed" (send it), "duplicate" (drop it), "error"
-    etag: str | None = None
+    token: str | None = None  # the claim token written into the entity, when claimed
     error: BaseException | None = None
 
 
@@ -101,6 +101,8 @@ class DedupLedger:
         *,
         pending_grace: float = 60.0,
         concurrency: int = 32,
+        batch: Callable[[str, list[tuple[str, dict[str, Any]]]], Awaitable[list[int]]]
+        | None = None,
     ):
         self.table = table
         self.queue_name = queue_name
@@ -108,6 +110,8 @@ class DedupLedger:
         self.pending_grace = pending_grace
         self._limit = asyncio.Semaphore(concurrency)
         self._producer = f"{socket.gethostname()}:{os.getpid()}"
+        #: fast ``$batch`` sender (``StorageRest.table_batch``); None: the SDK's
+        self._batch = batch
 
     def _entity(self, task_id: str, state: str, accepted_at: float,
                 token: str = "") -> dict[str, Any]:
@@ -141,19 +145,90 @@ class DedupLedger:
             results.extend(await self._claim_chunk(task_ids[start:start + TRANSACTION_SIZE]))
         return results
 
-    async def _claim_chunk(self, task_ids: Sequence[str]) -> list[Claim]:
+    async def _claim_chunk(self, task_ids: Sequence[str], *, look_up: bool = True
+                           ) -> list[Claim]:
         now = time.time()
         token = uuid.uuid4().hex
-        operations = [("create", self._entity(t, PENDING, now, token)) for t in task_ids]
+        entities = [self._entity(t, PENDING, now, token) for t in task_ids]
         try:
-            responses = await self._call(lambda: self.table.submit_transaction(operations))
-        except TableTransactionError:
-            # At least one ID exists already (or the batch was refused): settle each
-            # ID on its own.  Nothing of the failed transaction was written.
-            return list(await asyncio.gather(*(self._claim_one(t, token) for t in task_ids)))
+            applied = await self._create_all(entities)
         except Exception as exc:  # noqa: BLE001 - reported per task by the caller
             return [Claim(t, "error", error=exc) for t in task_ids]
-        return [Claim(t, "claimed", etag=r.get("etag")) for t, r in zip(task_ids, responses)]
+        if applied:
+            return [Claim(t, "claimed", token=token) for t in task_ids]
+        # At least one ID exists already; nothing of the transaction was written.
+        if look_up and len(task_ids) > 1:
+            return await self._claim_known(task_ids, now)
+        return list(await asyncio.gather(*(self._claim_one(t, token) for t in task_ids)))
+
+    async def _create_all(self, entities: list[dict[str, Any]]) -> bool:
+        """Insert all entities in one transaction: True if applied, False if one of
+        them exists (then none was written).  Other failures raise."""
+        if self._batch is not None:
+            operations = [("create", e) for e in entities]
+            statuses = await self._batch(LEDGER_TABLE, operations)
+            if statuses and all(200 <= code < 300 for code in statuses):
+                return True
+            if 409 in statuses:
+                return False
+            raise LedgerError(f"ledger transaction refused (HTTP {statuses})")
+        operations = [("create", e) for e in entities]
+        try:
+            await self._call(lambda: self.table.submit_transaction(operations))
+        except TableTransactionError as exc:
+            if exc.status_code == 409 or _code(exc) == "EntityAlreadyExists":
+                return False
+            raise
+        return True
+
+    async def _claim_known(self, task_ids: Sequence[str], now: float) -> list[Claim]:
+        """After a conflict: read the chunk's existing entries in a few queries, so a
+        re-pushed file costs ~7 requests per 100 tasks instead of 200.  Recent ``sent``
+        entries are duplicates; absent IDs are claimed in one transaction; the rest
+        (pending, expired) go through the one-ID protocol."""
+        try:
+            existing = await self._look_up(task_ids)
+        except Exception:  # noqa: BLE001 - the one-ID protocol copes on its own
+            existing = {}
+        claims: dict[str, Claim] = {}
+        missing = [t for t in task_ids if row_key(t) not in existing]
+        for task_id in task_ids:
+            entity = existing.get(row_key(task_id))
+            if (entity is not None and entity.get("state") == SENT
+                    and now - float(entity.get("accepted_at") or 0.0) < self.window):
+                claims[task_id] = Claim(task_id, "duplicate")
+        if missing:
+            for claim in await self._claim_chunk(missing, look_up=False):
+                claims[claim.task_id] = claim
+        token = uuid.uuid4().hex
+        rest = [t for t in task_ids if t not in claims]
+        for claim in await asyncio.gather(*(self._claim_one(t, token) for t in rest)):
+            claims[claim.task_id] = claim
+        return [claims[t] for t in task_ids]
+
+    async def _look_up(self, task_ids: Sequence[str]) -> dict[str, Any]:
+        """Existing entities by RowKey; 14 IDs per query (Table storage allows 15
+        comparisons in a filter, one is the PartitionKey).  Keys need no quoting:
+        queue names and ``row_key`` output never contain quotes."""
+        keys = [row_key(t) for t in task_ids]
+
+        async def query(group: list[str]) -> list[Any]:
+            rows = " or ".join(f"RowKey eq '{k}'" for k in group)
+            query_filter = f"PartitionKey eq '{self.queue_name}' and ({rows})"
+
+            async def run() -> list[Any]:
+                pages = self.table.query_entities(
+                    query_filter, select=["RowKey", "state", "accepted_at"])
+                return [entity async for entity in pages]
+
+            return await self._call(run)
+
+        groups = [keys[i:i + 14] for i in range(0, len(keys), 14)]
+        found: dict[str, Any] = {}
+        for entities in await asyncio.gather(*(query(g) for g in groups)):
+            for entity in entities:
+                found[entity["RowKey"]] = entity
+        return found
 
     async def _claim_one(self, task_id: str, token: str) -> Claim:
         delay = 0.02
@@ -174,8 +249,8 @@ class DedupLedger:
         now = time.time()
         entity = self._entity(task_id, PENDING, now, token)
         try:
-            meta = await self._call(lambda: self.table.create_entity(entity))
-            return Claim(task_id, "claimed", etag=meta.get("etag"))
+            await self._call(lambda: self.table.create_entity(entity))
+            return Claim(task_id, "claimed", token=token)
         except ResourceExistsError:
             pass
         try:
@@ -184,7 +259,7 @@ class DedupLedger:
         except ResourceNotFoundError:
             raise _WaitForOwner() from None  # released in between: claim again
         if existing.get("state") == PENDING and existing.get("claim") == token:
-            return Claim(task_id, "claimed", etag=existing.metadata["etag"])
+            return Claim(task_id, "claimed", token=token)
         age = now - float(existing.get("accepted_at") or 0.0)
         state = existing.get("state")
         if state == SENT and age < self.window:
@@ -198,13 +273,13 @@ class DedupLedger:
                 task_id, age, existing.get("producer", "?"),
             )
         try:
-            meta = await self._call(lambda: self.table.update_entity(
+            await self._call(lambda: self.table.update_entity(
                 entity, mode=UpdateMode.REPLACE, etag=existing.metadata["etag"],
                 match_condition=MatchConditions.IfNotModified,
             ))
         except (ResourceModifiedError, ResourceNotFoundError):
             raise _WaitForOwner() from None  # another producer got there first
-        return Claim(task_id, "claimed", etag=meta.get("etag"))
+        return Claim(task_id, "claimed", token=token)
 
     # ------------------------------------------------------------------ settle
 
@@ -215,12 +290,16 @@ class DedupLedger:
         a later push re-sends after ``pending_grace`` (logged, not raised)."""
         for start in range(0, len(task_ids), TRANSACTION_SIZE):
             chunk = task_ids[start:start + TRANSACTION_SIZE]
-            operations = [
-                ("upsert", self._entity(t, SENT, accepted_at), {"mode": UpdateMode.MERGE})
-                for t in chunk
-            ]
+            entities = [self._entity(t, SENT, accepted_at) for t in chunk]
             try:
-                await self._call(lambda ops=operations: self.table.submit_transaction(ops))
+                if self._batch is not None:
+                    statuses = await self._batch(
+                        LEDGER_TABLE, [("upsert_merge", e) for e in entities])
+                    if not statuses or any(not 200 <= code < 300 for code in statuses):
+                        raise LedgerError(f"HTTP {statuses[:3]}")
+                else:
+                    operations = [("upsert", e, {"mode": UpdateMode.MERGE}) for e in entities]
+                    await self._call(lambda ops=operations: self.table.submit_transaction(ops))
             except Exception as exc:  # noqa: BLE001
                 log.warning(
                     "could not mark %d sent tasks in the dedup ledger (%s); a repeated push "
@@ -229,11 +308,16 @@ class DedupLedger:
                 )
 
     async def release(self, claim: Claim) -> None:
-        """Undo a claim whose message could not be sent, so a retry is not dropped."""
+        """Undo a claim whose message could not be sent, so a retry is not dropped.
+        Only if the entity still carries this claim's token (not taken over since)."""
+        key = row_key(claim.task_id)
         try:
+            entity = await self._call(lambda: self.table.get_entity(self.queue_name, key))
+            if entity.get("claim") != claim.token or entity.get("state") != PENDING:
+                return
             await self._call(lambda: self.table.delete_entity(
-                self.queue_name, row_key(claim.task_id),
-                etag=claim.etag, match_condition=MatchConditions.IfNotModified,
+                self.queue_name, key, etag=entity.metadata["etag"],
+                match_condition=MatchConditions.IfNotModified,
             ))
         except (ResourceModifiedError, ResourceNotFoundError):
             pass  # taken over or gone: not ours to delete any more
@@ -241,6 +325,15 @@ class DedupLedger:
             log.warning("task %s: could not release its dedup claim (%s); a retry within "
                         "%.0f s will wait for it", claim.task_id, type(exc).__name__,
                         self.pending_grace)
+
+
+class LedgerError(Exception):
+    """The ledger refused a request in an unexpected way (status codes only)."""
+
+
+def _code(exc: BaseException) -> str:
+    code = getattr(exc, "error_code", None)
+    return str(getattr(code, "value", code) or "")
 
 
 class _WaitForOwner(Exception):

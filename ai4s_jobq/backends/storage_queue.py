@@ -60,7 +60,13 @@ from .base import (
     QueueUnavailableError,
     ReceivedMessage,
 )
-from .storage_dedup import LEDGER_TABLE, DedupLedger, ensure_ledger_table
+from .storage_dedup import LEDGER_TABLE, DedupLedger, LedgerError, ensure_ledger_table
+from .storage_rest import (
+    RestError,
+    StorageRest,
+    endpoints_for_account,
+    parse_connection_string,
+)
 
 log = logging.getLogger("ai4s_jobq.storage")
 
@@ -258,6 +264,7 @@ class StorageQueueBackend(Backend):
         self._dlq: Any = None
         self._config: _QueueConfig | None = None
         self._ledger: DedupLedger | None = None
+        self._rest: StorageRest | None = None  # the fast path for sends and ledger batches
         self._send_limit = asyncio.Semaphore(SEND_CONCURRENCY)
 
     @classmethod
@@ -305,8 +312,15 @@ class StorageQueueBackend(Backend):
                 credential=self._credential, **table_retry)
         self._queue = self._service.get_queue_client(self.queue_name)
         self._dlq = self._service.get_queue_client(self.dlq_name)
+        endpoints = (parse_connection_string(self.connection_string) if self.connection_string
+                     else endpoints_for_account(str(self._account_arg)))
+        if endpoints is not None:
+            self._rest = await StorageRest(endpoints, self._credential).__aenter__()
 
     async def close(self) -> None:
+        if self._rest is not None:
+            await self._rest.__aexit__(None, None, None)
+            self._rest = None
         for client in (self._queue, self._dlq, self._service, self._tables, self._credential):
             if client is not None:
                 try:
@@ -379,8 +393,10 @@ class StorageQueueBackend(Backend):
         if config.dedup_window is None:
             return None
         if self._ledger is None:
-            self._ledger = DedupLedger(self._tables.get_table_client(LEDGER_TABLE),
-                                       self.queue_name, config.dedup_window)
+            self._ledger = DedupLedger(
+                self._tables.get_table_client(LEDGER_TABLE), self.queue_name,
+                config.dedup_window,
+                batch=self._rest.table_batch if self._rest is not None else None)
         return self._ledger
 
     async def dedup_info(self) -> DedupInfo:
@@ -455,20 +471,33 @@ class StorageQueueBackend(Backend):
                     claim: Any = None) -> None:
         try:
             async with self._send_limit:
-                with self._translate(f"sending task {task_id} to {self.queue_name}"):
-                    try:
-                        await self._queue.send_message(text, time_to_live=-1)
-                    except HttpResponseError as exc:
-                        if exc.status_code == 413:
-                            raise MessageTooLargeError(
-                                task_id, text_size(text), MESSAGE_TEXT_LIMIT) from None
-                        raise
+                await self._send_text(task_id, text)
             outcomes[index] = PushOutcome(task_id, duplicate)
         except BackendError as exc:
             outcomes[index] = PushOutcome(task_id, None, exc)
             if claim is not None and self._ledger is not None:
                 await self._ledger.release(claim)
             if not isinstance(exc, MessageTooLargeError) and _is_account_error(exc):
+                raise
+
+    async def _send_text(self, task_id: str, text: str) -> None:
+        what = f"sending task {task_id} to {self.queue_name}"
+        if self._rest is not None:
+            try:
+                await self._rest.send_message(self.queue_name, text)
+            except RestError as exc:
+                if exc.status == 413 or exc.code in ("RequestBodyTooLarge", "MessageTooLarge"):
+                    raise MessageTooLargeError(task_id, text_size(text),
+                                               MESSAGE_TEXT_LIMIT) from None
+                raise _rest_error(exc, what, self.account) from None
+            return
+        with self._translate(what):
+            try:
+                await self._queue.send_message(text, time_to_live=-1)
+            except HttpResponseError as exc:
+                if exc.status_code == 413:
+                    raise MessageTooLargeError(
+                        task_id, text_size(text), MESSAGE_TEXT_LIMIT) from None
                 raise
 
     # -------------------------------------------------------------- receive & settle
@@ -644,6 +673,26 @@ def _lost(message: ReceivedMessage) -> str:
             "expired and another receiver took it (or it was deleted)")
 
 
+def _rest_error(exc: RestError, what: str, account: str) -> BackendError:
+    """The same messages as :func:`_translate`, for the fast REST path."""
+    if exc.status in (401, 403):
+        try:
+            with _translate(what, account):
+                raise ClientAuthenticationError(exc.code or "AuthenticationFailed")
+        except BackendError as translated:
+            return translated
+    if exc.status == 0:
+        return BackendError(
+            f"{what}: cannot reach storage account {account!r} ({exc.code}). "
+            "Check the account name or the endpoints in the connection string, and the network.")
+    if exc.status == 404:
+        return QueueUnavailableError(
+            f"{what}: not found on storage account {account!r} ({exc.code or 'NotFound'}); "
+            "push once to create the queue")
+    return BackendError(f"{what}: storage account {account!r} answered {exc.status} "
+                        f"{exc.code}".rstrip())
+
+
 def _is_account_error(exc: BackendError) -> bool:
     """Errors about the account rather than the message: abort the whole push."""
     text = str(exc)
@@ -653,6 +702,10 @@ def _is_account_error(exc: BackendError) -> bool:
 def _as_backend_error(exc: BaseException | None, what: str, account: str) -> BaseException:
     if exc is None or isinstance(exc, BackendError):
         return exc or BackendError(what)
+    if isinstance(exc, RestError):
+        return _rest_error(exc, what, account)
+    if isinstance(exc, LedgerError):
+        return BackendError(f"{what}: {exc}")
     try:
         with _translate(what, account):
             raise exc
