@@ -64,7 +64,8 @@ SEND_ATTEMPTS = 4
 #: Azure caps DeadLetterReason/Description; keep them well inside the header limit
 MAX_DEAD_LETTER_TEXT = 4096
 #: SDK retry settings: fail fast enough that our own recovery (new link) kicks in
-SDK_RETRY = {"retry_total": 2, "retry_backoff_factor": 0.5, "retry_backoff_max": 8}
+SDK_RETRY: dict[str, Any] = {"retry_total": 2, "retry_backoff_factor": 0.5,
+                             "retry_backoff_max": 8}
 
 
 def parse_connection_string(connection_string: str) -> dict[str, str]:
@@ -272,7 +273,8 @@ class ServiceBusBackend(Backend):
 
     async def _push_with(self, sender: ServiceBusSender, messages: Sequence[OutgoingMessage],
                          outcomes: list[PushOutcome | None]) -> ServiceBusSender:
-        batch, positions = None, []
+        batch: Any = None
+        positions: list[int] = []
         index = 0
         while index < len(messages):
             message = messages[index]
