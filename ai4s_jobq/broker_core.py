@@ -35,151 +35,35 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-ACTIVE = ""
-DEAD_LETTER = "deadletter"
-
-_READY = 0
-_DEFERRED = 2
-
-MAX_DELIVERY_COUNT_REASON = "MaxDeliveryCountExceeded"
-TTL_EXPIRED_REASON = "TTLExpiredException"
-
-
-class BrokerError(Exception):
-    """Base class for errors raised by the broker core."""
-
-
-class QueueNotFound(BrokerError):
-    pass
-
-
-class QueueExists(BrokerError):
-    pass
-
-
-class LockLost(BrokerError):
-    """The lock token is unknown or its lock has expired (Azure: MessageLockLost)."""
-
-
-class InvalidOperation(BrokerError):
-    """A request Azure would refuse (e.g. toggling duplicate detection)."""
-
-
-class MessageTooLarge(BrokerError):
-    def __init__(self, index: int, size: int, limit: int):
-        super().__init__(f"message {index} is {size} bytes; the queue accepts at most {limit}")
-        self.index = index
-        self.size = size
-        self.limit = limit
-
-
-@dataclass
-class QueueProperties:
-    """Settings of one queue; durations are seconds."""
-
-    name: str
-    lock_duration: float = 60.0
-    requires_duplicate_detection: bool = False
-    duplicate_detection_window: float = 600.0
-    max_delivery_count: int = 10
-    default_message_ttl: float | None = None
-    dead_lettering_on_message_expiration: bool = False
-    max_message_size: int = 256 * 1024
-    created_at: float = 0.0
-    updated_at: float = 0.0
-
-
-@dataclass
-class NewMessage:
-    message_id: str
-    body: bytes
-    properties: dict[str, Any] = field(default_factory=dict)
-    time_to_live: float | None = None
-    scheduled_enqueue_time: float | None = None
-
-
-@dataclass
-class SendResult:
-    duplicate: bool
-    sequence_number: int | None  # None when dropped as a duplicate
-
-
-@dataclass
-class StoredMessage:
-    """A message as read from the store (received, peeked or dead-lettered)."""
-
-    sequence_number: int
-    message_id: str
-    body: bytes
-    properties: dict[str, Any]
-    enqueued_time: float
-    scheduled_enqueue_time: float
-    expires_at: float | None
-    delivery_count: int
-    lock_token: str | None
-    locked_until: float | None
-    sub_queue: str
-    state: str  # "active", "scheduled", "deferred"
-    dead_letter_reason: str | None
-    dead_letter_description: str | None
-
-
-@dataclass
-class QueueCounts:
-    active: int
-    dead_letter: int
-    scheduled: int
-    deferred: int
-
-    @property
-    def total(self) -> int:
-        return self.active + self.dead_letter + self.scheduled + self.deferred
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS queues (
-    name TEXT PRIMARY KEY,
-    props TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS messages (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    queue TEXT NOT NULL,
-    sub TEXT NOT NULL,
-    state INTEGER NOT NULL,
-    message_id TEXT NOT NULL,
-    body BLOB NOT NULL,
-    props TEXT,
-    enqueued_at REAL NOT NULL,
-    visible_at REAL NOT NULL,
-    expires_at REAL,
-    delivery_count INTEGER NOT NULL DEFAULT 0,
-    lock_token TEXT,
-    locked_until REAL,
-    dl_reason TEXT,
-    dl_description TEXT
-);
-CREATE INDEX IF NOT EXISTS messages_by_queue ON messages(queue, sub, state, seq);
-CREATE UNIQUE INDEX IF NOT EXISTS messages_by_lock ON messages(lock_token)
-    WHERE lock_token IS NOT NULL;
-CREATE INDEX IF NOT EXISTS messages_locked ON messages(queue, locked_until)
-    WHERE locked_until IS NOT NULL;
-CREATE INDEX IF NOT EXISTS messages_expiring ON messages(queue, expires_at)
-    WHERE expires_at IS NOT NULL;
-CREATE TABLE IF NOT EXISTS dedup (
-    queue TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    accepted_at REAL NOT NULL,
-    PRIMARY KEY (queue, message_id)
-) WITHOUT ROWID;
-"""
-
-_COLUMNS = (
-    "seq, message_id, body, props, enqueued_at, visible_at, expires_at, delivery_count,"
-    " lock_token, locked_until, sub, state, dl_reason, dl_description"
+from .broker_model import (  # noqa: F401 - re-exported: the core's public names
+    ACTIVE,
+    COLUMNS,
+    DEAD_LETTER,
+    DEFERRED_STATE,
+    MAX_DELIVERY_COUNT_REASON,
+    READY_STATE,
+    SCHEMA,
+    TTL_EXPIRED_REASON,
+    BrokerError,
+    InvalidOperation,
+    LockLost,
+    MessageTooLarge,
+    NewMessage,
+    QueueCounts,
+    QueueExists,
+    QueueNotFound,
+    QueueProperties,
+    SendResult,
+    StoredMessage,
+    merge_props,
+    message_row,
+    props_from_json,
+    row_to_message,
+    validate_properties,
 )
 
 
@@ -196,7 +80,7 @@ class BrokerCore:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         with self._write() as conn:
-            for statement in _SCHEMA.split(";"):
+            for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
 
@@ -277,13 +161,13 @@ class BrokerCore:
     # ------------------------------------------------------------------ queues
 
     def create_queue(self, props: QueueProperties, *, exist_ok: bool = False) -> QueueProperties:
-        _validate_properties(props)
+        validate_properties(props)
         now = self.clock()
         with self._write() as conn:
             row = conn.execute("SELECT props FROM queues WHERE name = ?", (props.name,)).fetchone()
             if row is not None:
                 if exist_ok:
-                    return _props_from_json(row[0])
+                    return props_from_json(row[0])
                 raise QueueExists(f"queue {props.name!r} already exists")
             created = replace(props, created_at=now, updated_at=now)
             conn.execute(
@@ -296,7 +180,7 @@ class BrokerCore:
         row = self._conn().execute("SELECT props FROM queues WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise QueueNotFound(f"queue {name!r} does not exist")
-        return _props_from_json(row[0])
+        return props_from_json(row[0])
 
     def queue_exists(self, name: str) -> bool:
         row = self._conn().execute("SELECT 1 FROM queues WHERE name = ?", (name,)).fetchone()
@@ -304,17 +188,17 @@ class BrokerCore:
 
     def list_queues(self) -> list[QueueProperties]:
         rows = self._conn().execute("SELECT props FROM queues ORDER BY name").fetchall()
-        return [_props_from_json(r[0]) for r in rows]
+        return [props_from_json(r[0]) for r in rows]
 
     def update_queue(self, props: QueueProperties) -> QueueProperties:
         """Change a queue's settings.  As on Azure, duplicate detection cannot be
         switched on or off once the queue exists."""
-        _validate_properties(props)
+        validate_properties(props)
         with self._write() as conn:
             row = conn.execute("SELECT props FROM queues WHERE name = ?", (props.name,)).fetchone()
             if row is None:
                 raise QueueNotFound(f"queue {props.name!r} does not exist")
-            current = _props_from_json(row[0])
+            current = props_from_json(row[0])
             if current.requires_duplicate_detection != props.requires_duplicate_detection:
                 raise InvalidOperation(
                     "requires_duplicate_detection cannot be changed on an existing queue; "
@@ -348,7 +232,8 @@ class BrokerCore:
             " COALESCE(SUM(sub = ? AND state = ?), 0),"
             " COALESCE(SUM(sub = ?), 0)"
             " FROM messages WHERE queue = ?",
-            (ACTIVE, _READY, now, ACTIVE, _READY, now, ACTIVE, _DEFERRED, DEAD_LETTER, queue),
+            (ACTIVE, READY_STATE, now, ACTIVE, READY_STATE, now, ACTIVE, DEFERRED_STATE,
+             DEAD_LETTER, queue),
         ).fetchone()
         return QueueCounts(active=active, dead_letter=dead, scheduled=scheduled, deferred=deferred)
 
@@ -372,7 +257,7 @@ class BrokerCore:
                     [(queue, m.message_id, now) for m, new in zip(messages, fresh) if new],
                 )
             first_seq = self._insert_messages(
-                conn, [_message_row(queue, props, m, now)
+                conn, [message_row(queue, props, m, now)
                        for m, new in zip(messages, fresh) if new])
         seqs = iter(range(first_seq, first_seq + sum(fresh)))
         results = [SendResult(duplicate=False, sequence_number=next(seqs)) if new
@@ -472,13 +357,13 @@ class BrokerCore:
         with self._write() as conn:
             self._sweep(conn, props, now)
             rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM messages WHERE queue = ? AND sub = ? AND state = ?"
+                f"SELECT {COLUMNS} FROM messages WHERE queue = ? AND sub = ? AND state = ?"
                 " AND visible_at <= ? AND (locked_until IS NULL OR locked_until <= ?)"
                 " ORDER BY seq LIMIT ?",
-                (queue, sub_queue, _READY, now, now, max_count),
+                (queue, sub_queue, READY_STATE, now, now, max_count),
             ).fetchall()
             for row in rows:
-                message = _row_to_message(row, now)
+                message = row_to_message(row, now)
                 message.delivery_count += 1
                 if receive_and_delete:
                     conn.execute("DELETE FROM messages WHERE seq = ?", (message.sequence_number,))
@@ -505,13 +390,13 @@ class BrokerCore:
         with self._write() as conn:
             for seq in sequence_numbers:
                 row = conn.execute(
-                    f"SELECT {_COLUMNS} FROM messages WHERE seq = ? AND queue = ? AND sub = ?"
+                    f"SELECT {COLUMNS} FROM messages WHERE seq = ? AND queue = ? AND sub = ?"
                     " AND state = ? AND (locked_until IS NULL OR locked_until <= ?)",
-                    (seq, queue, sub_queue, _DEFERRED, now),
+                    (seq, queue, sub_queue, DEFERRED_STATE, now),
                 ).fetchone()
                 if row is None:
                     continue
-                message = _row_to_message(row, now)
+                message = row_to_message(row, now)
                 message.delivery_count += 1
                 message.lock_token = str(uuid.uuid4())
                 message.locked_until = now + props.lock_duration
@@ -536,11 +421,11 @@ class BrokerCore:
         self.get_queue(queue)
         now = self.clock()
         rows = self._conn().execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE queue = ? AND sub = ? AND seq >= ?"
+            f"SELECT {COLUMNS} FROM messages WHERE queue = ? AND sub = ? AND seq >= ?"
             " ORDER BY seq LIMIT ?",
             (queue, sub_queue, from_sequence_number, max_count),
         ).fetchall()
-        return [_row_to_message(row, now) for row in rows]
+        return [row_to_message(row, now) for row in rows]
 
     # ------------------------------------------------------------------ settling
 
@@ -596,7 +481,7 @@ class BrokerCore:
         now = self.clock()
         with self._write() as conn:
             seq, queue, delivery_count, _, props_json = self._locked_row(conn, lock_token, now)
-            props = _merge_props(props_json, properties_to_modify)
+            props = merge_props(props_json, properties_to_modify)
             conn.execute(
                 "UPDATE messages SET lock_token = NULL, locked_until = NULL, props = ?"
                 " WHERE seq = ?",
@@ -638,7 +523,7 @@ class BrokerCore:
             "SELECT MIN(MAX(visible_at, COALESCE(locked_until, 0))) FROM messages"
             " WHERE queue = ? AND sub = ? AND state = ?"
             " AND (visible_at > ? OR locked_until > ?)",
-            (queue, sub_queue, _READY, now, now),
+            (queue, sub_queue, READY_STATE, now, now),
         ).fetchone()
         return row[0] if row and row[0] is not None else None
 
@@ -652,7 +537,7 @@ class BrokerCore:
         now = self.clock()
         with self._write() as conn:
             seq, _, _, _, props_json = self._locked_row(conn, lock_token, now)
-            props = _merge_props(props_json, properties_to_modify)
+            props = merge_props(props_json, properties_to_modify)
             conn.execute("UPDATE messages SET props = ? WHERE seq = ?", (props, seq))
             self._move_to_dead_letter(conn, seq, reason, description)
 
@@ -663,7 +548,7 @@ class BrokerCore:
             conn.execute(
                 "UPDATE messages SET state = ?, lock_token = NULL, locked_until = NULL,"
                 " props = ? WHERE seq = ?",
-                (_DEFERRED, _merge_props(props_json, properties_to_modify), seq),
+                (DEFERRED_STATE, merge_props(props_json, properties_to_modify), seq),
             )
 
     def purge(self, queue: str, *, sub_queue: str = ACTIVE) -> int:
@@ -683,7 +568,7 @@ class BrokerCore:
         conn.execute(
             "UPDATE messages SET sub = ?, state = ?, lock_token = NULL, locked_until = NULL,"
             " dl_reason = ?, dl_description = ? WHERE seq = ?",
-            (DEAD_LETTER, _READY, reason, description, seq),
+            (DEAD_LETTER, READY_STATE, reason, description, seq),
         )
 
     def _sweep(self, conn: sqlite3.Connection, props: QueueProperties, now: float) -> None:
@@ -718,74 +603,3 @@ class BrokerCore:
             )
         else:
             conn.execute("DELETE FROM messages" + where, expired)
-
-
-def _message_row(queue: str, props: QueueProperties, message: NewMessage, now: float) -> tuple:
-    """The ``messages`` columns of a newly sent message."""
-    ttl = message.time_to_live or props.default_message_ttl
-    visible_at = message.scheduled_enqueue_time or now
-    return (
-        queue,
-        ACTIVE,
-        _READY,
-        message.message_id,
-        message.body,
-        json.dumps(message.properties) if message.properties else None,
-        now,
-        visible_at,
-        visible_at + ttl if ttl else None,
-    )
-
-
-def _validate_properties(props: QueueProperties) -> None:
-    if not props.name or len(props.name) > 260:
-        raise InvalidOperation("a queue name must have 1 to 260 characters")
-    if props.lock_duration <= 0:
-        raise InvalidOperation("lock_duration must be positive")
-    if props.duplicate_detection_window <= 0:
-        raise InvalidOperation("duplicate_detection_window must be positive")
-    if props.max_delivery_count < 1:
-        raise InvalidOperation("max_delivery_count must be at least 1")
-    if props.default_message_ttl is not None and props.default_message_ttl <= 0:
-        raise InvalidOperation("default_message_ttl must be positive")
-
-
-def _props_from_json(text: str) -> QueueProperties:
-    data = json.loads(text)
-    known = {f for f in QueueProperties.__dataclass_fields__}
-    return QueueProperties(**{k: v for k, v in data.items() if k in known})
-
-
-def _merge_props(props_json: str | None, extra: dict[str, Any] | None) -> str | None:
-    if not extra:
-        return props_json
-    props = json.loads(props_json) if props_json else {}
-    props.update(extra)
-    return json.dumps(props)
-
-
-def _row_to_message(row: tuple, now: float) -> StoredMessage:
-    (seq, message_id, body, props, enqueued_at, visible_at, expires_at, delivery_count,
-     lock_token, locked_until, sub, state, dl_reason, dl_description) = row
-    if state == _DEFERRED:
-        state_name = "deferred"
-    elif visible_at > now:
-        state_name = "scheduled"
-    else:
-        state_name = "active"
-    return StoredMessage(
-        sequence_number=seq,
-        message_id=message_id,
-        body=bytes(body),
-        properties=json.loads(props) if props else {},
-        enqueued_time=enqueued_at,
-        scheduled_enqueue_time=visible_at,
-        expires_at=expires_at,
-        delivery_count=delivery_count,
-        lock_token=lock_token if locked_until is not None and locked_until > now else None,
-        locked_until=locked_until,
-        sub_queue=sub,
-        state=state_name,
-        dead_letter_reason=dl_reason,
-        dead_letter_description=dl_description,
-    )
