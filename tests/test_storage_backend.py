@@ -83,6 +83,8 @@ async def drain_ids(backend: StorageQueueBackend) -> list[str]:
     b"plain text, not JSON",
     b"\xff\xfe\x00binary",
     b"ctrl \x01 char",
+    b'{"a":\r\n1}',  # valid JSON, but XML would turn \r\n into \n
+    "\ufffe".encode(),
     b"",
 ])
 def test_frame_round_trips_any_body_byte_for_byte(body: bytes) -> None:
@@ -96,8 +98,8 @@ def _enc(body: bytes) -> dict[str, str]:
         text = body.decode()
     except UnicodeDecodeError:
         return {"enc": "base64"}
-    if "\x01" in text or "\x00" in text:
-        return {"enc": "base64"}
+    if any(c in text for c in "\x01\r\ufffe"):
+        return {"enc": "text"}
     try:
         json.loads(text)
         return {}
@@ -453,3 +455,85 @@ async def test_unreachable_endpoint_is_a_clear_error(storage_queue_name) -> None
     async with backend:
         with pytest.raises(BackendError, match="cannot reach storage account"):
             await backend.counts()
+
+
+# ---------------------------------------------------------------------- the fast REST path
+
+
+async def test_xml_special_characters_survive_the_fast_send_path(
+        open_backend: OpenBackend) -> None:
+    async with open_backend() as backend:
+        assert backend._rest is not None  # the signed-REST path is the one under test
+        body = json.dumps({"cmd": "a < b && c > d; echo '\"x\"' \u00e9 \U0001f600"}).encode()
+        messages = [OutgoingMessage("special", body),
+                    OutgoingMessage("crlf", b'{"a":\r\n1}'),
+                    OutgoingMessage("binary", b"\x00\xff")]
+        assert all(o.ok for o in await backend.push(messages))
+        received = {m.message_id: m.body for m in await backend.receive(32, 2.0)}
+        assert received == {m.message_id: m.body for m in messages}
+
+
+def test_connection_string_parsing() -> None:
+    from ai4s_jobq.backends.storage_rest import parse_connection_string
+
+    dev = parse_connection_string("UseDevelopmentStorage=true")
+    assert dev is not None and dev.account == "devstoreaccount1"
+    assert dev.queue_url == "http://127.0.0.1:10001/devstoreaccount1"
+    cloud = parse_connection_string(
+        "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=a2V5;"
+        "EndpointSuffix=core.windows.net")
+    assert cloud is not None
+    assert (cloud.queue_url, cloud.table_url, cloud.key) == (
+        "https://acct.queue.core.windows.net", "https://acct.table.core.windows.net", b"key")
+    sas = parse_connection_string(
+        "QueueEndpoint=https://acct.queue.core.windows.net;"
+        "TableEndpoint=https://acct.table.core.windows.net;SharedAccessSignature=?sv=1&sig=x")
+    assert sas is not None and sas.sas == "sv=1&sig=x" and sas.key is None
+    assert parse_connection_string("AccountName=acct") is None  # no credential: SDK path
+
+
+async def test_sas_connection_string_works(azurite, storage_queue_name) -> None:
+    from datetime import datetime, timezone
+
+    from azure.storage.queue import (
+        AccountSasPermissions,
+        ResourceTypes,
+        generate_account_sas,
+    )
+    from azurite_fixtures import ACCOUNT, ACCOUNT_KEY
+
+    sas = generate_account_sas(
+        ACCOUNT, ACCOUNT_KEY, ResourceTypes(service=True, container=True, object=True),
+        AccountSasPermissions(read=True, write=True, delete=True, list=True, add=True,
+                              create=True, update=True, process=True),
+        expiry=datetime.now(timezone.utc) + timedelta(hours=1))
+    connection = (f"QueueEndpoint=http://127.0.0.1:{azurite.queue_port}/{ACCOUNT};"
+                  f"TableEndpoint=http://127.0.0.1:{azurite.table_port}/{ACCOUNT};"
+                  f"SharedAccessSignature={sas}")
+    backend = StorageQueueBackend.from_spec(None, storage_queue_name, connection,
+                                            dedup_window=None)
+    async with backend:
+        assert backend._rest is not None and backend._rest.endpoints.sas
+        await backend.ensure_queue(QueueSettings(duplicate_detection=False))
+        assert [o.ok for o in await backend.push([task(1)])] == [True]
+        assert await drain_ids(backend) == ["task1"]
+
+
+async def test_wrong_key_on_the_fast_path_is_a_clear_error(azurite, storage_queue_name) -> None:
+    from ai4s_jobq.backends.storage_rest import (
+        RestError,
+        StorageRest,
+        parse_connection_string,
+    )
+    from ai4s_jobq.backends.storage_wire import rest_error
+
+    wrong_key = "QmFkS2V5QmFkS2V5QmFkS2V5QmFkS2V5QmFkS2V5QmFkS2V5"
+    endpoints = parse_connection_string(azurite.connection_string_with_key(wrong_key))
+    assert endpoints is not None
+    async with StorageRest(endpoints) as rest:
+        with pytest.raises(RestError) as caught:
+            await rest.send_message(storage_queue_name, "x")
+    assert caught.value.status == 403
+    error = rest_error(caught.value, "sending", "devstoreaccount1")
+    assert "refused the credentials" in str(error)
+    assert wrong_key not in str(error) and wrong_key not in str(caught.value)

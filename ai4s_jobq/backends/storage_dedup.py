@@ -43,6 +43,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from azure.core import MatchConditions
@@ -299,7 +300,7 @@ class DedupLedger:
                         raise LedgerError(f"HTTP {statuses[:3]}")
                 else:
                     operations = [("upsert", e, {"mode": UpdateMode.MERGE}) for e in entities]
-                    await self._call(lambda ops=operations: self.table.submit_transaction(ops))
+                    await self._call(partial(self.table.submit_transaction, operations))
             except Exception as exc:  # noqa: BLE001
                 log.warning(
                     "could not mark %d sent tasks in the dedup ledger (%s); a repeated push "

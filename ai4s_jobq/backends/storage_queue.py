@@ -27,23 +27,18 @@ can dead-letter it.
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
 import re
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 from azure.core.exceptions import (
-    ClientAuthenticationError,
     HttpResponseError,
     ResourceExistsError,
     ResourceNotFoundError,
-    ServiceRequestError,
 )
 from azure.storage.queue._shared.policies_async import ExponentialRetry
 
@@ -60,17 +55,29 @@ from .base import (
     QueueUnavailableError,
     ReceivedMessage,
 )
-from .storage_dedup import LEDGER_TABLE, DedupLedger, LedgerError, ensure_ledger_table
+from .storage_dedup import LEDGER_TABLE, DedupLedger, ensure_ledger_table
 from .storage_rest import (
     RestError,
     StorageRest,
     endpoints_for_account,
     parse_connection_string,
 )
+from .storage_wire import (
+    MESSAGE_TEXT_LIMIT,
+    account_of,
+    as_backend_error,
+    dead_letter_text,
+    decode_text,
+    encode_text,
+    is_account_error,
+    is_lock_lost,
+    rest_error,
+    text_size,
+    translate_errors,
+)
 
 log = logging.getLogger("ai4s_jobq.storage")
 
-MESSAGE_TEXT_LIMIT = 64 * 1024  # bytes of message text (UTF-8), Azure's limit
 DLQ_SUFFIX = "-failed"
 META_DEDUP_WINDOW = "jobq_dedup_window_seconds"
 META_VISIBILITY = "jobq_visibility_timeout_seconds"
@@ -78,127 +85,8 @@ META_MAX_DELIVERY = "jobq_max_delivery_count"
 SEND_CONCURRENCY = 32  # sends in flight per backend
 RECEIVE_BATCH = 32  # Storage Queue's maximum per receive call
 DEFAULT_VISIBILITY = 300  # seconds, for queues created by other tools
-_DESCRIPTION_LIMIT = 4096
 
 _QUEUE_NAME = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9-]{1,54}[a-z0-9]$")
-_XML_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
-_FRAME_PREFIX = '{"jobq":'
-_BODY_KEY = ',"body":'
-_DECODER = json.JSONDecoder()
-
-
-# ---------------------------------------------------------------------- framing
-
-
-def encode_text(header: dict[str, Any], body: bytes) -> str:
-    """The queue message text for ``body`` with ``header`` (see module docstring)."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
-    if text is not None and not _XML_UNSAFE.search(text):
-        try:
-            json.loads(text)
-            payload = text
-        except ValueError:
-            header = {**header, "enc": "text"}
-            payload = json.dumps(text, ensure_ascii=False)
-    else:
-        header = {**header, "enc": "base64"}
-        payload = json.dumps(base64.b64encode(body).decode("ascii"))
-    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False)
-    return f"{_FRAME_PREFIX}{head}{_BODY_KEY}{payload}}}"
-
-
-def decode_text(text: str) -> tuple[dict[str, Any] | None, bytes]:
-    """``(header, body)``; ``(None, raw text bytes)`` for text that is not our frame."""
-    raw = text.encode("utf-8", "surrogatepass")
-    if not text.startswith(_FRAME_PREFIX) or not text.endswith("}"):
-        return None, raw
-    try:
-        header, end = _DECODER.raw_decode(text, len(_FRAME_PREFIX))
-    except ValueError:
-        return None, raw
-    if not isinstance(header, dict) or text[end:end + len(_BODY_KEY)] != _BODY_KEY:
-        return None, raw
-    payload = text[end + len(_BODY_KEY):-1]
-    encoding = header.get("enc")
-    if encoding is None:
-        return header, payload.encode("utf-8")
-    try:
-        value = json.loads(payload)
-        if encoding == "text" and isinstance(value, str):
-            return header, value.encode("utf-8")
-        if encoding == "base64" and isinstance(value, str):
-            return header, base64.b64decode(value, validate=True)
-    except ValueError:
-        pass
-    return None, raw
-
-
-def text_size(text: str) -> int:
-    return len(text.encode("utf-8"))
-
-
-# ---------------------------------------------------------------------- errors
-
-
-def _account_of(connection_string: str | None, account: str | None) -> str:
-    if connection_string:
-        for part in connection_string.split(";"):
-            key, _, value = part.partition("=")
-            if key.strip().lower() == "accountname":
-                return value.strip()
-        return "(from connection string)"
-    return account or "?"
-
-
-@contextmanager
-def _translate(what: str, account: str) -> Iterator[None]:
-    """Turn SDK errors into :class:`BackendError` with an actionable message.
-
-    Only the status and Azure error code are kept: SDK messages can echo request
-    URLs (with SAS tokens), so they never reach our errors or logs.
-    """
-    try:
-        yield
-    except BackendError:
-        raise
-    except ClientAuthenticationError as exc:
-        code = _code(exc) or type(exc).__name__
-        raise BackendError(
-            f"{what}: storage account {account!r} refused the credentials ({code}). "
-            "Check the account key or SAS in the connection string (JOBQ_CONNECTION_STRING / "
-            "--conn-str), or, with ACCOUNT/QUEUE, your Azure login (`az login`) and that it has "
-            "the 'Storage Queue Data Contributor' (and, for dedup, 'Storage Table Data "
-            "Contributor') role."
-        ) from None
-    except ServiceRequestError as exc:
-        raise BackendError(
-            f"{what}: cannot reach storage account {account!r} ({type(exc).__name__}). "
-            "Check the account name or the endpoints in the connection string, and the network."
-        ) from None
-    except ResourceNotFoundError as exc:
-        raise QueueUnavailableError(
-            f"{what}: not found on storage account {account!r} "
-            f"({_code(exc) or 'NotFound'}); push once to create the queue"
-        ) from None
-    except HttpResponseError as exc:
-        raise BackendError(
-            f"{what}: storage account {account!r} answered {exc.status_code} "
-            f"{_code(exc)}".rstrip()
-        ) from None
-
-
-def _code(exc: BaseException) -> str:
-    """Azure's error code as plain text (the SDK gives an enum or a string)."""
-    code = getattr(exc, "error_code", None)
-    return str(getattr(code, "value", code) or "")
-
-
-def _is_lock_lost(exc: HttpResponseError) -> bool:
-    """404: the message is gone; 400 PopReceiptMismatch: someone else received it."""
-    return exc.status_code == 404 or _code(exc) == "PopReceiptMismatch"
 
 
 # ---------------------------------------------------------------------- backend
@@ -253,7 +141,7 @@ class StorageQueueBackend(Backend):
             )
         super().__init__(queue_name)
         self.connection_string = connection_string
-        self.account = _account_of(connection_string, account)
+        self.account = account_of(connection_string, account)
         self._account_arg = account
         self.requested_dedup_window = dedup_window
         self.dlq_name = queue_name + DLQ_SUFFIX
@@ -292,9 +180,10 @@ class StorageQueueBackend(Backend):
         from azure.storage.queue.aio import QueueServiceClient
 
         # The SDK default backs off 15 s and more: too slow to tell a user about a typo.
-        retry = {"retry_policy": ExponentialRetry(initial_backoff=0.5, increment_base=2,
-                                                  retry_total=3, random_jitter_range=0.5)}
-        table_retry = {"retry_total": 3, "retry_backoff_factor": 0.5}
+        retry: dict[str, Any] = {"retry_policy": ExponentialRetry(
+            initial_backoff=0.5, increment_base=2, retry_total=3,  # type: ignore[arg-type]
+            random_jitter_range=0.5)}  # type: ignore[arg-type]
+        table_retry: dict[str, Any] = {"retry_total": 3, "retry_backoff_factor": 0.5}
         if self.connection_string:
             self._service = QueueServiceClient.from_connection_string(
                 self.connection_string, **retry)
@@ -330,7 +219,7 @@ class StorageQueueBackend(Backend):
         self._queue = self._dlq = self._service = self._tables = self._credential = None
 
     def _translate(self, what: str) -> Any:
-        return _translate(what, self.account)
+        return translate_errors(what, self.account)
 
     # -------------------------------------------------------------- queue settings
 
@@ -457,7 +346,7 @@ class StorageQueueBackend(Backend):
             if claim.status == "duplicate":
                 outcomes[index] = PushOutcome(task_id, True)
             elif claim.status == "error":
-                outcomes[index] = PushOutcome(task_id, None, _as_backend_error(
+                outcomes[index] = PushOutcome(task_id, None, as_backend_error(
                     claim.error, f"dedup ledger for task {task_id}", self.account))
             else:
                 sends.append(self._send(index, task_id, text, outcomes, False, claim))
@@ -477,7 +366,7 @@ class StorageQueueBackend(Backend):
             outcomes[index] = PushOutcome(task_id, None, exc)
             if claim is not None and self._ledger is not None:
                 await self._ledger.release(claim)
-            if not isinstance(exc, MessageTooLargeError) and _is_account_error(exc):
+            if not isinstance(exc, MessageTooLargeError) and is_account_error(exc):
                 raise
 
     async def _send_text(self, task_id: str, text: str) -> None:
@@ -489,7 +378,7 @@ class StorageQueueBackend(Backend):
                 if exc.status == 413 or exc.code in ("RequestBodyTooLarge", "MessageTooLarge"):
                     raise MessageTooLargeError(task_id, text_size(text),
                                                MESSAGE_TEXT_LIMIT) from None
-                raise _rest_error(exc, what, self.account) from None
+                raise rest_error(exc, what, self.account) from None
             return
         with self._translate(what):
             try:
@@ -575,7 +464,7 @@ class StorageQueueBackend(Backend):
                             lease.azure_id, pop_receipt=lease.pop_receipt,
                             visibility_timeout=seconds)
                     except HttpResponseError as exc:
-                        if _is_lock_lost(exc):
+                        if is_lock_lost(exc):
                             raise LockLostError(_lost(message)) from None
                         raise
             except QueueUnavailableError:
@@ -600,7 +489,7 @@ class StorageQueueBackend(Backend):
                     try:
                         await client.delete_message(lease.azure_id, lease.pop_receipt)
                     except HttpResponseError as exc:
-                        if _is_lock_lost(exc):
+                        if is_lock_lost(exc):
                             raise LockLostError(_lost(message)) from None
                         raise
             except QueueUnavailableError:
@@ -610,7 +499,7 @@ class StorageQueueBackend(Backend):
         """Renew (proves we still hold the lock), copy to ``-failed``, then delete.
         A crash between copy and delete leaves the task in both queues, never in none."""
         await self.renew(message)
-        text = _dead_letter_text(message, reason, description)
+        text = dead_letter_text(message, reason, description)
         with self._translate(f"dead-lettering {message.message_id} to {self.dlq_name}"):
             await self._dlq.send_message(text, time_to_live=-1)
         await self.complete(message)
@@ -668,81 +557,22 @@ def _int(value: str | None, default: int) -> int:
         return default
 
 
+
 def _lost(message: ReceivedMessage) -> str:
     return (f"lost the lock on message {message.message_id}: its visibility timeout "
             "expired and another receiver took it (or it was deleted)")
 
-
-def _rest_error(exc: RestError, what: str, account: str) -> BackendError:
-    """The same messages as :func:`_translate`, for the fast REST path."""
-    if exc.status in (401, 403):
-        try:
-            with _translate(what, account):
-                raise ClientAuthenticationError(exc.code or "AuthenticationFailed")
-        except BackendError as translated:
-            return translated
-    if exc.status == 0:
-        return BackendError(
-            f"{what}: cannot reach storage account {account!r} ({exc.code}). "
-            "Check the account name or the endpoints in the connection string, and the network.")
-    if exc.status == 404:
-        return QueueUnavailableError(
-            f"{what}: not found on storage account {account!r} ({exc.code or 'NotFound'}); "
-            "push once to create the queue")
-    return BackendError(f"{what}: storage account {account!r} answered {exc.status} "
-                        f"{exc.code}".rstrip())
-
-
-def _is_account_error(exc: BackendError) -> bool:
-    """Errors about the account rather than the message: abort the whole push."""
-    text = str(exc)
-    return "refused the credentials" in text or "cannot reach" in text
-
-
-def _as_backend_error(exc: BaseException | None, what: str, account: str) -> BaseException:
-    if exc is None or isinstance(exc, BackendError):
-        return exc or BackendError(what)
-    if isinstance(exc, RestError):
-        return _rest_error(exc, what, account)
-    if isinstance(exc, LedgerError):
-        return BackendError(f"{what}: {exc}")
-    try:
-        with _translate(what, account):
-            raise exc
-    except BackendError as translated:
-        return translated
-    except Exception:  # noqa: BLE001 - not an SDK error: keep only its type
-        return BackendError(f"{what}: {type(exc).__name__}")
 
 
 def _split_first_occurrences(
     items: list[tuple[int, str, str]],
 ) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str]]]:
     seen: set[str] = set()
-    first, later = [], []
+    first: list[tuple[int, str, str]] = []
+    later: list[tuple[int, str, str]] = []
     for item in items:
         (later if item[1] in seen else first).append(item)
         seen.add(item[1])
     return first, later
 
 
-def _dead_letter_text(message: ReceivedMessage, reason: str, description: str) -> str:
-    """The ``-failed`` record: the body plus why.  The description is cut to fit the
-    64 KiB limit; if even the reason does not fit, the body alone is kept (the body
-    matters more than the explanation)."""
-    header: dict[str, Any] = {
-        "id": message.message_id,
-        "reason": (reason or "")[:256],
-        "description": (description or "")[-_DESCRIPTION_LIMIT:],
-        "delivery_count": message.delivery_count,
-        "dead_lettered_at": time.time(),
-    }
-    text = encode_text(header, message.body)
-    while text_size(text) > MESSAGE_TEXT_LIMIT and header["description"]:
-        header["description"] = header["description"][len(header["description"]) // 2 + 1:]
-        text = encode_text(header, message.body)
-    if text_size(text) > MESSAGE_TEXT_LIMIT:
-        log.warning("dead-lettering %s without its reason (%s): the body fills the message",
-                    message.message_id, reason)
-        text = encode_text({"id": message.message_id}, message.body)
-    return text

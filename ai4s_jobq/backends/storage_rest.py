@@ -135,7 +135,7 @@ class StorageRest:
         our message text (the frame escapes it), so XML line-end normalisation
         cannot alter it."""
         body = ("<?xml version='1.0' encoding='utf-8'?>\n<QueueMessage><MessageText>"
-                f"{escape(text)}</MessageText></QueueMessage>").encode("utf-8")
+                f"{escape(text)}</MessageText></QueueMessage>").encode()
         url = f"{self.endpoints.queue_url}/{queue}/messages"
         await self._post(f"sending to {queue}", url, {"messagettl": "-1"}, body,
                          "application/xml", QUEUE_API_VERSION, service="queue", ok={201})

@@ -1,0 +1,229 @@
+"""Storage Queue wire details: the message frame, dead-letter records and error text.
+
+Message text (what the portal shows) is one JSON object, framed so the body
+comes back byte for byte without re-serializing it::
+
+    {"jobq":{"id":"<task id>"},"body":<the task envelope JSON as is>}
+
+Bodies that are not JSON, or hold characters XML cannot carry (or ``\\r``, which
+XML parsers normalise), travel as a JSON string (``"enc":"text"``); bytes that
+are not UTF-8 as base64 (``"enc":"base64"``).  Text that does not parse as this
+frame (put there by another tool) is still delivered, raw, so the worker can
+dead-letter it.  Dead-letter records in ``QUEUE-failed`` use the same frame with
+``reason``, ``description``, ``delivery_count`` and ``dead_lettered_at`` in the
+header.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+)
+
+from .base import BackendError, QueueUnavailableError, ReceivedMessage
+from .storage_dedup import LedgerError
+from .storage_rest import RestError
+
+log = logging.getLogger("ai4s_jobq.storage")
+
+MESSAGE_TEXT_LIMIT = 64 * 1024  # bytes of message text (UTF-8), Azure's limit
+_DESCRIPTION_LIMIT = 4096
+_XML_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\r\x0e-\x1f\ufffe\uffff]")
+_FRAME_PREFIX = '{"jobq":'
+_BODY_KEY = ',"body":'
+_DECODER = json.JSONDecoder()
+
+
+
+def encode_text(header: dict[str, Any], body: bytes) -> str:
+    """The queue message text for ``body`` with ``header`` (see module docstring)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None:
+        unsafe = bool(_XML_UNSAFE.search(text))
+        try:
+            if unsafe:
+                raise ValueError("not XML-safe as is")
+            json.loads(text)
+            payload = text
+        except ValueError:
+            header = {**header, "enc": "text"}
+            payload = json.dumps(text, ensure_ascii=unsafe)
+    else:
+        header = {**header, "enc": "base64"}
+        payload = json.dumps(base64.b64encode(body).decode("ascii"))
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False)
+    return f"{_FRAME_PREFIX}{head}{_BODY_KEY}{payload}}}"
+
+
+def decode_text(text: str) -> tuple[dict[str, Any] | None, bytes]:
+    """``(header, body)``; ``(None, raw text bytes)`` for text that is not our frame."""
+    raw = text.encode("utf-8", "surrogatepass")
+    if not text.startswith(_FRAME_PREFIX) or not text.endswith("}"):
+        return None, raw
+    try:
+        header, end = _DECODER.raw_decode(text, len(_FRAME_PREFIX))
+    except ValueError:
+        return None, raw
+    if not isinstance(header, dict) or text[end:end + len(_BODY_KEY)] != _BODY_KEY:
+        return None, raw
+    payload = text[end + len(_BODY_KEY):-1]
+    encoding = header.get("enc")
+    if encoding is None:
+        return header, payload.encode("utf-8")
+    try:
+        value = json.loads(payload)
+        if encoding == "text" and isinstance(value, str):
+            return header, value.encode("utf-8")
+        if encoding == "base64" and isinstance(value, str):
+            return header, base64.b64decode(value, validate=True)
+    except ValueError:
+        pass
+    return None, raw
+
+
+def text_size(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+# ---------------------------------------------------------------------- errors
+
+
+def account_of(connection_string: str | None, account: str | None) -> str:
+    if connection_string:
+        for part in connection_string.split(";"):
+            key, _, value = part.partition("=")
+            if key.strip().lower() == "accountname":
+                return value.strip()
+        return "(from connection string)"
+    return account or "?"
+
+
+@contextmanager
+def translate_errors(what: str, account: str) -> Iterator[None]:
+    """Turn SDK errors into :class:`BackendError` with an actionable message.
+
+    Only the status and Azure error code are kept: SDK messages can echo request
+    URLs (with SAS tokens), so they never reach our errors or logs.
+    """
+    try:
+        yield
+    except BackendError:
+        raise
+    except ClientAuthenticationError as exc:
+        code = error_code(exc) or type(exc).__name__
+        raise BackendError(
+            f"{what}: storage account {account!r} refused the credentials ({code}). "
+            "Check the account key or SAS in the connection string (JOBQ_CONNECTION_STRING / "
+            "--conn-str), or, with ACCOUNT/QUEUE, your Azure login (`az login`) and that it has "
+            "the 'Storage Queue Data Contributor' (and, for dedup, 'Storage Table Data "
+            "Contributor') role."
+        ) from None
+    except ServiceRequestError as exc:
+        raise BackendError(
+            f"{what}: cannot reach storage account {account!r} ({type(exc).__name__}). "
+            "Check the account name or the endpoints in the connection string, and the network."
+        ) from None
+    except ResourceNotFoundError as exc:
+        raise QueueUnavailableError(
+            f"{what}: not found on storage account {account!r} "
+            f"({error_code(exc) or 'NotFound'}); push once to create the queue"
+        ) from None
+    except HttpResponseError as exc:
+        raise BackendError(
+            f"{what}: storage account {account!r} answered {exc.status_code} "
+            f"{error_code(exc)}".rstrip()
+        ) from None
+
+
+def error_code(exc: BaseException) -> str:
+    """Azure's error code as plain text (the SDK gives an enum or a string)."""
+    code = getattr(exc, "error_code", None)
+    return str(getattr(code, "value", code) or "")
+
+
+def is_lock_lost(exc: HttpResponseError) -> bool:
+    """404: the message is gone; 400 PopReceiptMismatch: someone else received it."""
+    return exc.status_code == 404 or error_code(exc) == "PopReceiptMismatch"
+
+
+
+def rest_error(exc: RestError, what: str, account: str) -> BackendError:
+    """The same messages as :func:`_translate`, for the fast REST path."""
+    if exc.status in (401, 403):
+        try:
+            with translate_errors(what, account):
+                raise ClientAuthenticationError(exc.code or "AuthenticationFailed")
+        except BackendError as translated:
+            return translated
+    if exc.status == 0:
+        return BackendError(
+            f"{what}: cannot reach storage account {account!r} ({exc.code}). "
+            "Check the account name or the endpoints in the connection string, and the network.")
+    if exc.status == 404:
+        return QueueUnavailableError(
+            f"{what}: not found on storage account {account!r} ({exc.code or 'NotFound'}); "
+            "push once to create the queue")
+    return BackendError(f"{what}: storage account {account!r} answered {exc.status} "
+                        f"{exc.code}".rstrip())
+
+
+
+def is_account_error(exc: BackendError) -> bool:
+    """Errors about the account rather than the message: abort the whole push."""
+    text = str(exc)
+    return "refused the credentials" in text or "cannot reach" in text
+
+
+
+def as_backend_error(exc: BaseException | None, what: str, account: str) -> BaseException:
+    if exc is None or isinstance(exc, BackendError):
+        return exc or BackendError(what)
+    if isinstance(exc, RestError):
+        return rest_error(exc, what, account)
+    if isinstance(exc, LedgerError):
+        return BackendError(f"{what}: {exc}")
+    try:
+        with translate_errors(what, account):
+            raise exc
+    except BackendError as translated:
+        return translated
+    except Exception:  # noqa: BLE001 - not an SDK error: keep only its type
+        return BackendError(f"{what}: {type(exc).__name__}")
+
+
+
+def dead_letter_text(message: ReceivedMessage, reason: str, description: str) -> str:
+    """The ``-failed`` record: the body plus why.  The description is cut to fit the
+    64 KiB limit; if even the reason does not fit, the body alone is kept (the body
+    matters more than the explanation)."""
+    header: dict[str, Any] = {
+        "id": message.message_id,
+        "reason": (reason or "")[:256],
+        "description": (description or "")[-_DESCRIPTION_LIMIT:],
+        "delivery_count": message.delivery_count,
+        "dead_lettered_at": time.time(),
+    }
+    text = encode_text(header, message.body)
+    while text_size(text) > MESSAGE_TEXT_LIMIT and header["description"]:
+        header["description"] = header["description"][len(header["description"]) // 2 + 1:]
+        text = encode_text(header, message.body)
+    if text_size(text) > MESSAGE_TEXT_LIMIT:
+        log.warning("dead-lettering %s without its reason (%s): the body fills the message",
+                    message.message_id, reason)
+        text = encode_text({"id": message.message_id}, message.body)
+    return text
