@@ -34,6 +34,10 @@ class LockLost(BrokerError):
     """The lock token is unknown or its lock has expired (Azure: MessageLockLost)."""
 
 
+LOCK_LOST_TEXT = ("the lock supplied is invalid: it expired, or the message was already "
+                  "settled or received by another receiver")
+
+
 class InvalidOperation(BrokerError):
     """A request Azure would refuse (e.g. toggling duplicate detection)."""
 
