@@ -21,6 +21,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import re
 import time
 import uuid
@@ -31,6 +32,8 @@ from urllib.parse import quote, urlsplit
 from xml.sax.saxutils import escape
 
 import aiohttp
+
+log = logging.getLogger("ai4s_jobq.storage")
 
 QUEUE_API_VERSION = "2021-12-02"
 TABLE_API_VERSION = "2019-02-02"
@@ -192,11 +195,14 @@ class StorageRest:
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 if attempt == _ATTEMPTS - 1:
                     raise RestError(what, 0, type(exc).__name__) from None
+                reason = type(exc).__name__
             else:
                 if status in ok:
                     return answer
                 if status not in _TRANSIENT_STATUS or attempt == _ATTEMPTS - 1:
                     raise RestError(what, status, _error_code(answer))
+                reason = f"HTTP {status}"
+            log.info("%s: retrying after %s", what, reason)
             await asyncio.sleep(0.2 * 3**attempt)
         raise AssertionError("unreachable")
 

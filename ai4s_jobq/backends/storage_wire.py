@@ -30,6 +30,7 @@ from azure.core.exceptions import (
     HttpResponseError,
     ResourceNotFoundError,
     ServiceRequestError,
+    ServiceResponseError,
 )
 
 from .base import BackendError, QueueUnavailableError, ReceivedMessage
@@ -137,6 +138,11 @@ def translate_errors(what: str, account: str) -> Iterator[None]:
         raise BackendError(
             f"{what}: cannot reach storage account {account!r} ({type(exc).__name__}). "
             "Check the account name or the endpoints in the connection string, and the network."
+        ) from None
+    except ServiceResponseError as exc:
+        raise BackendError(
+            f"{what}: storage account {account!r} did not answer in time "
+            f"({type(exc).__name__}); the request may or may not have been applied"
         ) from None
     except ResourceNotFoundError as exc:
         raise QueueUnavailableError(

@@ -1,0 +1,232 @@
+"""Storage Queue benchmark: jobq vs the original ai4s-jobq 3.13.1 vs the raw SDK, on one Azurite.
+
+    python bench/bench_storage.py [--push-tasks 5000] [--drain-tasks 2000] [--slots 8]
+
+What it does, in one run, against the repository's pinned Azurite (``npm ci`` if
+needed):
+
+1. push N shell tasks read from a file: ``jobq push FILE`` (dedup ledger on, the
+   default) and ``ai4s-jobq ACCOUNT/QUEUE push < FILE``, each as a whole CLI process;
+   and the raw-SDK ceiling: a process that sends the same number of messages with
+   azure-storage-queue (aio), 32 sends in flight -- also timed as a whole process,
+   so interpreter start-up counts the same for all three.
+2. drain M ``true`` shell tasks with S slots: ``jobq worker -n S --idle-timeout 1s``
+   and ``ai4s-jobq ACCOUNT/QUEUE worker -n S`` (which exits when the queue is empty).
+
+Azurite slows down badly as it accumulates messages (even cleared ones), which would
+favour whichever tool runs first; so every measured step gets a fresh Azurite
+(same pinned binary, same flags, in-memory) and each tool drains its own queue alone.
+
+ai4s-jobq 3.13.1 is installed only in ``bench/.venv-ai4s`` (created here on first
+use, from PyPI; gitignored), never in the project's environment.  Both CLIs read the
+connection string from ``JOBQ_CONNECTION_STRING``.  Results are printed and written
+to ``bench/results/storage.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import venv
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from azurite_fixtures import ACCOUNT, start_azurite, stop_azurite  # noqa: E402
+
+ORIGINAL = "ai4s-jobq==3.13.1"
+ORIGINAL_VENV = ROOT / "bench" / ".venv-ai4s"
+RESULTS = ROOT / "bench" / "results" / "storage.json"
+
+RAW_SENDER = r"""
+import asyncio, sys, time
+from azure.storage.queue.aio import QueueClient
+
+async def main(connection_string, queue, count, template):
+    async with QueueClient.from_connection_string(connection_string, queue) as client:
+        limit = asyncio.Semaphore(32)
+
+        async def send(n):
+            async with limit:
+                await client.send_message(template.replace("{N}", str(n)), time_to_live=-1)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(send(n) for n in range(count)))
+        print(time.perf_counter() - started)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]))
+"""
+
+
+def original_cli() -> Path:
+    """``ai4s-jobq`` in its own venv, installed on first use."""
+    cli = ORIGINAL_VENV / "bin" / "ai4s-jobq"
+    if cli.exists():
+        return cli
+    print(f"installing {ORIGINAL} into {ORIGINAL_VENV} (once) ...", flush=True)
+    venv.create(ORIGINAL_VENV, with_pip=True)
+    subprocess.run([str(ORIGINAL_VENV / "bin" / "pip"), "install", "-q", ORIGINAL], check=True)
+    return cli
+
+
+def jobq_cli() -> list[str]:
+    found = shutil.which("jobq", path=os.path.dirname(sys.executable))
+    return [found] if found else [sys.executable, "-m", "cli.main"]
+
+
+def timed(command: list[str], env: dict[str, str], *, stdin: Path | None = None,
+          log: Path) -> float:
+    started = time.perf_counter()
+    with open(log, "wb") as out, open(stdin or os.devnull, "rb") as source:
+        result = subprocess.run(command, env=env, stdin=source, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        tail = log.read_text(errors="replace")[-2000:]
+        raise SystemExit(f"{command[0]} exited {result.returncode}:\n{tail}")
+    return elapsed
+
+
+async def queue_count(connection_string: str, queue: str) -> int:
+    from azure.storage.queue.aio import QueueClient
+
+    async with QueueClient.from_connection_string(connection_string, queue) as client:
+        return (await client.get_queue_properties()).approximate_message_count or 0
+
+
+def message_template() -> str:
+    """What jobq puts in the queue for ``echo task N`` (same size for the raw sender)."""
+    from ai4s_jobq.backends.storage_wire import encode_text
+    from ai4s_jobq.task import make_task
+
+    task = make_task("echo task 999999")
+    return encode_text({"id": task.id}, task.to_body()).replace("999999", "{N}")
+
+
+@contextmanager
+def fresh_azurite(work: Path) -> Iterator[str]:
+    """A new in-memory Azurite (same pinned binary and flags) for one measured step."""
+    process, azurite, _ = start_azurite(work)
+    try:
+        yield azurite.connection_string
+    finally:
+        stop_azurite(process)
+
+
+def bench(args: argparse.Namespace, work: Path) -> dict[str, float]:
+    original = str(original_cli())
+    jobq = jobq_cli()
+    results: dict[str, float] = {}
+
+    def env_for(connection_string: str) -> dict[str, str]:
+        env = {**os.environ, "JOBQ_CONNECTION_STRING": connection_string}
+        env.pop("JOBQ_QUEUE", None)
+        return env
+
+    push_file = work / "push.txt"
+    push_file.write_text("".join(f"echo task {n}\n" for n in range(args.push_tasks)))
+    drain_file = work / "drain.txt"
+    drain_file.write_text("".join(f"true {n}\n" for n in range(args.drain_tasks)))
+
+    print(f"push {args.push_tasks} shell tasks from a file", flush=True)
+    with fresh_azurite(work) as connection_string:
+        from azure.storage.queue import QueueClient
+
+        QueueClient.from_connection_string(connection_string, "bench-raw").create_queue()
+        started = time.perf_counter()
+        raw = subprocess.run(
+            [sys.executable, "-c", RAW_SENDER, connection_string, "bench-raw",
+             str(args.push_tasks), message_template()],
+            check=True, capture_output=True, text=True)
+        results["push_raw_sdk_process_s"] = time.perf_counter() - started
+        results["push_raw_sdk_sends_only_s"] = float(raw.stdout.strip())
+
+    with fresh_azurite(work) as connection_string:
+        results["push_jobq_s"] = timed(
+            [*jobq, "--queue", f"{ACCOUNT}/bench-push-jobq", "-v", "push", str(push_file),
+             "--no-progress"], env_for(connection_string), log=work / "push-jobq.log")
+        results["push_jobq_count"] = asyncio.run(
+            queue_count(connection_string, "bench-push-jobq"))
+
+    with fresh_azurite(work) as connection_string:
+        results["push_ai4s_s"] = timed(
+            [original, f"{ACCOUNT}/bench-push-ai4s", "push"], env_for(connection_string),
+            stdin=push_file, log=work / "push-ai4s.log")
+        results["push_ai4s_count"] = asyncio.run(
+            queue_count(connection_string, "bench-push-ai4s"))
+
+    print(f"drain {args.drain_tasks} `true` tasks with {args.slots} slots", flush=True)
+    with fresh_azurite(work) as connection_string:
+        env = env_for(connection_string)
+        timed([*jobq, "--queue", f"{ACCOUNT}/bench-drain-jobq", "push", str(drain_file),
+               "--no-progress"], env, log=work / "fill-jobq.log")
+        results["drain_jobq_s"] = timed(
+            [*jobq, "--queue", f"{ACCOUNT}/bench-drain-jobq", "--quiet", "worker",
+             "-n", str(args.slots), "--idle-timeout", "1s"], env, log=work / "drain-jobq.log")
+        results["drain_jobq_left"] = asyncio.run(
+            queue_count(connection_string, "bench-drain-jobq"))
+
+    with fresh_azurite(work) as connection_string:
+        env = env_for(connection_string)
+        timed([original, f"{ACCOUNT}/bench-drain-ai4s", "push"], env, stdin=drain_file,
+              log=work / "fill-ai4s.log")
+        results["drain_ai4s_s"] = timed(
+            [original, f"{ACCOUNT}/bench-drain-ai4s", "worker", "-n", str(args.slots)],
+            env, log=work / "drain-ai4s.log")
+        results["drain_ai4s_left"] = asyncio.run(
+            queue_count(connection_string, "bench-drain-ai4s"))
+    return results
+
+
+def report(args: argparse.Namespace, r: dict[str, float]) -> None:
+    n, m = args.push_tasks, args.drain_tasks
+    print()
+    print(f"{'':38}{'wall s':>9}{'tasks/s':>10}")
+    for label, key, count in [
+        ("push: raw SDK ceiling (process)", "push_raw_sdk_process_s", n),
+        ("push: raw SDK ceiling (sends only)", "push_raw_sdk_sends_only_s", n),
+        ("push: jobq push (dedup ledger on)", "push_jobq_s", n),
+        ("push: ai4s-jobq 3.13.1 push", "push_ai4s_s", n),
+        (f"drain: jobq worker -n {args.slots}", "drain_jobq_s", m),
+        (f"drain: ai4s-jobq worker -n {args.slots}", "drain_ai4s_s", m),
+    ]:
+        print(f"{label:38}{r[key]:9.2f}{count / r[key]:10.0f}")
+    print()
+    ceiling = r["push_raw_sdk_process_s"] / r["push_jobq_s"]
+    push_ratio = r["push_ai4s_s"] / r["push_jobq_s"]
+    drain_ratio = r["drain_ai4s_s"] / r["drain_jobq_s"]
+    print(f"push  jobq vs raw-SDK ceiling (process): {ceiling:.0%}  (goal >= 85%)")
+    print(f"push  jobq vs ai4s-jobq:                 {push_ratio:.2f}x faster  (goal > 1x)")
+    print(f"drain jobq vs ai4s-jobq:                 {drain_ratio:.2f}x faster  (goal >= 5x)")
+    print(f"messages in queue after push: jobq {r['push_jobq_count']:.0f}, ai4s-jobq "
+          f"{r['push_ai4s_count']:.0f}; left after drain: jobq {r['drain_jobq_left']:.0f}, "
+          f"ai4s-jobq {r['drain_ai4s_left']:.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--push-tasks", type=int, default=5000)
+    parser.add_argument("--drain-tasks", type=int, default=2000)
+    parser.add_argument("--slots", type=int, default=8)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="jobq-bench-storage-"))
+    results = bench(args, work)
+    report(args, results)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    print(f"\nlogs in {work}; figures in {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
