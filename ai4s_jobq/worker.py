@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from .backends.base import Backend, BackendError, LockLostError, ReceivedMessage
+from .backends.base import Backend, LockLostError, ReceivedMessage
 from .processors import Processor, TaskFailed, install_signal_handlers
 from .redact import redact
 from .task import MalformedTaskError, Task
@@ -33,6 +33,7 @@ log = logging.getLogger("ai4s_jobq.worker")
 
 RECEIVE_WAIT_SECONDS = 1.0
 RECEIVE_RETRY_MAX = 30.0
+RECEIVE_LINGER_SECONDS = 0.05
 
 
 class ExitCode(IntEnum):
@@ -120,6 +121,8 @@ class Worker:
                 await self._wait_for(self._slot_freed, RECEIVE_WAIT_SECONDS)
                 last_activity = time.monotonic()
                 continue
+            if self._running and free < (policy.slots + 1) // 2:
+                free = await self._gather_free_slots()
             if policy.max_tasks is not None:
                 free = min(free, policy.max_tasks - self._taken)
             try:
@@ -141,6 +144,21 @@ class Worker:
                 last_activity = time.monotonic()
             elif policy.idle_timeout and time.monotonic() - last_activity >= policy.idle_timeout:
                 return "idle timeout"
+
+    async def _gather_free_slots(self) -> int:
+        """With tasks running and few slots free, wait up to ``RECEIVE_LINGER_SECONDS``
+        for half the slots to free up, so one receive fetches a batch: a broker round
+        trip (notably on Storage Queue) costs more than a short task."""
+        deadline = time.monotonic() + RECEIVE_LINGER_SECONDS
+        half = (self.policy.slots + 1) // 2
+        while self._signal is None:
+            free = self.policy.slots - len(self._running)
+            left = deadline - time.monotonic()
+            if free >= half or left <= 0 or not self._running:
+                return free
+            self._slot_freed.clear()
+            await self._wait_for(self._slot_freed, left)
+        return self.policy.slots - len(self._running)
 
     def _receive_wait(self, last_activity: float) -> float:
         wait = RECEIVE_WAIT_SECONDS
@@ -260,9 +278,10 @@ class Worker:
         except LockLostError:
             log.warning("message %s: lock lost before %s; it will be redelivered",
                         message.message_id, action)
-        except (BackendError, OSError) as exc:
-            log.error("message %s: %s failed (%s); it will be redelivered when its lock "
-                      "expires", message.message_id, action, exc)
+        except Exception as exc:  # any backend failure: never let one message kill the worker
+            log.error("message %s: %s failed (%s: %s); it will be redelivered when its lock "
+                      "expires", message.message_id, action, type(exc).__name__,
+                      redact(str(exc))[:300])
 
     # ------------------------------------------------------------------ shutdown
 
