@@ -67,7 +67,6 @@ from .broker_model import (  # noqa: F401 - re-exported: the core's public names
     validate_properties,
 )
 
-
 #: Delete a message if ``lock_token`` (first parameter) still locks it at the
 #: time given as the second.
 _DELETE_LOCKED = "DELETE FROM messages WHERE lock_token = ? AND locked_until > ?"

@@ -76,7 +76,9 @@ class Task:
         return cls(id=task_id, args=args, num_retries=num_retries, extra=extra)
 
 
-def task_args(task: str | Mapping[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+def task_args(
+    task: str | Mapping[str, Any], env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """A shell command string becomes ``{"cmd": ...}``; a mapping is used as is."""
     if isinstance(task, str):
         if not task.strip():

@@ -220,7 +220,9 @@ class LocalBackend(Backend):
         )
 
 
-def _to_received(message: broker_core.StoredMessage, *, with_handle: bool = True) -> ReceivedMessage:
+def _to_received(
+    message: broker_core.StoredMessage, *, with_handle: bool = True
+) -> ReceivedMessage:
     return ReceivedMessage(
         message_id=message.message_id,
         body=message.body,
