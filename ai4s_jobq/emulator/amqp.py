@@ -31,16 +31,19 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 
 from proton import (
     Collector,
     Condition,
     Connection,
+    Delivery,
     Disposition,
     Endpoint,
     Event,
     Link,
     Message,
+    Session,
     Terminus,
     Transport,
     symbol,
@@ -212,6 +215,8 @@ class AmqpConnection:
             if pending == 0:
                 return True
             chunk = self.transport.peek(pending)
+            if chunk is None:
+                return False  # end of stream (peek's None), as for pending < 0
             try:
                 self.sock.setblocking(True)
                 self.sock.sendall(chunk)
@@ -282,27 +287,28 @@ class AmqpConnection:
             self.connection.container = "ai4s-jobq-emulator"
             self.connection.open()
         elif kind == Event.SESSION_REMOTE_OPEN:
-            event.session.open()
+            _event_session(event).open()
         elif kind == Event.LINK_REMOTE_OPEN:
-            self._on_link_open(event.link)
+            self._on_link_open(_event_link(event))
         elif kind == Event.LINK_REMOTE_CLOSE:
-            link = event.link
+            link = _event_link(event)
             if link in self._queue_senders:
                 self._queue_senders.remove(link)
             if not link.state & Endpoint.LOCAL_CLOSED:
                 link.close()
         elif kind == Event.SESSION_REMOTE_CLOSE:
-            if not event.session.state & Endpoint.LOCAL_CLOSED:
-                event.session.close()
+            session = _event_session(event)
+            if not session.state & Endpoint.LOCAL_CLOSED:
+                session.close()
         elif kind == Event.CONNECTION_REMOTE_CLOSE:
             if not self.connection.state & Endpoint.LOCAL_CLOSED:
                 self.connection.close()
         elif kind == Event.LINK_FLOW:
-            link = event.link
+            link = _event_link(event)
             if link.is_sender and getattr(link, "jq_role", None) is not None:
                 self._pump(link)
         elif kind == Event.DELIVERY:
-            delivery = event.delivery
+            delivery = _event_delivery(event)
             if delivery.link.is_receiver:
                 self._on_incoming(delivery)
             else:
@@ -314,8 +320,9 @@ class AmqpConnection:
         address = link.remote_target.address if link.is_receiver else link.remote_source.address
         role = classify(address)
         link.jq_role = role
-        link.source.address = link.remote_source.address
-        link.target.address = link.remote_target.address
+        # the setter's stub says str, but proton accepts None (no address) as well
+        link.source.address = cast(str, link.remote_source.address)
+        link.target.address = cast(str, link.remote_target.address)
         link.snd_settle_mode = link.remote_snd_settle_mode
         link.rcv_settle_mode = link.remote_rcv_settle_mode
         error = self._check_link(role, link)
@@ -408,7 +415,8 @@ class AmqpConnection:
                     tag = codec.lock_token_to_tag(message.lock_token)
                 else:
                     tag = next(self._tags).to_bytes(8, "big")
-                delivery = link.delivery(tag)
+                # delivery tags are bytes on the wire; proton's stub says str but takes bytes
+                delivery = link.delivery(cast(str, tag))
                 # proton's Python API decodes tags as UTF-8, so keep the token beside it
                 delivery.jq_token = message.lock_token
                 link.send(payload)
@@ -521,7 +529,8 @@ class AmqpConnection:
         if link is None:
             log.info("no response link for %s from %s; dropping the reply", node, self.peer)
             return
-        delivery = link.delivery(next(self._tags).to_bytes(8, "big"))
+        # delivery tags are bytes on the wire; proton's stub says str but takes bytes
+        delivery = link.delivery(cast(str, next(self._tags).to_bytes(8, "big")))
         link.send(reply.encode())
         link.advance()
         delivery.settle()
@@ -529,14 +538,15 @@ class AmqpConnection:
     def _on_cbs_request(self, link: Link, payload: bytes) -> None:
         request = Message()
         request.decode(payload)
-        props = request.properties or {}
+        props: dict[Any, Any] = request.properties or {}
         operation = props.get("operation")
         audience = str(props.get("name") or "")
         if operation != "put-token":
             status, text = 400, f"unsupported CBS operation {operation!r}"
         else:
             try:
-                self.ctx.authority.check(request.body or "", audience)
+                # a put-token body is the token (str or bytes); proton types it as any AMQP value
+                self.ctx.authority.check(cast("str | bytes", request.body or ""), audience)
             except AuthError as exc:
                 status, text = 401, f"Unauthorized: {exc}"
             else:
@@ -548,7 +558,7 @@ class AmqpConnection:
     def _on_mgmt_request(self, link: Link, role: LinkRole, payload: bytes) -> None:
         request = Message()
         request.decode(payload)
-        props = request.properties or {}
+        props: dict[Any, Any] = request.properties or {}
         operation = str(props.get("operation") or "")
         target = mgmt_ops.MgmtTarget(role.queue, role.sub_queue)
         result = mgmt_ops.handle(self.ctx, target, operation, request.body)
@@ -558,6 +568,30 @@ class AmqpConnection:
             app["error-condition"] = result.condition
         reply = Message(properties=app, body=result.body)
         self._respond(link, role.node, request, reply)
+
+
+def _event_session(event: Event) -> Session:
+    """The session of a SESSION_* event (proton types it Optional for all events)."""
+    session = event.session
+    if session is None:
+        raise RuntimeError(f"{event.type} event without a session")
+    return session
+
+
+def _event_link(event: Event) -> Link:
+    """The link of a LINK_* event (proton types it Optional for all events)."""
+    link = event.link
+    if link is None:
+        raise RuntimeError(f"{event.type} event without a link")
+    return link
+
+
+def _event_delivery(event: Event) -> Delivery:
+    """The delivery of a DELIVERY event (proton types it Optional for all events)."""
+    delivery = event.delivery
+    if delivery is None:
+        raise RuntimeError(f"{event.type} event without a delivery")
+    return delivery
 
 
 def _condition(name: str, description: str) -> Condition:

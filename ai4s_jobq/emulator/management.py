@@ -20,11 +20,14 @@ import logging
 import socket
 import ssl
 from http.server import BaseHTTPRequestHandler
+from socketserver import BaseServer
+from typing import cast
 from urllib.parse import parse_qs, unquote, urlparse
 
 from ai4s_jobq.broker_core import (
     BrokerError,
     InvalidOperation,
+    QueueCounts,
     QueueExists,
     QueueNotFound,
     QueueProperties,
@@ -58,7 +61,8 @@ def serve_https_connection(
         return
     try:
         tls.settimeout(IDLE_TIMEOUT)
-        ManagementHandler(tls, (peer, 0), _ServerStub(ctx))
+        # the handler only reads ``server.ctx``; the stdlib stub asks for a BaseServer
+        ManagementHandler(tls, (peer, 0), cast(BaseServer, _ServerStub(ctx)))
     except (OSError, ssl.SSLError):
         pass
     finally:
@@ -246,7 +250,7 @@ class ManagementHandler(BaseHTTPRequestHandler):
         core = self.ctx.core
         queues = core.list_queues()
         page = queues[skip : skip + max(top, 0)]
-        items = []
+        items: list[tuple[QueueProperties, QueueCounts | None]] = []
         for props in page:
             try:
                 items.append((props, core.counts(props.name)))

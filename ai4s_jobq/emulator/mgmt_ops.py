@@ -203,14 +203,16 @@ def _receive_by_sequence_number(
     if not found:
         return MgmtReply(404, "no deferred message with those sequence numbers",
                          condition=MESSAGE_NOT_FOUND)
-    items = []
+    items: list[dict[str, Any]] = []
     for message in found:
         encoded = _encoded_for_client(message, peek=False)
+        token = message.lock_token
+        assert token is not None  # receive_deferred locks every message it returns
         if receive_and_delete:
-            ctx.core.complete(message.lock_token)
+            ctx.core.complete(token)
             items.append({"message": encoded})
         else:
-            items.append({"message": encoded, "lock-token": uuid.UUID(message.lock_token)})
+            items.append({"message": encoded, "lock-token": uuid.UUID(token)})
     return MgmtReply(200, "OK", {"messages": items})
 
 

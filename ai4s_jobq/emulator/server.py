@@ -204,6 +204,7 @@ class EmulatorServer:
                 serve_https_connection(sock, peer, self.ctx, self._ssl_context)
             elif first == b"A":
                 sock.settimeout(None)
+                assert self.ctx is not None
                 connection = AmqpConnection(sock, self.ctx, peer)
                 with self._lock:
                     self._connections.add(connection)
