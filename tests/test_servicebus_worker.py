@@ -11,14 +11,14 @@ import time
 
 import sample_tasks
 import servicebus_support as support
+import worker_scenarios
 from conftest import ROOT, wait_for
 from servicebus_support import run_counts, sb_env, short_lock_queue, spec, start_worker
 
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
 from ai4s_jobq.backends.base import OutgoingMessage
 from ai4s_jobq.emulator.process import EmulatorProcess
-from ai4s_jobq.processors import CallableProcessor, ShellProcessor
-from ai4s_jobq.worker import ExitCode
+from ai4s_jobq.processors import CallableProcessor
 
 sb_process, sb_cs, sb_queue = support.sb_process, support.sb_cs, support.sb_queue
 
@@ -29,17 +29,7 @@ def policy(**kwargs) -> WorkerPolicy:
 
 async def test_success_retry_and_dead_letter_with_reason(sb_cs, sb_queue):
     async with JobQ.open(spec(sb_queue), connection_string=sb_cs) as q:
-        await q.push("echo fine")
-        bad = await q.push("echo 'something broke' >&2; exit 3", num_retries=2)
-        stats = await Worker(q.backend, ShellProcessor(), policy(slots=2)).run()
-        assert (stats.succeeded, stats.failed, stats.dead_lettered) == (1, 3, 1)
-        assert stats.exit_code == ExitCode.OK
-        counts = await q.counts()
-        assert (counts.active, counts.dead_letter) == (0, 1)
-        (dead,) = await q.dlq_list()
-        assert dead.task.id == bad.id and dead.delivery_count == 3
-        assert dead.reason == "NonZeroExit"
-        assert "exit code 3" in dead.description and "something broke" in dead.description
+        await worker_scenarios.success_retry_then_dead_letter(q, policy(slots=2))
 
 
 async def test_malformed_message_dead_lettered_and_worker_continues(sb_cs, sb_queue, tmp_path):

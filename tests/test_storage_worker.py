@@ -14,13 +14,13 @@ from datetime import timedelta
 
 import pytest
 import sample_tasks
+import worker_scenarios
 from azure.storage.queue.aio import QueueClient
 from conftest import ROOT, jobq_cli, wait_for, worker_env
 
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
 from ai4s_jobq.backends.base import OutgoingMessage
-from ai4s_jobq.processors import CallableProcessor, ShellProcessor
-from ai4s_jobq.worker import ExitCode
+from ai4s_jobq.processors import CallableProcessor
 
 
 @pytest.fixture
@@ -46,19 +46,7 @@ def cli(azurite, *args: str, **kwargs) -> subprocess.CompletedProcess[str]:
 
 async def test_success_retry_and_dead_letter_to_failed_queue(azurite, spec, storage_queue_name):
     async with JobQ.open(spec, connection_string=azurite.connection_string) as q:
-        await q.push("echo fine")
-        bad = await q.push("echo 'something broke' >&2; exit 3", num_retries=2)
-        stats = await Worker(q.backend, ShellProcessor(), policy(slots=2)).run()
-        assert (stats.succeeded, stats.failed, stats.dead_lettered) == (1, 3, 1)
-        assert stats.exit_code == ExitCode.OK
-        counts = await q.counts()
-        assert (counts.active, counts.dead_letter) == (0, 1)
-        (dead,) = await q.dlq_list()
-        assert dead.task is not None and dead.task.id == bad.id
-        assert dead.delivery_count == 3
-        assert dead.reason == "NonZeroExit"
-        assert "exit code 3" in (dead.description or "")
-        assert "something broke" in (dead.description or "")
+        await worker_scenarios.success_retry_then_dead_letter(q, policy(slots=2))
     async with QueueClient.from_connection_string(
             azurite.connection_string, f"{storage_queue_name}-failed") as raw:
         assert (await raw.get_queue_properties()).approximate_message_count == 1

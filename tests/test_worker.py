@@ -7,10 +7,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import sample_tasks
+import worker_scenarios
 
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
 from ai4s_jobq.backends.base import OutgoingMessage
-from ai4s_jobq.processors import CallableProcessor, ShellProcessor
+from ai4s_jobq.processors import CallableProcessor
 from ai4s_jobq.worker import ExitCode
 
 
@@ -20,17 +21,7 @@ def policy(**kwargs) -> WorkerPolicy:
 
 async def test_success_and_retry_then_dead_letter_with_reason(local_dir):
     async with JobQ.open("local://w") as q:
-        await q.push("echo fine")
-        bad = await q.push("echo 'something broke' >&2; exit 3", num_retries=2)
-        stats = await Worker(q.backend, ShellProcessor(), policy(slots=2)).run()
-        assert (stats.succeeded, stats.failed, stats.dead_lettered) == (1, 3, 1)
-        assert stats.exit_code == ExitCode.OK
-        counts = await q.counts()
-        assert (counts.active, counts.dead_letter) == (0, 1)
-        (dead,) = await q.dlq_list()
-        assert dead.task.id == bad.id and dead.delivery_count == 3
-        assert dead.reason == "NonZeroExit"
-        assert "exit code 3" in dead.description and "something broke" in dead.description
+        await worker_scenarios.success_retry_then_dead_letter(q, policy(slots=2))
 
 
 async def test_zero_retries_dead_letters_after_one_attempt(local_dir):
