@@ -16,7 +16,6 @@ from conftest import ROOT, wait_for
 from servicebus_support import run_counts, sb_env, short_lock_queue, spec, start_worker
 
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
-from ai4s_jobq.backends.base import OutgoingMessage
 from ai4s_jobq.emulator.process import EmulatorProcess
 from ai4s_jobq.processors import CallableProcessor
 
@@ -35,15 +34,7 @@ async def test_success_retry_and_dead_letter_with_reason(sb_cs, sb_queue):
 async def test_malformed_message_dead_lettered_and_worker_continues(sb_cs, sb_queue, tmp_path):
     log = tmp_path / "log"
     async with JobQ.open(spec(sb_queue), connection_string=sb_cs) as q:
-        await q.backend.push([OutgoingMessage("junk-1", b"\xff\xfe not json"),
-                              OutgoingMessage("junk-2", b'{"id": "x"}')])
-        await q.push({"log": str(log), "name": "after"})
-        stats = await Worker(q.backend, CallableProcessor(sample_tasks.record), policy()).run()
-        assert (stats.malformed, stats.succeeded) == (2, 1)
-        assert "end after" in log.read_text()
-        reasons = {d.message_id: (d.reason, d.description) for d in await q.dlq_list()}
-        assert reasons["junk-1"][0] == "MalformedTask" and "UTF-8" in reasons["junk-1"][1]
-        assert "'args'" in reasons["junk-2"][1]
+        await worker_scenarios.malformed_messages_dead_lettered(q, policy(), log)
 
 
 async def test_lock_renewal_keeps_a_task_longer_than_the_lock(sb_cs, sb_queue, tmp_path, caplog):

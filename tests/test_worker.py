@@ -10,7 +10,6 @@ import sample_tasks
 import worker_scenarios
 
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
-from ai4s_jobq.backends.base import OutgoingMessage
 from ai4s_jobq.processors import CallableProcessor
 from ai4s_jobq.worker import ExitCode
 
@@ -36,15 +35,7 @@ async def test_zero_retries_dead_letters_after_one_attempt(local_dir):
 async def test_malformed_message_dead_lettered_and_worker_continues(local_dir, tmp_path):
     log = tmp_path / "log"
     async with JobQ.open("local://m") as q:
-        await q.backend.push([OutgoingMessage("junk-1", b"\xff\xfe not json"),
-                              OutgoingMessage("junk-2", b'{"id": "x"}')])
-        await q.push({"log": str(log), "name": "after"})
-        stats = await Worker(q.backend, CallableProcessor(sample_tasks.record), policy()).run()
-        assert (stats.malformed, stats.succeeded) == (2, 1)
-        assert "end after" in log.read_text()
-        reasons = {d.message_id: (d.reason, d.description) for d in await q.dlq_list()}
-        assert reasons["junk-1"][0] == "MalformedTask" and "UTF-8" in reasons["junk-1"][1]
-        assert "'args'" in reasons["junk-2"][1]
+        await worker_scenarios.malformed_messages_dead_lettered(q, policy(), log)
 
 
 async def test_lock_is_renewed_while_a_long_task_runs(local_dir, tmp_path):

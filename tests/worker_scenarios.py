@@ -3,8 +3,13 @@ test module against its real broker (local SQLite, the emulator, Azurite)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import sample_tasks
+
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
-from ai4s_jobq.processors import ShellProcessor
+from ai4s_jobq.backends.base import OutgoingMessage
+from ai4s_jobq.processors import CallableProcessor, ShellProcessor
 from ai4s_jobq.worker import ExitCode
 
 
@@ -24,3 +29,17 @@ async def success_retry_then_dead_letter(q: JobQ, policy: WorkerPolicy) -> None:
     assert dead.reason == "NonZeroExit"
     assert "exit code 3" in (dead.description or "")
     assert "something broke" in (dead.description or "")
+
+
+async def malformed_messages_dead_lettered(q: JobQ, policy: WorkerPolicy, log: Path) -> None:
+    """Two messages that are not tasks are dead-lettered as MalformedTask with what is
+    wrong; the task behind them still runs."""
+    await q.backend.push([OutgoingMessage("junk-1", b"\xff\xfe not json"),
+                          OutgoingMessage("junk-2", b'{"id": "x"}')])
+    await q.push({"log": str(log), "name": "after"})
+    stats = await Worker(q.backend, CallableProcessor(sample_tasks.record), policy).run()
+    assert (stats.malformed, stats.succeeded) == (2, 1)
+    assert "end after" in log.read_text()
+    reasons = {d.message_id: (d.reason, d.description or "") for d in await q.dlq_list()}
+    assert reasons["junk-1"][0] == "MalformedTask" and "UTF-8" in reasons["junk-1"][1]
+    assert "'args'" in reasons["junk-2"][1]
