@@ -20,11 +20,18 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+
+from ai4s_jobq.backends.base import QueueSettings
+from ai4s_jobq.backends.storage_queue import StorageQueueBackend
+
+OpenBackend = Callable[..., AbstractAsyncContextManager[StorageQueueBackend]]
 
 ROOT = Path(__file__).resolve().parent.parent
 AZURITE_BIN = ROOT / "node_modules" / ".bin" / "azurite"
@@ -171,3 +178,27 @@ def storage_env(azurite: Azurite, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
     env.setdefault("PYTHONPATH", str(ROOT))
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     return env
+
+
+@pytest.fixture
+def open_backend(azurite, storage_queue_name) -> OpenBackend:
+    """``async with open_backend(lock=2, window=...) as b`` — the test's queue, created."""
+
+    @asynccontextmanager
+    async def opener(*, lock: float = 30, window: timedelta | None = timedelta(days=7),
+                     max_delivery: int = 2000, create: bool = True,
+                     connection_string: str | None = None) -> AsyncIterator[StorageQueueBackend]:
+        backend = StorageQueueBackend.from_spec(
+            None, storage_queue_name, connection_string or azurite.connection_string,
+            dedup_window=None)
+        async with backend:
+            if create:
+                await backend.ensure_queue(QueueSettings(
+                    dedup_window=window or timedelta(0),
+                    duplicate_detection=window is not None,
+                    lock_duration=timedelta(seconds=lock),
+                    max_delivery_count=max_delivery,
+                ))
+            yield backend
+
+    return opener

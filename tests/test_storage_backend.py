@@ -8,14 +8,13 @@ import json
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from azure.data.tables.aio import TableClient
 from azure.storage.queue.aio import QueueClient
+from azurite_fixtures import OpenBackend
 
 from ai4s_jobq.backends.base import (
     BackendError,
@@ -26,39 +25,10 @@ from ai4s_jobq.backends.base import (
     QueueUnavailableError,
 )
 from ai4s_jobq.backends.storage_dedup import LEDGER_TABLE, row_key
-from ai4s_jobq.backends.storage_queue import (
-    MESSAGE_TEXT_LIMIT,
-    StorageQueueBackend,
-    decode_text,
-    encode_text,
-)
+from ai4s_jobq.backends.storage_queue import StorageQueueBackend
+from ai4s_jobq.backends.storage_wire import MESSAGE_TEXT_LIMIT, decode_text, encode_text
 
 ROOT = Path(__file__).resolve().parent.parent
-OpenBackend = Callable[..., AbstractAsyncContextManager[StorageQueueBackend]]
-
-
-@pytest.fixture
-def open_backend(azurite, storage_queue_name) -> OpenBackend:
-    """``async with open_backend(lock=2, window=...) as b`` — the test's queue, created."""
-
-    @asynccontextmanager
-    async def opener(*, lock: float = 30, window: timedelta | None = timedelta(days=7),
-                     max_delivery: int = 2000, create: bool = True,
-                     connection_string: str | None = None) -> AsyncIterator[StorageQueueBackend]:
-        backend = StorageQueueBackend.from_spec(
-            None, storage_queue_name, connection_string or azurite.connection_string,
-            dedup_window=None)
-        async with backend:
-            if create:
-                await backend.ensure_queue(QueueSettings(
-                    dedup_window=window or timedelta(0),
-                    duplicate_detection=window is not None,
-                    lock_duration=timedelta(seconds=lock),
-                    max_delivery_count=max_delivery,
-                ))
-            yield backend
-
-    return opener
 
 
 def task(n: int, payload: str = "") -> OutgoingMessage:

@@ -347,3 +347,15 @@ async def ensure_ledger_table(service: Any) -> None:
         await service.create_table(LEDGER_TABLE)
     except ResourceExistsError:
         pass
+
+
+def first_occurrences(
+    items: list[tuple[int, str, str]],
+) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str]]]:
+    seen: set[str] = set()
+    first: list[tuple[int, str, str]] = []
+    later: list[tuple[int, str, str]] = []
+    for item in items:
+        (later if item[1] in seen else first).append(item)
+        seen.add(item[1])
+    return first, later

@@ -7,7 +7,11 @@ This module maps the :class:`~ai4s_jobq.backends.base.Backend` contract onto it:
 * lock = visibility timeout; the settlement handle is (Azure message id, pop
   receipt); ``renew`` extends the visibility and gets a new pop receipt; a lost
   pop receipt (another worker received the message) raises ``LockLostError``.
-* delivery count = the message's ``dequeue_count``.
+* delivery count = the message's ``dequeue_count``, less the receptions that
+  never ran (read-ahead released unstarted at close; counted in the header as
+  ``unstarted``, so a worker shutting down does not cost a task an attempt).
+* receive reads ahead (:mod:`.storage_prefetch`): up to 32 per call, sized by
+  the worker's recent throughput.
 * dead-letter queue = a sibling queue ``QUEUE-failed``; each record carries the
   reason, description and delivery count in its header.
 * duplicate detection = the Table ledger in :mod:`.storage_dedup`, on when the
@@ -31,7 +35,7 @@ import logging
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -55,7 +59,8 @@ from .base import (
     QueueUnavailableError,
     ReceivedMessage,
 )
-from .storage_dedup import LEDGER_TABLE, DedupLedger, ensure_ledger_table
+from .storage_dedup import LEDGER_TABLE, DedupLedger, ensure_ledger_table, first_occurrences
+from .storage_prefetch import ReadAhead
 from .storage_rest import (
     RestError,
     StorageRest,
@@ -64,16 +69,19 @@ from .storage_rest import (
 )
 from .storage_wire import (
     MESSAGE_TEXT_LIMIT,
+    Lease,
     account_of,
     as_backend_error,
     dead_letter_text,
-    decode_text,
     encode_text,
     is_account_error,
     is_lock_lost,
+    lost_lock,
     rest_error,
     text_size,
+    to_received,
     translate_errors,
+    unstarted_text,
 )
 
 log = logging.getLogger("ai4s_jobq.storage")
@@ -90,17 +98,6 @@ _QUEUE_NAME = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9-]{1,54}[a-z0-9]$")
 
 
 # ---------------------------------------------------------------------- backend
-
-
-@dataclass
-class _Lease:
-    """Settlement handle: the message's Azure id and current pop receipt.  The lock
-    keeps a heartbeat and a settlement from using the same pop receipt at once."""
-
-    azure_id: str
-    pop_receipt: str
-    dead_letter_queue: bool
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass
@@ -154,6 +151,7 @@ class StorageQueueBackend(Backend):
         self._ledger: DedupLedger | None = None
         self._rest: StorageRest | None = None  # the fast path for sends and ledger batches
         self._send_limit = asyncio.Semaphore(SEND_CONCURRENCY)
+        self._read_ahead = ReadAhead(RECEIVE_BATCH)
 
     @classmethod
     def from_spec(
@@ -207,6 +205,8 @@ class StorageQueueBackend(Backend):
             self._rest = await StorageRest(endpoints, self._credential).__aenter__()
 
     async def close(self) -> None:
+        if self._queue is not None and len(self._read_ahead):
+            await self._release_unstarted(self._read_ahead.drain())
         if self._rest is not None:
             await self._rest.__aexit__(None, None, None)
             self._rest = None
@@ -329,7 +329,7 @@ class StorageQueueBackend(Backend):
             # The same ID twice in one call: later copies go in a later round, where
             # they meet the first copy's ledger entry like any other duplicate.
             while ready:
-                first, ready = _split_first_occurrences(ready)
+                first, ready = first_occurrences(ready)
                 await asyncio.gather(*(
                     self._push_deduplicated(ledger, first[s:s + 100], outcomes)
                     for s in range(0, len(first), 100)
@@ -394,19 +394,62 @@ class StorageQueueBackend(Backend):
     async def receive(
         self, max_count: int, max_wait: float, *, dead_letter: bool = False
     ) -> list[ReceivedMessage]:
-        """Poll (Storage Queue has no long polling) with backoff up to ``max_wait``.
-        Never more than ``max_count``: each message's visibility timeout starts now, so
-        receiving more than the caller can start would eat into their lock time."""
+        """Read-ahead first, then poll (Storage Queue has no long polling) with
+        backoff up to ``max_wait``.  Returns at most ``max_count``; a surplus fetched
+        ahead (see :mod:`.storage_prefetch`) waits for the next call."""
+        max_count = max(1, max_count)
+        ready = [] if dead_letter else await self._fresh(self._read_ahead.take(max_count))
         deadline = time.monotonic() + max(0.0, max_wait)
         delay = 0.05
-        while True:
-            messages = await self._receive_once(max(1, min(max_count, RECEIVE_BATCH)),
-                                                dead_letter)
+        while len(ready) < max_count:
+            wanted = max_count - len(ready)
+            count = (min(wanted, RECEIVE_BATCH) if dead_letter
+                     else self._read_ahead.fetch_count(wanted))
+            messages = await self._receive_once(count, dead_letter)
+            ready.extend(messages[:wanted])
+            self._read_ahead.keep(messages[wanted:])
             remaining = deadline - time.monotonic()
-            if messages or remaining <= 0:
-                return messages
+            if ready or remaining <= 0:
+                break
             await asyncio.sleep(min(delay, remaining))
             delay = min(delay * 2, 1.0)
+        return ready
+
+    async def _fresh(self, messages: list[ReceivedMessage]) -> list[ReceivedMessage]:
+        """Renew buffered messages that used up half their lock waiting; drop the
+        ones whose lock is already gone (another receiver has them now)."""
+        if not messages:
+            return messages
+        config = await self._read_config()
+        fresh = []
+        for message in messages:
+            if ReadAhead.stale(message, config.visibility_timeout):
+                try:
+                    await self.renew(message)
+                except LockLostError:
+                    log.info("read-ahead message %s: lock expired while buffered; another "
+                             "receiver has it", message.message_id)
+                    continue
+            fresh.append(message)
+        return fresh
+
+    async def _release_unstarted(self, messages: list[ReceivedMessage]) -> None:
+        """Make read-ahead messages visible again, recording in their header that
+        this reception never ran them (see ``_to_received``).  Best effort: one that
+        cannot be released reappears when its visibility timeout ends."""
+        async def release(message: ReceivedMessage) -> None:
+            lease = self._lease(message)
+            content = unstarted_text(lease.header, message.body)
+            try:
+                async with lease.lock:
+                    await self._queue.update_message(
+                        lease.azure_id, pop_receipt=lease.pop_receipt, content=content,
+                        visibility_timeout=0)
+            except Exception as exc:  # noqa: BLE001 - best effort, see docstring
+                log.info("could not release read-ahead message %s (%s); it reappears when "
+                         "its visibility timeout ends", message.message_id, type(exc).__name__)
+
+        await asyncio.gather(*(release(message) for message in messages))
 
     async def _receive_once(self, count: int, dead_letter: bool) -> list[ReceivedMessage]:
         config = await self._read_config()
@@ -417,7 +460,7 @@ class StorageQueueBackend(Backend):
             pages = client.receive_messages(messages_per_page=count, max_messages=count,
                                             visibility_timeout=config.visibility_timeout)
             async for item in pages:
-                received.append(self._to_received(item, dead_letter, with_handle=True))
+                received.append(to_received(item, dead_letter, with_handle=True))
         if dead_letter:
             return received
         kept = []
@@ -429,26 +472,8 @@ class StorageQueueBackend(Backend):
                 kept.append(message)
         return kept
 
-    def _to_received(self, item: Any, dead_letter: bool, *, with_handle: bool) -> ReceivedMessage:
-        header, body = decode_text(item.content or "")
-        header = header or {}
-        delivery = int(item.dequeue_count or 0)
-        if dead_letter and isinstance(header.get("delivery_count"), int):
-            delivery = header["delivery_count"]
-        return ReceivedMessage(
-            message_id=str(header.get("id") or item.id),
-            body=body,
-            delivery_count=max(delivery, 1) if with_handle else delivery,
-            enqueued_time=item.inserted_on.timestamp() if item.inserted_on else None,
-            locked_until=(item.next_visible_on.timestamp()
-                          if with_handle and item.next_visible_on else None),
-            handle=_Lease(item.id, item.pop_receipt, dead_letter) if with_handle else None,
-            dead_letter_reason=header.get("reason"),
-            dead_letter_description=header.get("description"),
-        )
-
-    def _lease(self, message: ReceivedMessage) -> _Lease:
-        if not isinstance(message.handle, _Lease):
+    def _lease(self, message: ReceivedMessage) -> Lease:
+        if not isinstance(message.handle, Lease):
             raise BackendError(f"message {message.message_id} was not received from "
                                f"{self.description} (peeked messages cannot be settled)")
         return message.handle
@@ -465,10 +490,10 @@ class StorageQueueBackend(Backend):
                             visibility_timeout=seconds)
                     except HttpResponseError as exc:
                         if is_lock_lost(exc):
-                            raise LockLostError(_lost(message)) from None
+                            raise LockLostError(lost_lock(message)) from None
                         raise
             except QueueUnavailableError:
-                raise LockLostError(_lost(message)) from None
+                raise LockLostError(lost_lock(message)) from None
             lease.pop_receipt = updated.pop_receipt
             if updated.next_visible_on:
                 message.locked_until = updated.next_visible_on.timestamp()
@@ -478,22 +503,38 @@ class StorageQueueBackend(Backend):
         await self._update_visibility(message, config.visibility_timeout)
 
     async def abandon(self, message: ReceivedMessage) -> None:
+        self._read_ahead.finished()
         await self._update_visibility(message, 0)
 
     async def complete(self, message: ReceivedMessage) -> None:
         lease = self._lease(message)
         client = self._dlq if lease.dead_letter_queue else self._queue
+        self._read_ahead.finished()
         async with lease.lock:
+            if self._rest is not None:
+                await self._delete_rest(message, lease)
+                return
             try:
                 with self._translate(f"deleting message {message.message_id}"):
                     try:
                         await client.delete_message(lease.azure_id, lease.pop_receipt)
                     except HttpResponseError as exc:
                         if is_lock_lost(exc):
-                            raise LockLostError(_lost(message)) from None
+                            raise LockLostError(lost_lock(message)) from None
                         raise
             except QueueUnavailableError:
-                raise LockLostError(_lost(message)) from None
+                raise LockLostError(lost_lock(message)) from None
+
+    async def _delete_rest(self, message: ReceivedMessage, lease: Lease) -> None:
+        assert self._rest is not None
+        queue = self.dlq_name if lease.dead_letter_queue else self.queue_name
+        try:
+            await self._rest.delete_message(queue, lease.azure_id, lease.pop_receipt)
+        except RestError as exc:
+            if exc.status == 404 or exc.code == "PopReceiptMismatch":
+                raise LockLostError(lost_lock(message)) from None
+            raise rest_error(exc, f"deleting message {message.message_id}",
+                             self.account) from None
 
     async def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
         """Renew (proves we still hold the lock), copy to ``-failed``, then delete.
@@ -516,7 +557,7 @@ class StorageQueueBackend(Backend):
                 items = await client.peek_messages(max_messages=count)
             except ResourceNotFoundError:
                 return []
-        return [self._to_received(i, dead_letter, with_handle=False) for i in items]
+        return [to_received(i, dead_letter, with_handle=False) for i in items]
 
     async def _approximate_count(self, client: Any, name: str) -> int:
         with self._translate(f"reading queue {name}"):
@@ -555,24 +596,3 @@ def _int(value: str | None, default: int) -> int:
         return int(value) if value is not None else default
     except ValueError:
         return default
-
-
-
-def _lost(message: ReceivedMessage) -> str:
-    return (f"lost the lock on message {message.message_id}: its visibility timeout "
-            "expired and another receiver took it (or it was deleted)")
-
-
-
-def _split_first_occurrences(
-    items: list[tuple[int, str, str]],
-) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str]]]:
-    seen: set[str] = set()
-    first: list[tuple[int, str, str]] = []
-    later: list[tuple[int, str, str]] = []
-    for item in items:
-        (later if item[1] in seen else first).append(item)
-        seen.add(item[1])
-    return first, later
-
-

@@ -16,6 +16,7 @@ header.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -23,6 +24,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from azure.core.exceptions import (
@@ -233,3 +235,56 @@ def dead_letter_text(message: ReceivedMessage, reason: str, description: str) ->
                     message.message_id, reason)
         text = encode_text({"id": message.message_id}, message.body)
     return text
+
+
+@dataclass
+class Lease:
+    """Settlement handle: the message's Azure id and current pop receipt.  The lock
+    keeps a heartbeat and a settlement from using the same pop receipt at once."""
+
+    azure_id: str
+    pop_receipt: str
+    dead_letter_queue: bool
+    header: dict[str, Any] | None = None  # our frame's header; None for foreign text
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def to_received(item: Any, dead_letter: bool, *, with_handle: bool) -> ReceivedMessage:
+    """A received (or peeked: ``with_handle=False``) SDK item as a ``ReceivedMessage``.
+    The delivery count is Azure's ``dequeue_count`` less the receptions recorded as
+    ``unstarted`` (read-ahead released without running, see :func:`unstarted_text`)."""
+    frame, body = decode_text(item.content or "")
+    header = frame or {}
+    delivery = int(item.dequeue_count or 0)
+    unstarted = header.get("unstarted")
+    if isinstance(unstarted, int) and not dead_letter:
+        delivery -= unstarted
+    if dead_letter and isinstance(header.get("delivery_count"), int):
+        delivery = header["delivery_count"]
+    return ReceivedMessage(
+        message_id=str(header.get("id") or item.id),
+        body=body,
+        delivery_count=max(delivery, 1) if with_handle else delivery,
+        enqueued_time=item.inserted_on.timestamp() if item.inserted_on else None,
+        locked_until=(item.next_visible_on.timestamp()
+                      if with_handle and item.next_visible_on else None),
+        handle=(Lease(item.id, item.pop_receipt, dead_letter, frame) if with_handle
+                else None),
+        dead_letter_reason=header.get("reason"),
+        dead_letter_description=header.get("description"),
+    )
+
+
+def unstarted_text(header: dict[str, Any] | None, body: bytes) -> str | None:
+    """New message text recording one more reception that never ran the task, or
+    None for foreign text (no header to record it in: it keeps its count)."""
+    if header is None:
+        return None
+    previous = header.get("unstarted")
+    count = previous if isinstance(previous, int) else 0
+    return encode_text({**header, "unstarted": count + 1}, body)
+
+
+def lost_lock(message: ReceivedMessage) -> str:
+    return (f"lost the lock on message {message.message_id}: its visibility timeout "
+            "expired and another receiver took it (or it was deleted)")

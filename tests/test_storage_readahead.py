@@ -1,0 +1,157 @@
+"""Storage Queue read-ahead: batch receives sized by throughput, honest locks,
+and unstarted messages released at close without costing an attempt.
+
+The sizing rule is tested without I/O; everything else against Azurite, with a
+second backend on the same queue standing in for another worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from azure.storage.queue.aio import QueueClient
+from azurite_fixtures import OpenBackend
+
+from ai4s_jobq.backends.base import OutgoingMessage
+from ai4s_jobq.backends.storage_prefetch import ReadAhead
+
+
+def tasks(count: int) -> list[OutgoingMessage]:
+    return [OutgoingMessage(f"t{n}", json.dumps({"args": {"n": n}}).encode())
+            for n in range(count)]
+
+
+async def receive_all(backend, wait: float = 0.3) -> list:
+    got = []
+    while batch := await backend.receive(32, wait):
+        got.extend(batch)
+    return got
+
+
+# ---------------------------------------------------------------------- sizing (no I/O)
+
+
+def test_fetch_ahead_follows_recent_throughput() -> None:
+    ahead = ReadAhead(limit=32, horizon=1.0, window=2.0)
+    assert ahead.fetch_count(3, now=100.0) == 3  # no history: only what can start
+    for n in range(20):
+        ahead.finished(now=100.0 + n * 0.05)  # 20 settled within a second: 10/s
+    assert ahead.fetch_count(3, now=101.0) == 3 + 10
+    for n in range(200):
+        ahead.finished(now=101.0 + n * 0.001)
+    assert ahead.fetch_count(3, now=101.5) == 32  # never more than one receive call
+    assert ahead.fetch_count(3, now=110.0) == 3  # throughput history expires
+
+
+def test_stale_means_less_than_half_the_lock_left() -> None:
+    from ai4s_jobq.backends.base import ReceivedMessage
+
+    message = ReceivedMessage("m", b"", 1, None, locked_until=1000.0)
+    assert not ReadAhead.stale(message, 60, now=960.0)  # 40 s of 60 left
+    assert ReadAhead.stale(message, 60, now=975.0)  # 25 s left
+
+
+# ---------------------------------------------------------------------- against Azurite
+
+
+async def test_no_read_ahead_without_throughput(open_backend: OpenBackend) -> None:
+    """A worker that has settled nothing yet locks only what it can start: the rest
+    stay visible to other workers."""
+    async with open_backend(window=None) as worker, open_backend(create=False) as other:
+        await worker.push(tasks(5))
+        assert len(await worker.receive(1, 1.0)) == 1
+        assert len(await receive_all(other)) == 4
+
+
+async def test_read_ahead_serves_later_receives_and_stays_bounded(
+        open_backend: OpenBackend) -> None:
+    async with open_backend(window=None) as worker, open_backend(create=False) as other:
+        await worker.push(tasks(40))
+        first = await worker.receive(10, 1.0)
+        assert len(first) == 10
+        await asyncio.gather(*(worker.complete(m) for m in first))  # ~10 in 2 s: 5/s
+        expected_ahead = int(worker._read_ahead.rate() * 1.0)
+        assert expected_ahead >= 1
+
+        handed = await worker.receive(1, 1.0)
+        assert len(handed) == 1
+        assert len(worker._read_ahead) == expected_ahead  # locked, waiting here
+        # the other worker sees everything except what this one holds
+        others = await receive_all(other)
+        assert len(others) == 40 - 10 - 1 - expected_ahead
+
+        buffered = await worker.receive(32, 0.0)  # served from the buffer
+        assert len(buffered) == expected_ahead
+        await asyncio.gather(*(worker.complete(m) for m in handed + buffered + others))
+        assert (await worker.counts()).active == 0
+
+
+async def test_a_stale_buffered_message_is_renewed_before_hand_out(
+        open_backend: OpenBackend) -> None:
+    async with open_backend(window=None, lock=300) as worker:
+        await worker.push(tasks(3))
+        worker._read_ahead.finished()
+        worker._read_ahead.finished()  # some throughput: read ahead
+        first = await worker.receive(1, 1.0)
+        assert len(worker._read_ahead) >= 1
+        waiting = worker._read_ahead._buffer[0]
+        waiting.locked_until = time.time() + 5  # as if it had waited 295 s
+
+        (handed,) = await worker.receive(1, 0.0)
+        assert handed is waiting
+        assert handed.locked_until is not None and handed.locked_until > time.time() + 250
+        await worker.complete(handed)  # the renewed pop receipt settles it
+        await worker.complete(first[0])
+
+
+async def test_a_buffered_message_whose_lock_is_gone_is_dropped(
+        open_backend: OpenBackend, azurite, storage_queue_name: str) -> None:
+    async with open_backend(window=None) as worker, open_backend(create=False) as other:
+        await worker.push(tasks(3))
+        for _ in range(4):
+            worker._read_ahead.finished()  # 2/s: two fetched ahead
+        kept = await worker.receive(1, 1.0)
+        assert len(worker._read_ahead) == 2
+        lost, ok = worker._read_ahead._buffer
+        # Its visibility ends early and another worker takes it: our receipt is stale.
+        async with QueueClient.from_connection_string(azurite.connection_string,
+                                                      storage_queue_name) as raw:
+            await raw.update_message(lost.handle.azure_id, pop_receipt=lost.handle.pop_receipt,
+                                     visibility_timeout=0)
+        (stolen,) = await other.receive(1, 1.0)
+        assert stolen.message_id == lost.message_id
+        lost.locked_until = time.time()  # stale: the worker tries to renew it
+
+        handed = await worker.receive(2, 0.0)
+        assert [m.message_id for m in handed] == [ok.message_id]
+        for message in (*kept, *handed):
+            await worker.complete(message)
+        await other.complete(stolen)
+
+
+async def test_close_releases_unstarted_messages_without_costing_an_attempt(
+        open_backend: OpenBackend, azurite, storage_queue_name: str) -> None:
+    async with open_backend(window=None) as worker:
+        await worker.push(tasks(6))
+        for _ in range(10):
+            worker._read_ahead.finished()
+        (started,) = await worker.receive(1, 1.0)
+        assert len(worker._read_ahead) == 5
+        await worker.complete(started)
+    # closed: the five unstarted messages are visible again at once
+
+    async with open_backend(create=False) as other:
+        again = await receive_all(other)
+        assert len(again) == 5
+        assert {m.delivery_count for m in again} == {1}  # not charged for the read-ahead
+        async with QueueClient.from_connection_string(azurite.connection_string,
+                                                      storage_queue_name) as raw:
+            for message in again:  # Azure itself did count the reception
+                await raw.update_message(message.handle.azure_id,
+                                         pop_receipt=message.handle.pop_receipt,
+                                         visibility_timeout=0)
+            peeked = [m async for m in raw.receive_messages(max_messages=32)]
+        assert {m.dequeue_count for m in peeked} == {3}
+        assert all('"unstarted":1' in m.content for m in peeked)
