@@ -106,10 +106,27 @@ class ManagementHandler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = -1
+        self._body_consumed = True
         if length < 0 or length > MAX_BODY:
+            self.close_connection = True  # the body cannot be skipped: end the connection
             self._error(400, "invalid Content-Length")
             return None
         return self.rfile.read(length) if length else b""
+
+    def _discard_unread_body(self) -> None:
+        """Skip the body of a request answered without reading it (a 401, say), so
+        that it is not parsed as the next request on this keep-alive connection."""
+        if getattr(self, "_body_consumed", True):
+            return
+        self._body_consumed = True
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
+            self.close_connection = True
+        elif length:
+            self.rfile.read(length)
 
     def _authorised(self, path: str) -> bool:
         token = self.headers.get("Authorization") or ""
@@ -130,6 +147,7 @@ class ManagementHandler(BaseHTTPRequestHandler):
         return path, parse_qs(parsed.query)
 
     def _dispatch(self, method: str) -> None:
+        self._body_consumed = False
         try:
             routed = self._route()
             if routed is None:
@@ -154,6 +172,8 @@ class ManagementHandler(BaseHTTPRequestHandler):
         except Exception:
             log.exception("management request %s %s failed", method, self.path)
             self._error(500, "the emulator failed on this request")
+        finally:
+            self._discard_unread_body()
 
     def do_GET(self) -> None:  # noqa: N802
         self._dispatch("GET")
