@@ -20,7 +20,11 @@ import click
               show_default=True, help="Directory for the message store, SAS key and TLS CA.")
 @click.option("--log-level", default="WARNING", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-def emulator(host: str, port: int | None, data_dir: str, log_level: str) -> None:
+@click.option("--aad-trust-key", envvar="AI4S_JOBQ_EMULATOR_AAD_TRUST_KEY", default=None,
+              help="Also accept Azure AD tokens (HS256 JWTs) signed with this key; kept in "
+                   "the data dir once given.  [env var: AI4S_JOBQ_EMULATOR_AAD_TRUST_KEY]")
+def emulator(host: str, port: int | None, data_dir: str, log_level: str,
+             aad_trust_key: str | None) -> None:
     """Run a local Azure Service Bus emulator (AMQP + management HTTPS)."""
     import logging
 
@@ -36,11 +40,14 @@ def emulator(host: str, port: int | None, data_dir: str, log_level: str) -> None
         from ai4s_jobq.emulator.client import ca_path_for, emulator_endpoint
 
         click.echo(connection_string)
-        ca = ca_path_for(*emulator_endpoint(connection_string))
+        sb_host, sb_port = emulator_endpoint(connection_string)
+        ca = ca_path_for(sb_host, sb_port)
         click.echo(f"# AMQP and management HTTPS on the same port; admin-client CA: {ca}", err=True)
+        click.echo(f"# Azure AD: JOBQ_SERVICEBUS_ENDPOINT=sb://{sb_host}:{sb_port} "
+                   f"JOBQ_SERVICEBUS_CA={ca} (see docs/emulator.md)", err=True)
         click.echo("# Ctrl-C to stop", err=True)
 
     try:
-        run(host, port, data_dir, announce=announce)
+        run(host, port, data_dir, announce=announce, aad_trust_key=aad_trust_key)
     except OSError as exc:
         raise click.ClickException(f"cannot start the emulator: {exc}") from exc

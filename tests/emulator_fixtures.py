@@ -6,6 +6,9 @@
 * ``sb_emulator_shared``: one in-process emulator for a whole test module (tests
   make their own uniquely named queues), which keeps the suite fast.
 * ``sb_emulator_process``: the emulator as a child process (``kill()`` is SIGKILL).
+* ``sb_emulator_aad``: like ``sb_emulator``, also accepting Azure AD tokens signed
+  with ``handle.aad_trust_key`` (give it to a fake token endpoint, see
+  ``aad_support``).
 
 Each yields an :class:`EmulatorHandle` with ``connection_string``, ``host``,
 ``port``, ``ca_path``, ``data_dir``, ``stop()``, ``restart()`` and helpers to make
@@ -15,6 +18,7 @@ queues through the real ``ServiceBusAdministrationClient``.
 from __future__ import annotations
 
 import datetime
+import secrets
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +41,7 @@ class EmulatorHandle:
     data_dir: Path
     server: EmulatorServer | None = None
     process: EmulatorProcess | None = None
+    aad_trust_key: str | None = None
 
     @property
     def connection_string(self) -> str:
@@ -76,7 +81,8 @@ class EmulatorHandle:
         assert self.server is not None
         port = self.server.port
         self.server.stop()
-        self.server = EmulatorServer(self.data_dir, port=port).start()
+        self.server = EmulatorServer(self.data_dir, port=port,
+                                     aad_trust_key=self.aad_trust_key).start()
 
     # ------------------------------------------------------------------ helpers
 
@@ -101,6 +107,17 @@ class EmulatorHandle:
 def sb_emulator(tmp_path: Path) -> Iterator[EmulatorHandle]:
     handle = EmulatorHandle(tmp_path / "sb-emulator")
     handle.server = EmulatorServer(handle.data_dir, port=0).start()
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+@pytest.fixture
+def sb_emulator_aad(tmp_path: Path) -> Iterator[EmulatorHandle]:
+    handle = EmulatorHandle(tmp_path / "sb-emulator", aad_trust_key=secrets.token_urlsafe(32))
+    handle.server = EmulatorServer(handle.data_dir, port=0,
+                                   aad_trust_key=handle.aad_trust_key).start()
     try:
         yield handle
     finally:

@@ -4,9 +4,10 @@ Each accepted socket is served by its own thread, which feeds the bytes into a
 ``proton.Transport`` (server mode, SASL ANONYMOUS as the SDK uses for CBS) and
 reacts to the engine's events:
 
-* links to ``$cbs`` carry ``put-token`` requests; the SAS token is checked
-  against the emulator's key (:mod:`.auth`) and the audience is remembered as
-  granted for this connection;
+* links to ``$cbs`` carry ``put-token`` requests; a SAS token is checked
+  against the emulator's key (:mod:`.auth`), an Azure AD JWT against its AAD
+  trust key (:mod:`.jwt_auth`), and the audience is remembered as granted for
+  this connection;
 * a link whose target is a queue (``amqps://host/queue``) is a sender: every
   transfer is enqueued through the broker core (batches are unpacked; duplicates
   are accepted and dropped by the core);
@@ -546,7 +547,7 @@ class AmqpConnection:
         else:
             try:
                 # a put-token body is the token (str or bytes); proton types it as any AMQP value
-                self.ctx.authority.check(cast("str | bytes", request.body or ""), audience)
+                self.ctx.check_cbs_token(cast("str | bytes", request.body or ""), audience)
             except AuthError as exc:
                 status, text = 401, f"Unauthorized: {exc}"
             else:

@@ -31,6 +31,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 STATE_DIR_ENV = "AI4S_JOBQ_EMULATOR_STATE"
+#: The emulator's AAD trust key (see :mod:`.jwt_auth`), read by ``python -m
+#: ai4s_jobq.emulator`` and ``jobq emulator`` (an environment variable keeps it
+#: out of process listings).
+AAD_TRUST_KEY_ENV = "AI4S_JOBQ_EMULATOR_AAD_TRUST_KEY"
 
 
 class EmulatorCaMissing(FileNotFoundError):

@@ -9,9 +9,11 @@ Serves what ``ServiceBusAdministrationClient`` (sync and aio) sends:
 * ``GET /$Resources/queues?$skip=&$top=`` the feed of queues, paged.
 
 Every request must carry ``Authorization: SharedAccessSignature ...`` signed
-with the emulator's key (401 otherwise).  Errors are Atom ``<Error>`` bodies the
-SDK turns into ``HttpResponseError`` subclasses.  The connection is already
-TLS-wrapped by :func:`serve_https_connection`.
+with the emulator's key or ``Authorization: Bearer <Azure AD JWT>`` valid for
+the emulator's AAD trust key (401 otherwise, see :mod:`.jwt_auth`).  Errors are
+Atom ``<Error>`` bodies the SDK turns into ``HttpResponseError`` subclasses.
+The connection is already TLS-wrapped when it reaches
+:func:`serve_https_connection`.
 """
 
 from __future__ import annotations
@@ -50,26 +52,15 @@ class _ServerStub:
         self.ctx = ctx
 
 
-def serve_https_connection(
-    sock: socket.socket, peer: str, ctx: EmulatorContext, ssl_context: ssl.SSLContext
-) -> None:
-    """TLS handshake, then HTTP/1.1 requests until the client goes away."""
+def serve_https_connection(sock: socket.socket, peer: str, ctx: EmulatorContext) -> None:
+    """HTTP/1.1 requests until the client goes away.  ``sock`` is already TLS
+    (see :mod:`.tls_io`), possibly with bytes the sniffer read put back in front."""
     try:
-        tls = ssl_context.wrap_socket(sock, server_side=True)
-    except (ssl.SSLError, OSError) as exc:
-        log.info("TLS handshake with %s failed: %s", peer, exc)
-        return
-    try:
-        tls.settimeout(IDLE_TIMEOUT)
+        sock.settimeout(IDLE_TIMEOUT)
         # the handler only reads ``server.ctx``; the stdlib stub asks for a BaseServer
-        ManagementHandler(tls, (peer, 0), cast(BaseServer, _ServerStub(ctx)))
+        ManagementHandler(sock, (peer, 0), cast(BaseServer, _ServerStub(ctx)))
     except (OSError, ssl.SSLError):
         pass
-    finally:
-        try:
-            tls.close()
-        except OSError:
-            pass
 
 
 class ManagementHandler(BaseHTTPRequestHandler):
@@ -132,7 +123,7 @@ class ManagementHandler(BaseHTTPRequestHandler):
         token = self.headers.get("Authorization") or ""
         host = self.headers.get("Host") or "localhost"
         try:
-            self.ctx.authority.check(token, f"https://{host}/{path}")
+            self.ctx.check_authorization_header(token, f"https://{host}/{path}")
         except AuthError as exc:
             self._error(401, f"Unauthorized: {exc}")
             return False

@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 from . import client
+from .client import AAD_TRUST_KEY_ENV
 
 STARTUP_TIMEOUT = 30.0
 
@@ -26,8 +27,10 @@ class EmulatorStartError(RuntimeError):
 
 class EmulatorProcess:
     def __init__(self, data_dir: str | os.PathLike[str], port: int | None = None,
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", aad_trust_key: str | None = None):
         self.data_dir = Path(data_dir)
+        #: passed through the environment, not argv, so it is not in process listings
+        self.aad_trust_key = aad_trust_key
         self.host = host
         self.port = port or 0  # 0: let the child pick a free port on the first start
         self.connection_string: str | None = None
@@ -42,8 +45,13 @@ class EmulatorProcess:
         log = open(self.data_dir / "emulator.log", "a")  # noqa: SIM115 - owned by the child
         cmd = [sys.executable, "-m", "ai4s_jobq.emulator", "--data", str(self.data_dir),
                "--host", self.host, "--port", str(self.port), "--log-level", "INFO"]
+        env = dict(os.environ)
+        env.pop(AAD_TRUST_KEY_ENV, None)
+        if self.aad_trust_key is not None:
+            env[AAD_TRUST_KEY_ENV] = self.aad_trust_key
         self._proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True,
+            env=env,
         )
         log.close()
         line = self._first_line(self._proc, STARTUP_TIMEOUT)

@@ -2,12 +2,15 @@
 
 One TCP port serves both protocols: a connection whose first byte is ``A``
 (``AMQP`` protocol header, with or without SASL) goes to the AMQP front end, one
-whose first byte is ``0x16`` (a TLS ClientHello) is wrapped in TLS and served by
-the HTTPS management front end.  That way the single endpoint of the connection
-string works for ``ServiceBusClient`` and ``ServiceBusAdministrationClient``.
+whose first byte is ``0x16`` (a TLS ClientHello) is wrapped in TLS and sniffed
+again (:mod:`.tls_io`): AMQP over TLS -- what the SDK speaks with an Azure AD
+credential -- goes to the AMQP front end, anything else to the HTTPS management
+front end.  That way the single endpoint of the connection string works for
+``ServiceBusClient`` and ``ServiceBusAdministrationClient``, with SAS or AAD.
 
 The data directory holds everything that must survive a restart: the SQLite
-store, ``emulator.json`` (SAS key name, key and the last port) and the TLS CA.
+store, ``emulator.json`` (SAS key name, key, AAD trust key and the last port)
+and the TLS CA.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import ssl
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 from ai4s_jobq.broker_core import BrokerCore
 
@@ -28,7 +32,9 @@ from . import client, tls
 from .amqp import AmqpConnection
 from .auth import DEFAULT_KEY_NAME, SasAuthority, new_key
 from .hub import EmulatorContext
+from .jwt_auth import JwtAuthority
 from .management import serve_https_connection
+from .tls_io import PrefixedSocket, TlsAmqpConnection, accept_tls
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,9 @@ class EmulatorSettings:
     key_name: str = DEFAULT_KEY_NAME
     key: str = ""
     port: int = 0
+    #: HMAC key Azure AD tokens must be signed with (see :mod:`.jwt_auth`);
+    #: empty: Azure AD tokens are refused
+    aad_trust_key: str = ""
 
 
 def load_settings(data_dir: Path) -> EmulatorSettings:
@@ -76,6 +85,7 @@ class EmulatorServer:
         port: int | None = None,
         key: str | None = None,
         key_name: str | None = None,
+        aad_trust_key: str | None = None,
     ):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -84,6 +94,8 @@ class EmulatorServer:
             self.settings.key = key
         if key_name:
             self.settings.key_name = key_name
+        if aad_trust_key is not None:
+            self.settings.aad_trust_key = aad_trust_key
         if not self.settings.key:
             self.settings.key = new_key()
         self.host = host
@@ -112,7 +124,8 @@ class EmulatorServer:
     def start(self) -> EmulatorServer:
         self.core = BrokerCore(self.data_dir / "broker.sqlite3")
         self.ctx = EmulatorContext(
-            core=self.core, authority=SasAuthority(self.settings.key_name, self.settings.key)
+            core=self.core, authority=SasAuthority(self.settings.key_name, self.settings.key),
+            aad=JwtAuthority(self.settings.aad_trust_key),
         )
         listener = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -153,7 +166,9 @@ class EmulatorServer:
             connection.stop()
         for sock in sockets:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                # the plain socket's shutdown, also for TLS sockets (whose own one
+                # would tear down the TLS state under the thread still using it)
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
             except OSError:
                 pass
         self._listener = None
@@ -200,20 +215,12 @@ class EmulatorServer:
             if not first:
                 return
             if first[0] == TLS_RECORD_HANDSHAKE:
-                assert self._ssl_context is not None and self.ctx is not None
-                serve_https_connection(sock, peer, self.ctx, self._ssl_context)
+                assert self._ssl_context is not None
+                self._serve_tls(sock, peer, self._ssl_context)
             elif first == b"A":
                 sock.settimeout(None)
                 assert self.ctx is not None
-                connection = AmqpConnection(sock, self.ctx, peer)
-                with self._lock:
-                    self._connections.add(connection)
-                try:
-                    if not self._stopped.is_set():
-                        connection.serve()
-                finally:
-                    with self._lock:
-                        self._connections.discard(connection)
+                self._serve_amqp(AmqpConnection(sock, self.ctx, peer))
             else:
                 sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
                              b"Connection: close\r\n\r\n")
@@ -226,3 +233,37 @@ class EmulatorServer:
                 sock.close()
             except OSError:
                 pass
+
+    def _serve_tls(self, sock: socket.socket, peer: str, context: ssl.SSLContext) -> None:
+        accepted = accept_tls(sock, context, peer, SNIFF_TIMEOUT)
+        if accepted is None:
+            return
+        tls_sock, first = accepted
+        assert self.ctx is not None
+        with self._lock:
+            self._sockets.add(tls_sock)
+        try:
+            if first == b"A":
+                tls_sock.settimeout(None)
+                self._serve_amqp(TlsAmqpConnection(tls_sock, self.ctx, peer, first))
+            else:
+                # the handler only uses the socket API PrefixedSocket forwards
+                serve_https_connection(cast(socket.socket, PrefixedSocket(tls_sock, first)),
+                                       peer, self.ctx)
+        finally:
+            with self._lock:
+                self._sockets.discard(tls_sock)
+            try:
+                tls_sock.close()
+            except OSError:
+                pass
+
+    def _serve_amqp(self, connection: AmqpConnection) -> None:
+        with self._lock:
+            self._connections.add(connection)
+        try:
+            if not self._stopped.is_set():
+                connection.serve()
+        finally:
+            with self._lock:
+                self._connections.discard(connection)
