@@ -1,7 +1,9 @@
 """Azure Service Bus backend, through the official ``azure-servicebus`` SDK (aio).
 
 * Connecting: a connection string (its endpoint wins; the spec's QUEUE names the
-  queue) or ``DefaultAzureCredential`` with the namespace's FQDN.
+  queue) or ``DefaultAzureCredential`` with the namespace's FQDN, optionally
+  through another address (``JOBQ_SERVICEBUS_ENDPOINT`` / ``JOBQ_SERVICEBUS_CA``,
+  see :mod:`.servicebus_endpoint`).
 * Queues are created on first use with duplicate detection on (see
   :mod:`.servicebus_admin`), so the task ID as MessageId deduplicates pushes.
 * Push fills ``ServiceBusMessageBatch``es to the link's size limit.  Service Bus
@@ -54,6 +56,7 @@ from .base import (
     ReceivedMessage,
 )
 from .servicebus_admin import AdminPlane, validate_settings
+from .servicebus_endpoint import EndpointOverride
 
 log = logging.getLogger("ai4s_jobq.servicebus")
 
@@ -113,6 +116,28 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
+def _auth_failure(exc: BaseException) -> BaseException | None:
+    """The error that says a credential was refused, if ``exc`` is or wraps one.
+
+    Through a ``custom_endpoint_address`` the SDK reports a refused CBS token as a
+    retryable ``ServiceBusConnectionError`` (for uamqp parity) that carries the
+    AMQP layer's ``TokenAuthFailure`` -- with the service's reason -- as
+    ``inner_exception``."""
+    if isinstance(exc, (ServiceBusAuthenticationError, ServiceBusAuthorizationError)):
+        return exc
+    inner = getattr(exc, "inner_exception", None)
+    if isinstance(inner, BaseException) and any(
+            cls.__name__ == "AuthenticationException" for cls in type(inner).__mro__):
+        return inner
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    """All lines of a (redacted) error, for one whose details span several lines."""
+    text = " ".join(line.strip() for line in redact(str(exc)).strip().splitlines())
+    return f"{type(exc).__name__}: {text[:500]}"
+
+
 @dataclass(eq=False)
 class _ReceiverSlot:
     """A receiver and the number of its messages not settled yet."""
@@ -145,9 +170,11 @@ class ServiceBusBackend(Backend):
         namespace: str,
         connection_string: str | None = None,
         credential: Any = None,
+        endpoint: EndpointOverride | None = None,
         prefetch: int = 0,
     ):
         super().__init__(queue_name)
+        self.endpoint = endpoint or EndpointOverride()
         self.namespace = namespace
         self.prefetch = prefetch
         self._connection_string = connection_string
@@ -169,7 +196,8 @@ class ServiceBusBackend(Backend):
         **options: Any,
     ) -> ServiceBusBackend:
         """``sb://NAMESPACE/QUEUE``: with a connection string its endpoint wins and
-        ``queue`` names the queue; otherwise ``DefaultAzureCredential`` on the FQDN."""
+        ``queue`` names the queue; otherwise ``DefaultAzureCredential`` on the FQDN
+        (reached through ``JOBQ_SERVICEBUS_ENDPOINT`` if set)."""
         if connection_string and "endpoint=sb://" in connection_string.lower():
             connection_string = _without_entity_path(connection_string)
             return cls(queue, namespace=_endpoint_host(connection_string),
@@ -179,6 +207,7 @@ class ServiceBusBackend(Backend):
                 "the connection string is not a Service Bus one (it has no Endpoint=sb://...)")
         if not namespace_fqdn:
             raise QueueUnavailableError("no Service Bus namespace: use sb://NAMESPACE/QUEUE")
+        options.setdefault("endpoint", EndpointOverride.from_env())
         return cls(queue, namespace=namespace_fqdn, **options)
 
     @property
@@ -198,8 +227,11 @@ class ServiceBusBackend(Backend):
 
                 self._credential = DefaultAzureCredential()
                 self._owns_credential = True
-            self._client = ServiceBusClient(self.namespace, self._credential, **SDK_RETRY)
-            admin = ServiceBusAdministrationClient(self.namespace, self._credential)
+            self._client = ServiceBusClient(self.namespace, self._credential, **SDK_RETRY,
+                                            **self.endpoint.client_kwargs())
+            admin = ServiceBusAdministrationClient(
+                self.endpoint.admin_namespace(self.namespace), self._credential,
+                **self.endpoint.admin_kwargs())
         self._admin = AdminPlane(admin, self.queue_name, self.description)
 
     async def close(self) -> None:
@@ -235,9 +267,10 @@ class ServiceBusBackend(Backend):
     def _error(self, what: str, exc: BaseException) -> BackendError:
         if isinstance(exc, MessagingEntityNotFoundError):
             return QueueUnavailableError(f"queue {self.description} does not exist")
-        if isinstance(exc, (ServiceBusAuthenticationError, ServiceBusAuthorizationError)):
+        refused = _auth_failure(exc)
+        if refused is not None:
             return BackendError(f"{what} on {self.description} was refused (check the "
-                                f"credentials and their rights): {_short(exc)}")
+                                f"credentials and their rights): {_reason(refused)}")
         return BackendError(f"{what} on {self.description} failed: {_short(exc)}")
 
     # ------------------------------------------------------------------ queue settings
@@ -335,8 +368,7 @@ class ServiceBusBackend(Backend):
     async def _replace_sender(self, sender: ServiceBusSender, what: str, exc: BaseException,
                               attempt: int) -> ServiceBusSender:
         await _quiet_close(sender)
-        fatal = isinstance(exc, (MessagingEntityNotFoundError, ServiceBusAuthorizationError,
-                                 ServiceBusAuthenticationError))
+        fatal = isinstance(exc, MessagingEntityNotFoundError) or _auth_failure(exc) is not None
         if fatal or attempt >= SEND_ATTEMPTS:
             raise self._error(what, exc) from None
         delay = min(8.0, 0.5 * 2 ** attempt)

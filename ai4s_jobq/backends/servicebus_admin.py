@@ -8,7 +8,9 @@ of failing.
 
 from __future__ import annotations
 
+import html
 import logging
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -64,7 +66,24 @@ def _is_denied(exc: BaseException) -> bool:
 
 def _short(exc: BaseException) -> str:
     text = redact(str(exc)).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+    detail = _service_detail(exc)
+    return (f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+            + (f" ({detail})" if detail else ""))
+
+
+def _service_detail(exc: BaseException) -> str:
+    """The service's reason from an error response body (``<Error><Detail>``):
+    for a 401/403 the SDK raises before parsing it, and the status alone does not
+    say whether the token was invalid, expired or lacked rights."""
+    response = getattr(exc, "response", None)
+    if response is None:
+        return ""
+    try:
+        body = response.text()
+    except Exception:  # body not loaded or not text: the status line has to do
+        return ""
+    match = re.search(r"<Detail>(.*?)</Detail>", body or "", re.DOTALL)
+    return redact(html.unescape(match.group(1)).strip())[:300] if match else ""
 
 
 class AdminPlane:
