@@ -125,7 +125,8 @@ class FakeTokenEndpoint:
     port and serves from a daemon thread; ``stop()`` (or leaving the ``with``
     block) shuts it down.  Thread-safe counters tell a test it was really used."""
 
-    signing_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    #: HMAC key of the tokens (ASCII, so a server can take it as text: :attr:`trust_key`)
+    signing_key: bytes = field(default_factory=lambda: secrets.token_urlsafe(32).encode())
     identity_header: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     issuer: str = f"https://sts.windows.net/{FAKE_TENANT}/"
     object_id: str = field(default_factory=lambda: str(uuid.uuid4()))
@@ -162,6 +163,11 @@ class FakeTokenEndpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    @property
+    def trust_key(self) -> str:
+        """:attr:`signing_key` as text (what a server's trust-key setting takes)."""
+        return self.signing_key.decode("utf-8")
 
     @property
     def url(self) -> str:
