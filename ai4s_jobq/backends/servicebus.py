@@ -24,13 +24,13 @@ from datetime import datetime
 from typing import Any
 
 from azure.servicebus import (
-    ServiceBusMessage,
     ServiceBusReceivedMessage,
     ServiceBusReceiveMode,
     ServiceBusSubQueue,
 )
 from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBusSender
 from azure.servicebus.aio.management import ServiceBusAdministrationClient
+from azure.servicebus.amqp import AmqpAnnotatedMessage
 from azure.servicebus.exceptions import (
     MessageAlreadySettled,
     MessageLockLostError,
@@ -64,6 +64,8 @@ log = logging.getLogger("ai4s_jobq.servicebus")
 RECEIVE_SLICE = 0.25
 #: attempts for one batch send (the SDK retries inside each attempt too)
 SEND_ATTEMPTS = 4
+#: Service Bus's MessageId limit (the SDK's ``ServiceBusMessage`` checks it; see _outgoing)
+MAX_MESSAGE_ID = 128
 #: Azure caps DeadLetterReason/Description; keep them well inside the header limit
 MAX_DEAD_LETTER_TEXT = 4096
 #: SDK retry settings: fail fast enough that our own recovery (new link) kicks in
@@ -109,6 +111,19 @@ def _body(message: ServiceBusReceivedMessage) -> bytes:
         return b"".join(bytes(part) for part in body)
     except TypeError:  # a value or sequence body: not one of ours; let the worker reject it
         return str(body).encode("utf-8")
+
+
+def _outgoing(message: OutgoingMessage) -> AmqpAnnotatedMessage:
+    """The SDK message for one push.
+
+    ``AmqpAnnotatedMessage`` (public; ``ServiceBusMessageBatch.add_message`` takes
+    it) encodes to the same bytes as ``ServiceBusMessage(body, message_id=...)`` but
+    costs far less to build: ``ServiceBusMessage.__init__`` runs a dozen property
+    setters, each of which lists the AMQP properties' fields to test them for truth;
+    that measured as ~30 % of the client's CPU per pushed task.  It skips the SDK's
+    MessageId length check, which ``_push_with`` does instead."""
+    return AmqpAnnotatedMessage(data_body=message.body,
+                                properties={"message_id": message.message_id})
 
 
 def _short(exc: BaseException) -> str:
@@ -318,8 +333,15 @@ class ServiceBusBackend(Backend):
                     for i in range(index, len(messages)):
                         outcomes[i] = PushOutcome(messages[i].message_id, None, exc)
                     return sender
+            if len(message.message_id) > MAX_MESSAGE_ID:
+                error = BackendError(f"message ID {message.message_id[:40]!r}... is "
+                                     f"{len(message.message_id)} characters; Service Bus "
+                                     f"allows at most {MAX_MESSAGE_ID}")
+                outcomes[index] = PushOutcome(message.message_id, None, error)
+                index += 1
+                continue
             try:
-                batch.add_message(ServiceBusMessage(message.body, message_id=message.message_id))
+                batch.add_message(_outgoing(message))
             except MessageSizeExceededError:
                 if positions:  # the batch is full: send it, then retry this message
                     sender = await self._send(sender, batch, positions, messages, outcomes)
