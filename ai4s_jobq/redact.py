@@ -1,7 +1,9 @@
 """Keep secrets out of logs and error messages.
 
-Connection strings and SAS URLs carry keys; an exception text from an SDK may
-echo them.  Everything we print about a failure goes through :func:`redact`.
+Connection strings and SAS URLs carry keys, Azure AD access tokens are bearer
+credentials (a JWT: three base64url parts, the first two starting ``eyJ``); an
+exception text from an SDK may echo any of them.  Everything we print about a
+failure goes through :func:`redact`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ _PATTERNS = [
     re.compile(r"(?i)([?&]sig=)[^&\s\"']+"),
     re.compile(r"(?i)(\bsig%3D)[^&\s\"']+"),
     re.compile(r"(?i)(Bearer\s+)[A-Za-z0-9\-_.~+/]+=*"),
+    re.compile(r"()\beyJ[A-Za-z0-9_-]+\.eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"),
 ]
 
 
