@@ -56,7 +56,12 @@ from .base import (
     ReceivedMessage,
 )
 from .servicebus_admin import AdminPlane, validate_settings
-from .servicebus_endpoint import EndpointOverride
+from .servicebus_endpoint import (
+    EndpointOverride,
+    emulator_admin_kwargs,
+    endpoint_host,
+    without_entity_path,
+)
 
 log = logging.getLogger("ai4s_jobq.servicebus")
 
@@ -71,30 +76,6 @@ MAX_DEAD_LETTER_TEXT = 4096
 #: SDK retry settings: fail fast enough that our own recovery (new link) kicks in
 SDK_RETRY: dict[str, Any] = {"retry_total": 2, "retry_backoff_factor": 0.5,
                              "retry_backoff_max": 8}
-
-
-def parse_connection_string(connection_string: str) -> dict[str, str]:
-    settings: dict[str, str] = {}
-    for part in connection_string.strip().split(";"):
-        if "=" in part:
-            key, value = part.split("=", 1)
-            settings[key.strip().lower()] = value.strip()
-    return settings
-
-
-def _endpoint_host(connection_string: str) -> str:
-    endpoint = parse_connection_string(connection_string).get("endpoint", "")
-    host = endpoint.split("://", 1)[-1].strip("/")
-    if not host:
-        raise QueueUnavailableError("the Service Bus connection string has no Endpoint")
-    return host
-
-
-def _without_entity_path(connection_string: str) -> str:
-    """The spec's QUEUE names the queue, so drop an EntityPath the string may carry."""
-    parts = [p for p in connection_string.strip().split(";")
-             if p.strip() and not p.strip().lower().startswith("entitypath=")]
-    return ";".join(parts)
 
 
 def _timestamp(value: datetime | None) -> float | None:
@@ -214,8 +195,8 @@ class ServiceBusBackend(Backend):
         ``queue`` names the queue; otherwise ``DefaultAzureCredential`` on the FQDN
         (reached through ``JOBQ_SERVICEBUS_ENDPOINT`` if set)."""
         if connection_string and "endpoint=sb://" in connection_string.lower():
-            connection_string = _without_entity_path(connection_string)
-            return cls(queue, namespace=_endpoint_host(connection_string),
+            connection_string = without_entity_path(connection_string)
+            return cls(queue, namespace=endpoint_host(connection_string),
                        connection_string=connection_string, **options)
         if connection_string:
             raise QueueUnavailableError(
@@ -235,7 +216,7 @@ class ServiceBusBackend(Backend):
             cs = self._connection_string
             self._client = ServiceBusClient.from_connection_string(cs, **SDK_RETRY)
             admin = ServiceBusAdministrationClient.from_connection_string(
-                cs, **_admin_kwargs(cs))
+                cs, **emulator_admin_kwargs(cs))
         else:
             if self._credential is None:
                 from azure.identity.aio import DefaultAzureCredential
@@ -584,19 +565,6 @@ class ServiceBusBackend(Backend):
     def extra_info(self) -> dict[str, Any]:
         return {"namespace": self.namespace, "prefetch": self.prefetch,
                 "auth": "connection string" if self._connection_string else "Azure AD"}
-
-
-def _admin_kwargs(connection_string: str) -> dict[str, Any]:
-    """How the admin client trusts the local emulator's certificate (nothing for Azure)."""
-    try:
-        from ..emulator.client import admin_client_kwargs
-    except ImportError:  # pragma: no cover - the emulator package is part of ai4s_jobq
-        return {}
-    try:
-        return admin_client_kwargs(connection_string)
-    except FileNotFoundError as exc:
-        log.warning("%s", exc)
-        return {}
 
 
 async def _quiet_close(closable: Any) -> None:

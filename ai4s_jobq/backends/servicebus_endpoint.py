@@ -21,11 +21,13 @@ name, the entity addresses and the token's context):
     CA (``jobq emulator`` prints its path).
 
 Both apply only without a connection string: a connection string names its
-own endpoint (and, for the emulator, its CA is found from that endpoint).
+own endpoint (and, for the emulator, its CA is found from that endpoint); the
+connection-string helpers live here too.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +37,8 @@ from urllib.parse import urlparse
 from azure.servicebus import TransportType
 
 from .base import QueueUnavailableError
+
+log = logging.getLogger("ai4s_jobq.servicebus")
 
 ENDPOINT_ENV = "JOBQ_SERVICEBUS_ENDPOINT"
 CA_ENV = "JOBQ_SERVICEBUS_CA"
@@ -99,3 +103,43 @@ def _parse_endpoint(value: str) -> tuple[str | None, int | None, bool]:
             f"{ENDPOINT_ENV}={value}: expected sb://HOST[:PORT] (or wss://HOST[:PORT])")
     host = parsed.hostname
     return (f"[{host}]" if ":" in host else host), port, scheme == "wss"
+
+
+# ---------------------------------------------------------------------- connection strings
+
+
+def parse_connection_string(connection_string: str) -> dict[str, str]:
+    settings: dict[str, str] = {}
+    for part in connection_string.strip().split(";"):
+        if "=" in part:
+            key, value = part.split("=", 1)
+            settings[key.strip().lower()] = value.strip()
+    return settings
+
+
+def endpoint_host(connection_string: str) -> str:
+    endpoint = parse_connection_string(connection_string).get("endpoint", "")
+    host = endpoint.split("://", 1)[-1].strip("/")
+    if not host:
+        raise QueueUnavailableError("the Service Bus connection string has no Endpoint")
+    return host
+
+
+def without_entity_path(connection_string: str) -> str:
+    """The spec's QUEUE names the queue, so drop an EntityPath the string may carry."""
+    parts = [p for p in connection_string.strip().split(";")
+             if p.strip() and not p.strip().lower().startswith("entitypath=")]
+    return ";".join(parts)
+
+
+def emulator_admin_kwargs(connection_string: str) -> dict[str, Any]:
+    """How the admin client trusts the local emulator's certificate (nothing for Azure)."""
+    try:
+        from ..emulator.client import admin_client_kwargs
+    except ImportError:  # pragma: no cover - the emulator package is part of ai4s_jobq
+        return {}
+    try:
+        return admin_client_kwargs(connection_string)
+    except FileNotFoundError as exc:
+        log.warning("%s", exc)
+        return {}
