@@ -60,13 +60,9 @@ from .base import (
     ReceivedMessage,
 )
 from .storage_dedup import LEDGER_TABLE, DedupLedger, ensure_ledger_table, first_occurrences
+from .storage_endpoint import StorageEndpointOverride
 from .storage_prefetch import ReadAhead
-from .storage_rest import (
-    RestError,
-    StorageRest,
-    endpoints_for_account,
-    parse_connection_string,
-)
+from .storage_rest import RestError, StorageRest, parse_connection_string
 from .storage_wire import (
     MESSAGE_TEXT_LIMIT,
     Lease,
@@ -187,22 +183,27 @@ class StorageQueueBackend(Backend):
                 self.connection_string, **retry)
             self._tables = TableServiceClient.from_connection_string(
                 self.connection_string, **table_retry)
+            endpoints = parse_connection_string(self.connection_string)
+            tls = None
         else:
             from azure.identity.aio import DefaultAzureCredential
 
+            # Azure AD: the public endpoints unless JOBQ_STORAGE_*_ENDPOINT / _CA say
+            # otherwise (Azurite, a gateway, a sovereign cloud; see .storage_endpoint).
+            override = StorageEndpointOverride.from_env()
+            account = str(self._account_arg)
             self._credential = DefaultAzureCredential()
             self._service = QueueServiceClient(
-                f"https://{self._account_arg}.queue.core.windows.net",
-                credential=self._credential, **retry)
+                override.queue_url(account), credential=self._credential, **retry,
+                **override.sdk_kwargs())
             self._tables = TableServiceClient(
-                f"https://{self._account_arg}.table.core.windows.net",
-                credential=self._credential, **table_retry)
+                override.table_url(account), credential=self._credential, **table_retry,
+                **override.sdk_kwargs())
+            endpoints, tls = override.rest_endpoints(account), override.ssl_context()
         self._queue = self._service.get_queue_client(self.queue_name)
         self._dlq = self._service.get_queue_client(self.dlq_name)
-        endpoints = (parse_connection_string(self.connection_string) if self.connection_string
-                     else endpoints_for_account(str(self._account_arg)))
         if endpoints is not None:
-            self._rest = await StorageRest(endpoints, self._credential).__aenter__()
+            self._rest = await StorageRest(endpoints, self._credential, tls=tls).__aenter__()
 
     async def close(self) -> None:
         if self._queue is not None and len(self._read_ahead):

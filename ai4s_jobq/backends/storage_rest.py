@@ -25,6 +25,7 @@ import hmac
 import json
 import logging
 import re
+import ssl
 import time
 import uuid
 from dataclasses import dataclass
@@ -104,25 +105,25 @@ def parse_connection_string(connection_string: str) -> Endpoints | None:
     return Endpoints(account, queue_url.rstrip("/"), table_url.rstrip("/"), key, sas)
 
 
-def endpoints_for_account(account: str) -> Endpoints:
-    return Endpoints(account, f"https://{account}.queue.core.windows.net",
-                     f"https://{account}.table.core.windows.net")
-
-
 class StorageRest:
     """Signed POSTs to one storage account.  Open with ``async with``."""
 
-    def __init__(self, endpoints: Endpoints, credential: Any = None, *, connections: int = 64):
+    def __init__(self, endpoints: Endpoints, credential: Any = None, *, connections: int = 64,
+                 tls: ssl.SSLContext | None = None):
         self.endpoints = endpoints
         self.credential = credential  # an azure.identity aio credential, when no key/SAS
         self._connections = connections
+        # None: aiohttp's default verification against the system's CAs; a context:
+        # another trust store (JOBQ_STORAGE_CA, see .storage_endpoint).
+        self._tls = tls
         self._session: aiohttp.ClientSession | None = None
         self._token: tuple[str, float] | None = None
         self._token_lock = asyncio.Lock()
 
     async def __aenter__(self) -> StorageRest:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self._connections),
+            connector=aiohttp.TCPConnector(limit=self._connections,
+                                           ssl=self._tls if self._tls is not None else True),
             timeout=aiohttp.ClientTimeout(total=60),
             skip_auto_headers=("User-Agent",),
         )
