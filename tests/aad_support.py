@@ -24,7 +24,10 @@ Tokens are HS256 JWTs signed with :attr:`FakeTokenEndpoint.signing_key`, so a
 server under test can verify them with that shared key.  :attr:`mode` makes the
 endpoint misbehave on purpose: ``"wrong_key"`` signs with another key,
 ``"expired"`` mints a JWT whose ``exp`` is in the past while the response still
-says it is valid (so the client sends it and the *server* must refuse it).
+says it is valid (so the client sends it and the *server* must refuse it),
+``"wrong_audience"`` mints it for :data:`WRONG_AUDIENCE` instead of the resource
+asked for (a token meant for another service; Azurite checks audiences but not
+signatures, so this is how it refuses a token).
 
 Use :func:`use_managed_identity` (or the ``aad_endpoint`` fixture in the test
 modules) to point ``DefaultAzureCredential`` at the fake: it sets the two App
@@ -63,6 +66,10 @@ IDENTITY_HEADER_NAME = "X-IDENTITY-HEADER"
 TOKEN_PATH = "/msi/token"
 #: What Service Bus asks for: scope ``https://servicebus.azure.net//.default``.
 SERVICEBUS_RESOURCE = "https://servicebus.azure.net/"
+#: What the Storage SDKs (and jobq's REST path) ask for: ``https://storage.azure.com/.default``.
+STORAGE_RESOURCE = "https://storage.azure.com"
+#: The audience of ``"wrong_audience"`` tokens (Azure Resource Manager's).
+WRONG_AUDIENCE = "https://management.azure.com/"
 FAKE_TENANT = "72f988bf-0000-4000-8000-00000000fa4e"
 
 #: Variables that would let some other credential of ``DefaultAzureCredential``
@@ -79,7 +86,7 @@ CREDENTIAL_ENV_VARS = (
     "IDENTITY_ENDPOINT", "IDENTITY_HEADER",
 )
 
-TokenMode = Literal["valid", "wrong_key", "expired"]
+TokenMode = Literal["valid", "wrong_key", "expired", "wrong_audience"]
 
 
 # ---------------------------------------------------------------------- JWT
@@ -216,6 +223,8 @@ class FakeTokenEndpoint:
             # Expired at the server, but the response claims a valid lifetime: the
             # client caches and sends it, and the server must be the one to refuse.
             claims.update(iat=now_s - 7200, nbf=now_s - 7200, exp=now_s - 3600)
+        elif self.mode == "wrong_audience":
+            claims["aud"] = WRONG_AUDIENCE
         return encode_jwt(claims, key), expires_on
 
     def _answer(self, query: Mapping[str, list[str]], header: str | None) -> tuple[int, dict]:

@@ -44,12 +44,13 @@ EXTERNAL_ENV = "JOBQ_AZURITE_CONNECTION_STRING"
 
 
 def connection_string(queue_port: int, table_port: int, blob_port: int,
-                      key: str = ACCOUNT_KEY, host: str = "127.0.0.1") -> str:
+                      key: str = ACCOUNT_KEY, host: str = "127.0.0.1",
+                      scheme: str = "http") -> str:
     return (
-        f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={key};"
-        f"QueueEndpoint=http://{host}:{queue_port}/{ACCOUNT};"
-        f"TableEndpoint=http://{host}:{table_port}/{ACCOUNT};"
-        f"BlobEndpoint=http://{host}:{blob_port}/{ACCOUNT};"
+        f"DefaultEndpointsProtocol={scheme};AccountName={ACCOUNT};AccountKey={key};"
+        f"QueueEndpoint={scheme}://{host}:{queue_port}/{ACCOUNT};"
+        f"TableEndpoint={scheme}://{host}:{table_port}/{ACCOUNT};"
+        f"BlobEndpoint={scheme}://{host}:{blob_port}/{ACCOUNT};"
     )
 
 
@@ -60,10 +61,16 @@ class Azurite:
     table_port: int
     blob_port: int
     host: str = "127.0.0.1"
+    scheme: str = "http"  # "https" when started with a certificate (OAuth)
 
     def connection_string_with_key(self, key: str) -> str:
         return connection_string(self.queue_port, self.table_port, self.blob_port, key,
-                                 self.host)
+                                 self.host, self.scheme)
+
+    def service_url(self, service: str) -> str:
+        """``https://127.0.0.1:PORT/devstoreaccount1`` (path-style) for "queue"/"table"."""
+        port = {"queue": self.queue_port, "table": self.table_port, "blob": self.blob_port}
+        return f"{self.scheme}://{self.host}:{port[service]}/{ACCOUNT}"
 
 
 def free_port() -> int:
@@ -108,7 +115,16 @@ def _wait_for_ports(process: subprocess.Popen, ports: list[int], log: Path,
             time.sleep(0.1)
 
 
-def start_azurite(workdir: Path) -> tuple[subprocess.Popen, Azurite, Path]:
+def start_azurite(workdir: Path, *, oauth_cert: tuple[Path, Path] | None = None,
+                  debug_log: Path | None = None) -> tuple[subprocess.Popen, Azurite, Path]:
+    """Start Azurite on free 127.0.0.1 ports, in memory.
+
+    ``oauth_cert=(cert.pem, key.pem)`` serves HTTPS with that certificate and
+    accepts Azure AD bearer tokens (``--oauth basic``: Azurite checks a token's
+    lifetime, issuer and audience, not its signature; it allows bearer tokens
+    only over HTTPS).  ``debug_log`` makes Azurite log every request there
+    (headers included, so it holds tokens: keep it in a private temporary
+    directory)."""
     binary = install_azurite()
     queue_port, table_port, blob_port = free_port(), free_port(), free_port()
     log = workdir / "azurite.log"
@@ -118,12 +134,17 @@ def start_azurite(workdir: Path) -> tuple[subprocess.Popen, Azurite, Path]:
         "--tableHost", "127.0.0.1", "--tablePort", str(table_port),
         "--blobHost", "127.0.0.1", "--blobPort", str(blob_port),
     ]
+    if oauth_cert is not None:
+        command += ["--oauth", "basic", "--cert", str(oauth_cert[0]), "--key", str(oauth_cert[1])]
+    if debug_log is not None:
+        command += ["--debug", str(debug_log)]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     _wait_for_ports(process, [queue_port, table_port, blob_port], log)
-    emulator = Azurite(connection_string(queue_port, table_port, blob_port),
-                       queue_port, table_port, blob_port)
+    scheme = "https" if oauth_cert is not None else "http"
+    emulator = Azurite(connection_string(queue_port, table_port, blob_port, scheme=scheme),
+                       queue_port, table_port, blob_port, scheme=scheme)
     return process, emulator, log
 
 
