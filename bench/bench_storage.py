@@ -13,9 +13,12 @@ needed):
 2. drain M ``true`` shell tasks with S slots: ``jobq worker -n S --idle-timeout 1s``
    and ``ai4s-jobq ACCOUNT/QUEUE worker -n S`` (which exits when the queue is empty).
 
-Azurite slows down badly as it accumulates messages (even cleared ones), which would
-favour whichever tool runs first; so every measured step gets a fresh Azurite
-(same pinned binary, same flags, in-memory) and each tool drains its own queue alone.
+All steps run on the same Azurite (pinned binary, in-memory).  Azurite scans every
+message it holds on each queue operation, so a step's queues are deleted when the
+step ends: otherwise the messages left by one step would slow the next.  Where
+one tool could still be favoured by going first, ai4s-jobq goes first.  The
+Azurite process's CPU seconds are printed per step: on 2 cores, Azurite is most
+of the cost of a drain.
 
 ai4s-jobq 3.13.1 is installed only in ``bench/.venv-ai4s`` (created here on first
 use, from PyPI; gitignored), never in the project's environment.  Both CLIs read the
@@ -35,7 +38,7 @@ import sys
 import tempfile
 import time
 import venv
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -115,13 +118,36 @@ def message_template() -> str:
 
 
 @contextmanager
-def fresh_azurite(work: Path) -> Iterator[str]:
-    """A new in-memory Azurite (same pinned binary and flags) for one measured step."""
+def azurite_running(work: Path) -> Iterator[tuple[str, int]]:
+    """One in-memory Azurite for the whole run: (connection string, pid)."""
     process, azurite, _ = start_azurite(work)
     try:
-        yield azurite.connection_string
+        yield azurite.connection_string, process.pid
     finally:
         stop_azurite(process)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (Linux ``/proc``), for the per-step report."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def delete_queues(connection_string: str, *names: str) -> None:
+    """End of a step: drop its queues (and their ``-failed`` siblings)."""
+    from azure.core.exceptions import ResourceNotFoundError
+    from azure.storage.queue import QueueServiceClient
+
+    service = QueueServiceClient.from_connection_string(connection_string)
+    for name in names:
+        for queue in (name, f"{name}-failed"):
+            try:
+                service.delete_queue(queue)
+            except ResourceNotFoundError:
+                pass
 
 
 def bench(args: argparse.Namespace, work: Path) -> dict[str, float]:
@@ -139,60 +165,58 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, float]:
     drain_file = work / "drain.txt"
     drain_file.write_text("".join(f"true {n}\n" for n in range(args.drain_tasks)))
 
-    print(f"push {args.push_tasks} shell tasks from a file", flush=True)
-    with fresh_azurite(work) as connection_string:
-        from azure.storage.queue import QueueClient
+    with azurite_running(work) as (connection_string, pid):
+        env = env_for(connection_string)
 
-        QueueClient.from_connection_string(connection_string, "bench-raw").create_queue()
-        started = time.perf_counter()
-        raw = subprocess.run(
-            [sys.executable, "-c", RAW_SENDER, connection_string, "bench-raw",
-             str(args.push_tasks), message_template()],
-            check=True, capture_output=True, text=True)
-        results["push_raw_sdk_process_s"] = time.perf_counter() - started
-        results["push_raw_sdk_sends_only_s"] = float(raw.stdout.strip())
+        def step(name: str, queue: str, measure: Callable[[], float]) -> None:
+            cpu = cpu_seconds(pid)
+            results[f"{name}_s"] = measure()
+            results[f"{name}_azurite_cpu_s"] = cpu_seconds(pid) - cpu
+            results[f"{name}_left"] = asyncio.run(queue_count(connection_string, queue))
+            delete_queues(connection_string, queue)
 
-    with fresh_azurite(work) as connection_string:
-        results["push_jobq_s"] = timed(
+        print(f"push {args.push_tasks} shell tasks from a file", flush=True)
+        raw_sends: list[float] = []
+
+        def raw_push() -> float:
+            from azure.storage.queue import QueueClient
+
+            QueueClient.from_connection_string(connection_string, "bench-raw").create_queue()
+            started = time.perf_counter()
+            raw = subprocess.run(
+                [sys.executable, "-c", RAW_SENDER, connection_string, "bench-raw",
+                 str(args.push_tasks), message_template()],
+                check=True, capture_output=True, text=True)
+            raw_sends.append(float(raw.stdout.strip()))
+            return time.perf_counter() - started
+
+        step("push_raw_sdk_process", "bench-raw", raw_push)
+        results["push_raw_sdk_sends_only_s"] = raw_sends[0]
+        step("push_ai4s", "bench-push-ai4s", lambda: timed(
+            [original, f"{ACCOUNT}/bench-push-ai4s", "push"], env, stdin=push_file,
+            log=work / "push-ai4s.log"))
+        step("push_jobq", "bench-push-jobq", lambda: timed(
             [*jobq, "--queue", f"{ACCOUNT}/bench-push-jobq", "-v", "push", str(push_file),
-             "--no-progress"], env_for(connection_string), log=work / "push-jobq.log")
-        results["push_jobq_count"] = asyncio.run(
-            queue_count(connection_string, "bench-push-jobq"))
+             "--no-progress"], env, log=work / "push-jobq.log"))
 
-    with fresh_azurite(work) as connection_string:
-        results["push_ai4s_s"] = timed(
-            [original, f"{ACCOUNT}/bench-push-ai4s", "push"], env_for(connection_string),
-            stdin=push_file, log=work / "push-ai4s.log")
-        results["push_ai4s_count"] = asyncio.run(
-            queue_count(connection_string, "bench-push-ai4s"))
-
-    print(f"drain {args.drain_tasks} `true` tasks with {args.slots} slots", flush=True)
-    with fresh_azurite(work) as connection_string:
-        env = env_for(connection_string)
-        timed([*jobq, "--queue", f"{ACCOUNT}/bench-drain-jobq", "push", str(drain_file),
-               "--no-progress"], env, log=work / "fill-jobq.log")
-        results["drain_jobq_s"] = timed(
-            [*jobq, "--queue", f"{ACCOUNT}/bench-drain-jobq", "--quiet", "worker",
-             "-n", str(args.slots), "--idle-timeout", "1s"], env, log=work / "drain-jobq.log")
-        results["drain_jobq_left"] = asyncio.run(
-            queue_count(connection_string, "bench-drain-jobq"))
-
-    with fresh_azurite(work) as connection_string:
-        env = env_for(connection_string)
+        print(f"drain {args.drain_tasks} `true` tasks with {args.slots} slots", flush=True)
         timed([original, f"{ACCOUNT}/bench-drain-ai4s", "push"], env, stdin=drain_file,
               log=work / "fill-ai4s.log")
-        results["drain_ai4s_s"] = timed(
+        step("drain_ai4s", "bench-drain-ai4s", lambda: timed(
             [original, f"{ACCOUNT}/bench-drain-ai4s", "worker", "-n", str(args.slots)],
-            env, log=work / "drain-ai4s.log")
-        results["drain_ai4s_left"] = asyncio.run(
-            queue_count(connection_string, "bench-drain-ai4s"))
+            env, log=work / "drain-ai4s.log"))
+        timed([*jobq, "--queue", f"{ACCOUNT}/bench-drain-jobq", "push", str(drain_file),
+               "--no-progress"], env, log=work / "fill-jobq.log")
+        step("drain_jobq", "bench-drain-jobq", lambda: timed(
+            [*jobq, "--queue", f"{ACCOUNT}/bench-drain-jobq", "--quiet", "worker",
+             "-n", str(args.slots), "--idle-timeout", "1s"], env, log=work / "drain-jobq.log"))
     return results
 
 
 def report(args: argparse.Namespace, r: dict[str, float]) -> None:
     n, m = args.push_tasks, args.drain_tasks
     print()
-    print(f"{'':38}{'wall s':>9}{'tasks/s':>10}")
+    print(f"{'':38}{'wall s':>9}{'tasks/s':>10}{'Azurite CPU s':>15}")
     for label, key, count in [
         ("push: raw SDK ceiling (process)", "push_raw_sdk_process_s", n),
         ("push: raw SDK ceiling (sends only)", "push_raw_sdk_sends_only_s", n),
@@ -201,7 +225,9 @@ def report(args: argparse.Namespace, r: dict[str, float]) -> None:
         (f"drain: jobq worker -n {args.slots}", "drain_jobq_s", m),
         (f"drain: ai4s-jobq worker -n {args.slots}", "drain_ai4s_s", m),
     ]:
-        print(f"{label:38}{r[key]:9.2f}{count / r[key]:10.0f}")
+        cpu = r.get(key[:-2] + "_azurite_cpu_s")
+        cpu_text = f"{cpu:15.1f}" if cpu is not None else ""
+        print(f"{label:38}{r[key]:9.2f}{count / r[key]:10.0f}{cpu_text}")
     print()
     ceiling = r["push_raw_sdk_process_s"] / r["push_jobq_s"]
     push_ratio = r["push_ai4s_s"] / r["push_jobq_s"]
@@ -209,8 +235,8 @@ def report(args: argparse.Namespace, r: dict[str, float]) -> None:
     print(f"push  jobq vs raw-SDK ceiling (process): {ceiling:.0%}  (goal >= 85%)")
     print(f"push  jobq vs ai4s-jobq:                 {push_ratio:.2f}x faster  (goal > 1x)")
     print(f"drain jobq vs ai4s-jobq:                 {drain_ratio:.2f}x faster  (goal >= 5x)")
-    print(f"messages in queue after push: jobq {r['push_jobq_count']:.0f}, ai4s-jobq "
-          f"{r['push_ai4s_count']:.0f}; left after drain: jobq {r['drain_jobq_left']:.0f}, "
+    print(f"messages in queue after push: jobq {r['push_jobq_left']:.0f}, ai4s-jobq "
+          f"{r['push_ai4s_left']:.0f}; left after drain: jobq {r['drain_jobq_left']:.0f}, "
           f"ai4s-jobq {r['drain_ai4s_left']:.0f}")
 
 

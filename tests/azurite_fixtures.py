@@ -130,6 +130,7 @@ def start_azurite(workdir: Path, *, oauth_cert: tuple[Path, Path] | None = None,
     log = workdir / "azurite.log"
     command = [
         str(binary), "--silent", "--inMemoryPersistence", "--skipApiVersionCheck", "--loose",
+        "--disableTelemetry",  # no phoning home from tests (and CI has no internet)
         "--queueHost", "127.0.0.1", "--queuePort", str(queue_port),
         "--tableHost", "127.0.0.1", "--tablePort", str(table_port),
         "--blobHost", "127.0.0.1", "--blobPort", str(blob_port),
