@@ -13,6 +13,11 @@ timeout) and renews it while the task runs.  Outcomes:
 * shutdown (SIGTERM/SIGINT) → stop receiving, give running tasks
   ``grace_period`` seconds, then cancel them and abandon their messages so they
   are redelivered at once.
+
+A slot is a running *task*: when a task ends its slot takes the next message
+while the settle (a broker round trip) is still in flight, so short tasks do not
+leave slots idle waiting on the broker.  At most ``slots`` settles may be in
+flight beyond that; past it, slots wait.  Shutdown waits for every settle.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ class _Running:
     message: ReceivedMessage
     work: asyncio.Future[None] | None = None
     lock_lost: bool = False
+    settling: bool = False  # the task is over; its message is being settled
     handler: asyncio.Task[None] = field(init=False)
 
 
@@ -115,7 +121,7 @@ class Worker:
             if (policy.max_consecutive_failures
                     and self.stats.consecutive_failures >= policy.max_consecutive_failures):
                 return "too many consecutive failures"
-            free = policy.slots - len(self._running)
+            free = self._free_slots()
             if free <= 0:
                 self._slot_freed.clear()
                 await self._wait_for(self._slot_freed, RECEIVE_WAIT_SECONDS)
@@ -152,13 +158,19 @@ class Worker:
         deadline = time.monotonic() + RECEIVE_LINGER_SECONDS
         half = (self.policy.slots + 1) // 2
         while self._signal is None:
-            free = self.policy.slots - len(self._running)
+            free = self._free_slots()
             left = deadline - time.monotonic()
             if free >= half or left <= 0 or not self._running:
                 return free
             self._slot_freed.clear()
             await self._wait_for(self._slot_freed, left)
-        return self.policy.slots - len(self._running)
+        return self._free_slots()
+
+    def _free_slots(self) -> int:
+        """Slots minus running tasks, minus settles in flight beyond ``slots``."""
+        settling = sum(1 for running in self._running if running.settling)
+        tasks = len(self._running) - settling
+        return self.policy.slots - tasks - max(0, settling - self.policy.slots)
 
     def _receive_wait(self, last_activity: float) -> float:
         wait = RECEIVE_WAIT_SECONDS
@@ -194,11 +206,13 @@ class Worker:
         except MalformedTaskError as exc:
             log.error("message %s is not a task (%s): dead-lettering it", message.message_id, exc)
             self.stats.malformed += 1
+            self._task_over(running)
             await self._settle("dead_letter", message, "MalformedTask", str(exc))
             return
         if message.delivery_count > task.max_attempts:
             # Earlier deliveries never settled: their worker died or lost the lock.
             self.stats.dead_lettered += 1
+            self._task_over(running)
             await self._settle(
                 "dead_letter", message, "MaxAttemptsExceeded",
                 f"delivered {message.delivery_count} times, {task.max_attempts} attempts "
@@ -212,7 +226,13 @@ class Worker:
             await asyncio.wait([running.work])
         finally:
             keeper.cancel()
+        self._task_over(running)
         await self._settle_outcome(running, task, time.monotonic() - started)
+
+    def _task_over(self, running: _Running) -> None:
+        """Free the slot for the next message while this one is settled."""
+        running.settling = True
+        self._slot_freed.set()
 
     async def _settle_outcome(self, running: _Running, task: Task, seconds: float) -> None:
         message, work = running.message, running.work

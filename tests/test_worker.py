@@ -109,3 +109,70 @@ async def test_async_and_sync_callables(local_dir, tmp_path: Path):
         await q.push({"log": str(log), "name": "s"})
         await Worker(q.backend, CallableProcessor(sample_tasks.record), policy()).run()
     assert "end a" in log.read_text() and "end s" in log.read_text()
+
+
+async def test_a_slot_takes_the_next_task_while_the_last_one_settles(local_dir):
+    """One slot; the first task's complete is held at the broker: the second task
+    still starts, and the worker waits for the held settle before it stops."""
+    async with JobQ.open("local://settle") as q:
+        await q.push_many([{"n": 1}, {"n": 2}])
+        started: list[int] = []
+        release = asyncio.Event()
+        second_started = asyncio.Event()
+        complete = q.backend.complete
+        held: list[str] = []
+
+        async def slow_complete(message):
+            if not held:
+                held.append(message.message_id)
+                await release.wait()
+            await complete(message)
+
+        async def run(n: int) -> None:
+            started.append(n)
+            if len(started) == 2:
+                second_started.set()
+
+        q.backend.complete = slow_complete  # type: ignore[method-assign]
+        worker = asyncio.ensure_future(
+            Worker(q.backend, CallableProcessor(run), policy(slots=1)).run())
+        await asyncio.wait_for(second_started.wait(), 10)
+        assert held and not worker.done()  # the first settle is still in flight
+        release.set()
+        stats = await asyncio.wait_for(worker, 10)
+        assert stats.succeeded == 2
+        assert (await q.counts()).active == 0
+
+
+async def test_settles_in_flight_are_bounded_by_the_slots(local_dir):
+    """When the broker stops answering settles, a worker takes at most 2 × slots
+    messages (slots running, slots settling), not the whole queue."""
+    async with JobQ.open("local://bounded") as q:
+        await q.push_many([{"n": n} for n in range(10)])
+        release = asyncio.Event()
+        complete = q.backend.complete
+        calls: list[str] = []
+        two_held = asyncio.Event()
+
+        async def stuck_complete(message):
+            calls.append(message.message_id)
+            if len(calls) == 2:
+                two_held.set()
+            await release.wait()
+            await complete(message)
+
+        ran: list[int] = []
+
+        async def run(n: int) -> None:
+            ran.append(n)
+
+        q.backend.complete = stuck_complete  # type: ignore[method-assign]
+        worker = asyncio.ensure_future(
+            Worker(q.backend, CallableProcessor(run), policy(slots=1)).run())
+        await asyncio.wait_for(two_held.wait(), 10)
+        for _ in range(20):  # let the loop run: nothing more may start
+            await asyncio.sleep(0)
+        assert len(ran) == 2  # one settling beyond the slot, one (finished) in the slot
+        release.set()
+        stats = await asyncio.wait_for(worker, 10)
+        assert stats.succeeded == 10
