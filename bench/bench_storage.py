@@ -13,10 +13,19 @@ needed):
 2. drain M ``true`` shell tasks with S slots: ``jobq worker -n S --idle-timeout 1s``
    and ``ai4s-jobq ACCOUNT/QUEUE worker -n S`` (which exits when the queue is empty).
 
-All steps run on the same Azurite (pinned binary, in-memory).  Azurite scans every
-message it holds on each queue operation, so a step's queues are deleted when the
-step ends: otherwise the messages left by one step would slow the next.  Where
-one tool could still be favoured by going first, ai4s-jobq goes first.  The
+All steps run on the same Azurite (pinned binary, in-memory), drains first.  Two
+Azurite traits shape the procedure:
+
+* it scans every message it holds on each queue operation, so a step's queues
+  are deleted when the step ends (leftovers would slow the next step);
+* every 60 s it garbage-collects the storage of deleted messages, and that pass
+  is quadratic in their number: ~15,000 deleted messages stall it for minutes,
+  and whichever tool is running then times out.  So after deleting a step's
+  queues the benchmark waits for a collection pass to finish (Azurite idle after
+  its next 60 s tick) before the next step starts.  Deletes made *during* a step
+  are collected during it, as they would be on a fresh Azurite.
+
+Where one tool could still be favoured by going first, ai4s-jobq goes first.  The
 Azurite process's CPU seconds are printed per step: on 2 cores, Azurite is most
 of the cost of a drain.
 
@@ -136,6 +145,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def settle(pid: int, deleted_at: float, *, tick: float = 62.0, idle_for: float = 2.0,
+           limit: float = 600.0) -> float:
+    """Wait until Azurite's garbage collection of a step's deleted messages is over:
+    its 60 s timer has fired since ``deleted_at`` and it has been idle (< 5% CPU)
+    for ``idle_for`` seconds.  Returns the seconds waited."""
+    started = time.monotonic()
+    time.sleep(max(0.0, deleted_at + tick - time.monotonic()))
+    quiet_since, last = time.monotonic(), cpu_seconds(pid)
+    while time.monotonic() - started < limit:
+        time.sleep(0.5)
+        now, cpu = time.monotonic(), cpu_seconds(pid)
+        if cpu - last > 0.025:
+            quiet_since = now
+        elif now - quiet_since >= idle_for:
+            break
+        last = cpu
+    return time.monotonic() - started
+
+
 def delete_queues(connection_string: str, *names: str) -> None:
     """End of a step: drop its queues (and their ``-failed`` siblings)."""
     from azure.core.exceptions import ResourceNotFoundError
@@ -168,12 +196,29 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, float]:
     with azurite_running(work) as (connection_string, pid):
         env = env_for(connection_string)
 
-        def step(name: str, queue: str, measure: Callable[[], float]) -> None:
+        def step(name: str, queue: str, measure: Callable[[], float], *,
+                 last: bool = False) -> None:
             cpu = cpu_seconds(pid)
             results[f"{name}_s"] = measure()
             results[f"{name}_azurite_cpu_s"] = cpu_seconds(pid) - cpu
             results[f"{name}_left"] = asyncio.run(queue_count(connection_string, queue))
+            print(f"  {name}: {results[f'{name}_s']:.2f} s", flush=True)
             delete_queues(connection_string, queue)
+            if not last:
+                waited = settle(pid, time.monotonic())
+                print(f"  (waited {waited:.0f} s for Azurite's garbage collection)", flush=True)
+
+        print(f"drain {args.drain_tasks} `true` tasks with {args.slots} slots", flush=True)
+        timed([original, f"{ACCOUNT}/bench-drain-ai4s", "push"], env, stdin=drain_file,
+              log=work / "fill-ai4s.log")
+        step("drain_ai4s", "bench-drain-ai4s", lambda: timed(
+            [original, f"{ACCOUNT}/bench-drain-ai4s", "worker", "-n", str(args.slots)],
+            env, log=work / "drain-ai4s.log"))
+        timed([*jobq, "--queue", f"{ACCOUNT}/bench-drain-jobq", "push", str(drain_file),
+               "--no-progress"], env, log=work / "fill-jobq.log")
+        step("drain_jobq", "bench-drain-jobq", lambda: timed(
+            [*jobq, "--queue", f"{ACCOUNT}/bench-drain-jobq", "--quiet", "worker",
+             "-n", str(args.slots), "--idle-timeout", "1s"], env, log=work / "drain-jobq.log"))
 
         print(f"push {args.push_tasks} shell tasks from a file", flush=True)
         raw_sends: list[float] = []
@@ -197,19 +242,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, float]:
             log=work / "push-ai4s.log"))
         step("push_jobq", "bench-push-jobq", lambda: timed(
             [*jobq, "--queue", f"{ACCOUNT}/bench-push-jobq", "-v", "push", str(push_file),
-             "--no-progress"], env, log=work / "push-jobq.log"))
-
-        print(f"drain {args.drain_tasks} `true` tasks with {args.slots} slots", flush=True)
-        timed([original, f"{ACCOUNT}/bench-drain-ai4s", "push"], env, stdin=drain_file,
-              log=work / "fill-ai4s.log")
-        step("drain_ai4s", "bench-drain-ai4s", lambda: timed(
-            [original, f"{ACCOUNT}/bench-drain-ai4s", "worker", "-n", str(args.slots)],
-            env, log=work / "drain-ai4s.log"))
-        timed([*jobq, "--queue", f"{ACCOUNT}/bench-drain-jobq", "push", str(drain_file),
-               "--no-progress"], env, log=work / "fill-jobq.log")
-        step("drain_jobq", "bench-drain-jobq", lambda: timed(
-            [*jobq, "--queue", f"{ACCOUNT}/bench-drain-jobq", "--quiet", "worker",
-             "-n", str(args.slots), "--idle-timeout", "1s"], env, log=work / "drain-jobq.log"))
+             "--no-progress"], env, log=work / "push-jobq.log"), last=True)
     return results
 
 
