@@ -291,7 +291,8 @@ async def test_check_reads_queue_settings_with_the_token(aad, oauth_azurite):
     async with JobQ.open(f"{ACCOUNT}/{queue}", check=False, create=False) as q:
         findings = await q.check()
     assert [f.code for f in findings] == ["unreadable"], findings
-    assert "refused the credentials (AuthenticationFailed)" in findings[0].message
+    assert ("refused the credentials (AuthenticationFailed: Invalid token audience.)"
+            in findings[0].message), findings[0].message
     assert_no_token_in(findings[0].message, aad)
 
 
@@ -360,8 +361,8 @@ async def test_refused_token_cli_exits_4_with_actionable_message(
     assert result.returncode == 4, result.stderr
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: "), error
-    assert (f"storage account '{ACCOUNT}' refused the credentials (AuthenticationFailed)"
-            in error), error
+    assert (f"storage account '{ACCOUNT}' refused the credentials (AuthenticationFailed: "
+            f"{detail})" in error), error  # the service's own reason, word for word
     assert "your Azure login" in error and "Storage Queue Data Contributor" in error, error
     assert "Traceback" not in result.stderr
     assert aad.request_count > 0 and aad.resources() == {STORAGE_RESOURCE}
@@ -412,3 +413,21 @@ def test_endpoint_override_parsing():
     with pytest.raises(QueueUnavailableError, match="JOBQ_STORAGE_CA=/nonexistent.pem"):
         StorageEndpointOverride.from_env({"JOBQ_STORAGE_CA": "/nonexistent.pem"})
 
+
+def test_only_plain_word_reasons_reach_the_error():
+    """Azure's AuthenticationErrorDetail for a Shared Key failure carries the request's
+    signature and the string it signed: that must never be shown; a token's
+    "expired" reason is plain words and is."""
+    from ai4s_jobq.backends.storage_rest import auth_reason
+
+    def body(detail: str) -> str:
+        return ("<?xml version=\"1.0\"?><Error><Code>AuthenticationFailed</Code><Message>"
+                f"Server failed</Message><AuthenticationErrorDetail>{detail}"
+                "</AuthenticationErrorDetail></Error>")
+
+    assert auth_reason(body("Lifetime validation failed. The token is expired.")) == (
+        "Lifetime validation failed. The token is expired.")
+    signed = ("The MAC signature found in the HTTP request 'q0Zx+Yk/abc=' is not the same "
+              "as any computed signature. Server used following string to sign: 'GET'")
+    assert auth_reason(body(signed)) == ""
+    assert auth_reason("<Error><Code>AuthenticationFailed</Code></Error>") == ""

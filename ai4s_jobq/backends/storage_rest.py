@@ -52,13 +52,15 @@ _ERROR_CODE = re.compile(rb"<Code>([^<]+)</Code>|\"code\"\s*:\s*\"([^\"]+)\"")
 
 
 class RestError(Exception):
-    """A request failed: ``status`` (0: no answer) and Azure's error ``code``."""
+    """A request failed: ``status`` (0: no answer), Azure's error ``code`` and, for a
+    refused credential, the service's plain-words ``reason`` (see :func:`auth_reason`)."""
 
-    def __init__(self, what: str, status: int, code: str = ""):
+    def __init__(self, what: str, status: int, code: str = "", reason: str = ""):
         super().__init__(f"{what}: HTTP {status} {code}".rstrip() if status else
                          f"{what}: no answer ({code})")
         self.status = status
         self.code = code
+        self.reason = reason
 
 
 @dataclass
@@ -214,7 +216,9 @@ class StorageRest:
                 if status in ok:
                     return answer
                 if status not in _TRANSIENT_STATUS or attempt == _ATTEMPTS - 1:
-                    raise RestError(what, status, _error_code(answer))
+                    raise RestError(what, status, _error_code(answer),
+                                    auth_reason(answer.decode("utf-8", "replace"))
+                                    if status in (401, 403) else "")
                 reason = f"HTTP {status}"
             log.info("%s: retrying after %s", what, reason)
             await asyncio.sleep(0.2 * 3**attempt)
@@ -275,3 +279,19 @@ def _error_code(answer: bytes) -> str:
     if not match:
         return ""
     return (match.group(1) or match.group(2) or b"").decode("utf-8", "replace")[:100]
+
+
+_AUTH_DETAIL = re.compile(r"<AuthenticationErrorDetail>([^<]{1,300})</AuthenticationErrorDetail>")
+_PLAIN_REASON = re.compile(r"[A-Za-z ,.:()-]{1,200}")
+
+
+def auth_reason(body: str) -> str:
+    """The service's ``AuthenticationErrorDetail`` (e.g. "Lifetime validation failed.
+    The token is expired."), but only when it is plain words: for a Shared Key failure
+    Azure puts the request's signature and the string it signed there, which must not
+    reach a log, so anything with quotes, digits, slashes or base64 is dropped."""
+    match = _AUTH_DETAIL.search(body[:8192])
+    if not match:
+        return ""
+    reason = " ".join(match.group(1).split())
+    return reason if _PLAIN_REASON.fullmatch(reason) else ""

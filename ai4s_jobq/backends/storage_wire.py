@@ -37,7 +37,7 @@ from azure.core.exceptions import (
 
 from .base import BackendError, QueueUnavailableError, ReceivedMessage
 from .storage_dedup import LedgerError
-from .storage_rest import RestError
+from .storage_rest import RestError, auth_reason
 
 log = logging.getLogger("ai4s_jobq.storage")
 
@@ -128,14 +128,8 @@ def translate_errors(what: str, account: str) -> Iterator[None]:
     except BackendError:
         raise
     except ClientAuthenticationError as exc:
-        code = error_code(exc) or type(exc).__name__
-        raise BackendError(
-            f"{what}: storage account {account!r} refused the credentials ({code}). "
-            "Check the account key or SAS in the connection string (JOBQ_CONNECTION_STRING / "
-            "--conn-str), or, with ACCOUNT/QUEUE, your Azure login (`az login`) and that it has "
-            "the 'Storage Queue Data Contributor' (and, for dedup, 'Storage Table Data "
-            "Contributor') role."
-        ) from None
+        raise credentials_refused(what, account, error_code(exc) or type(exc).__name__,
+                                  auth_failure_reason(exc)) from None
     except ServiceRequestError as exc:
         raise BackendError(
             f"{what}: cannot reach storage account {account!r} ({type(exc).__name__}). "
@@ -158,6 +152,27 @@ def translate_errors(what: str, account: str) -> Iterator[None]:
         ) from None
 
 
+def credentials_refused(what: str, account: str, code: str, reason: str = "") -> BackendError:
+    return BackendError(
+        f"{what}: storage account {account!r} refused the credentials ({code}"
+        f"{': ' + reason if reason else ''}). "
+        "Check the account key or SAS in the connection string (JOBQ_CONNECTION_STRING / "
+        "--conn-str), or, with ACCOUNT/QUEUE, your Azure login (`az login`) and that it has "
+        "the 'Storage Queue Data Contributor' (and, for dedup, 'Storage Table Data "
+        "Contributor') role.")
+
+
+def auth_failure_reason(exc: BaseException) -> str:
+    """The service's plain-words reason for refusing credentials (see
+    :func:`~.storage_rest.auth_reason`), from an SDK error's response body."""
+    response = getattr(exc, "response", None)
+    try:
+        body = response.text() if response is not None else ""
+    except Exception:  # noqa: BLE001 - no body, no reason
+        return ""
+    return auth_reason(body or "")
+
+
 def error_code(exc: BaseException) -> str:
     """Azure's error code as plain text (the SDK gives an enum or a string)."""
     code = getattr(exc, "error_code", None)
@@ -173,11 +188,8 @@ def is_lock_lost(exc: HttpResponseError) -> bool:
 def rest_error(exc: RestError, what: str, account: str) -> BackendError:
     """The same messages as :func:`_translate`, for the fast REST path."""
     if exc.status in (401, 403):
-        try:
-            with translate_errors(what, account):
-                raise ClientAuthenticationError(exc.code or "AuthenticationFailed")
-        except BackendError as translated:
-            return translated
+        return credentials_refused(what, account, exc.code or "AuthenticationFailed",
+                                   exc.reason)
     if exc.status == 0:
         return BackendError(
             f"{what}: cannot reach storage account {account!r} ({exc.code}). "
