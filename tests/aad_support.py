@@ -306,3 +306,21 @@ def aad_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeTokenEndpoint]
     with fake_token_endpoint() as endpoint:
         use_managed_identity(monkeypatch, endpoint)
         yield endpoint
+
+
+# ---------------------------------------------------------------------- shared assertions
+
+
+def assert_no_token_in(text: str, endpoint: FakeTokenEndpoint) -> None:
+    """No token this endpoint issued, nor any of its three parts, is in ``text``."""
+    assert endpoint.issued, "the fake endpoint issued no token: nothing was checked"
+    for token in endpoint.issued:
+        for part in token.split("."):  # header, claims and signature separately too
+            assert part not in text, "a token (or part of one) leaked into the output"
+
+
+def assert_tokens_came_from(endpoint: FakeTokenEndpoint, resource: str) -> None:
+    """Every token was asked for ``resource``, with the identity header, and issued."""
+    assert endpoint.request_count > 0
+    assert endpoint.resources() == {resource}
+    assert all(r.header_ok and r.status == 200 for r in endpoint.requests)

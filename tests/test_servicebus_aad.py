@@ -24,19 +24,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sample_tasks
+import worker_scenarios
 from aad_support import (
     SERVICEBUS_RESOURCE,
     FakeTokenEndpoint,
+    assert_no_token_in,
+    assert_tokens_came_from,
     fake_token_endpoint,
     scrubbed_environ,
     use_managed_identity,
 )
 from conftest import ROOT
 
-from ai4s_jobq import JobQ, Worker, WorkerPolicy
+from ai4s_jobq import JobQ
 from ai4s_jobq.backends.base import BackendError
-from ai4s_jobq.processors import CallableProcessor
 
 pytest.importorskip("azure.identity")
 
@@ -66,13 +67,6 @@ def accepted(emulator, plane: str) -> int:
     return emulator.server.ctx.aad.accepted[plane]
 
 
-def assert_no_token_in(text: str, endpoint: FakeTokenEndpoint) -> None:
-    assert endpoint.issued, "the fake endpoint issued no token: nothing was checked"
-    for token in endpoint.issued:
-        for part in token.split("."):  # header, claims and signature separately too
-            assert part not in text
-
-
 # ---------------------------------------------------------------------- it works
 
 
@@ -88,18 +82,9 @@ async def test_push_and_worker_drain_with_default_azure_credential(
         assert isinstance(backend._credential, DefaultAzureCredential)
         for name in ("a", "b", "c"):
             await q.push({"log": str(log), "name": name})
-        stats = await Worker(backend, CallableProcessor(sample_tasks.async_record),
-                             WorkerPolicy(idle_timeout=0.5)).run()
-        assert (stats.succeeded, stats.failed) == (3, 0)
-        counts = await q.counts()
-        assert (counts.active, counts.dead_letter) == (0, 0)
-    ends = sorted(line.split()[1] for line in log.read_text().splitlines()
-                  if line.startswith("end"))
-    assert ends == ["a", "b", "c"]
+        await worker_scenarios.drain_recorded(q, log, ["a", "b", "c"])
     # the token really came from the (fake) managed-identity endpoint ...
-    assert aad.request_count > 0
-    assert aad.resources() == {SERVICEBUS_RESOURCE}
-    assert all(r.header_ok and r.status == 200 for r in aad.requests)
+    assert_tokens_came_from(aad, SERVICEBUS_RESOURCE)
     # ... and the emulator accepted it on both planes
     assert accepted(sb_emulator_aad, "amqp") > 0
     assert accepted(sb_emulator_aad, "https") > 0

@@ -55,10 +55,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import sample_tasks
+import worker_scenarios
 from aad_support import (
     STORAGE_RESOURCE,
     FakeTokenEndpoint,
+    assert_no_token_in,
+    assert_tokens_came_from,
     fake_token_endpoint,
     jwt_claims,
     scrubbed_environ,
@@ -67,9 +69,8 @@ from aad_support import (
 from azurite_fixtures import ACCOUNT, Azurite, start_azurite, stop_azurite
 from conftest import ROOT
 
-from ai4s_jobq import JobQ, Worker, WorkerPolicy
+from ai4s_jobq import JobQ
 from ai4s_jobq.backends.storage_dedup import LEDGER_TABLE
-from ai4s_jobq.processors import CallableProcessor
 
 pytest.importorskip("azure.identity")
 
@@ -137,13 +138,6 @@ async def with_account_key(oauth_azurite: OAuthAzurite) -> AsyncIterator[tuple]:
     async with QueueServiceClient.from_connection_string(cs, connection_verify=ca) as queues, \
             TableServiceClient.from_connection_string(cs, connection_verify=ca) as tables:
         yield queues, tables
-
-
-def assert_no_token_in(text: str, endpoint: FakeTokenEndpoint) -> None:
-    assert endpoint.issued, "the fake endpoint issued no token: nothing was checked"
-    for token in endpoint.issued:
-        for part in token.split("."):  # header, claims and signature separately too
-            assert part not in text, "a token (or part of one) leaked into the output"
 
 
 # ---------------------------------------------------------------------- Azurite's view
@@ -242,18 +236,9 @@ async def test_push_dedup_and_worker_drain_with_default_azure_credential(
             entries = [e async for e in ledger.query_entities(f"PartitionKey eq '{queue}'")]
             assert len(entries) == 3
 
-        stats = await Worker(backend, CallableProcessor(sample_tasks.async_record),
-                             WorkerPolicy(idle_timeout=0.5)).run()
-        assert (stats.succeeded, stats.failed) == (3, 0)
-        counts = await q.counts()
-        assert (counts.active, counts.dead_letter) == (0, 0)
-    ends = sorted(line.split()[1] for line in log.read_text().splitlines()
-                  if line.startswith("end"))
-    assert ends == ["a", "b", "c"]
+        await worker_scenarios.drain_recorded(q, log, ["a", "b", "c"])
     # the token really came from the (fake) managed-identity endpoint, for storage
-    assert aad.request_count > 0
-    assert aad.resources() == {STORAGE_RESOURCE}
-    assert all(r.header_ok and r.status == 200 for r in aad.requests)
+    assert_tokens_came_from(aad, STORAGE_RESOURCE)
     # ... and Azurite accepted it on both services (queue + the ledger's table)
     seen = azurite_saw(oauth_azurite.debug_log, aad,
                        lambda rs: {r.service for r in rs} == {"queue", "table"})

@@ -43,3 +43,16 @@ async def malformed_messages_dead_lettered(q: JobQ, policy: WorkerPolicy, log: P
     reasons = {d.message_id: (d.reason, d.description or "") for d in await q.dlq_list()}
     assert reasons["junk-1"][0] == "MalformedTask" and "UTF-8" in reasons["junk-1"][1]
     assert "'args'" in reasons["junk-2"][1]
+
+
+async def drain_recorded(q: JobQ, log: Path, names: list[str]) -> None:
+    """Run a worker over ``async_record`` tasks named ``names`` (already pushed): all
+    succeed, the queue ends empty, and each ran to its end exactly once."""
+    stats = await Worker(q.backend, CallableProcessor(sample_tasks.async_record),
+                         WorkerPolicy(idle_timeout=0.5)).run()
+    assert (stats.succeeded, stats.failed) == (len(names), 0)
+    counts = await q.counts()
+    assert (counts.active, counts.dead_letter) == (0, 0)
+    ends = sorted(line.split()[1] for line in log.read_text().splitlines()
+                  if line.startswith("end"))
+    assert ends == sorted(names)
