@@ -34,7 +34,8 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -73,6 +74,7 @@ from .storage_wire import (
     is_account_error,
     is_lock_lost,
     lost_lock,
+    means_lock_lost,
     rest_error,
     text_size,
     to_received,
@@ -479,22 +481,29 @@ class StorageQueueBackend(Backend):
                                f"{self.description} (peeked messages cannot be settled)")
         return message.handle
 
+    @contextmanager
+    def _lock_errors(self, message: ReceivedMessage, what: str) -> Iterator[None]:
+        """Errors of a call made with the message's pop receipt: the message gone or
+        the receipt stale (someone else received it) is a lost lock; the rest are
+        translated as usual."""
+        try:
+            with self._translate(what):
+                try:
+                    yield
+                except HttpResponseError as exc:
+                    if is_lock_lost(exc):
+                        raise LockLostError(lost_lock(message)) from None
+                    raise
+        except QueueUnavailableError:
+            raise LockLostError(lost_lock(message)) from None
+
     async def _update_visibility(self, message: ReceivedMessage, seconds: int) -> None:
         lease = self._lease(message)
         client = self._dlq if lease.dead_letter_queue else self._queue
         async with lease.lock:
-            try:
-                with self._translate(f"updating message {message.message_id}"):
-                    try:
-                        updated = await client.update_message(
-                            lease.azure_id, pop_receipt=lease.pop_receipt,
-                            visibility_timeout=seconds)
-                    except HttpResponseError as exc:
-                        if is_lock_lost(exc):
-                            raise LockLostError(lost_lock(message)) from None
-                        raise
-            except QueueUnavailableError:
-                raise LockLostError(lost_lock(message)) from None
+            with self._lock_errors(message, f"updating message {message.message_id}"):
+                updated = await client.update_message(
+                    lease.azure_id, pop_receipt=lease.pop_receipt, visibility_timeout=seconds)
             lease.pop_receipt = updated.pop_receipt
             if updated.next_visible_on:
                 message.locked_until = updated.next_visible_on.timestamp()
@@ -515,16 +524,8 @@ class StorageQueueBackend(Backend):
             if self._rest is not None:
                 await self._delete_rest(message, lease)
                 return
-            try:
-                with self._translate(f"deleting message {message.message_id}"):
-                    try:
-                        await client.delete_message(lease.azure_id, lease.pop_receipt)
-                    except HttpResponseError as exc:
-                        if is_lock_lost(exc):
-                            raise LockLostError(lost_lock(message)) from None
-                        raise
-            except QueueUnavailableError:
-                raise LockLostError(lost_lock(message)) from None
+            with self._lock_errors(message, f"deleting message {message.message_id}"):
+                await client.delete_message(lease.azure_id, lease.pop_receipt)
 
     async def _delete_rest(self, message: ReceivedMessage, lease: Lease) -> None:
         assert self._rest is not None
@@ -532,7 +533,7 @@ class StorageQueueBackend(Backend):
         try:
             await self._rest.delete_message(queue, lease.azure_id, lease.pop_receipt)
         except RestError as exc:
-            if exc.status == 404 or exc.code == "PopReceiptMismatch":
+            if means_lock_lost(exc.status, exc.code):
                 raise LockLostError(lost_lock(message)) from None
             raise rest_error(exc, f"deleting message {message.message_id}",
                              self.account) from None

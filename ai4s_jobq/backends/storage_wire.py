@@ -179,9 +179,13 @@ def error_code(exc: BaseException) -> str:
     return str(getattr(code, "value", code) or "")
 
 
-def is_lock_lost(exc: HttpResponseError) -> bool:
+def means_lock_lost(status: int | None, code: str) -> bool:
     """404: the message is gone; 400 PopReceiptMismatch: someone else received it."""
-    return exc.status_code == 404 or error_code(exc) == "PopReceiptMismatch"
+    return status == 404 or code == "PopReceiptMismatch"
+
+
+def is_lock_lost(exc: HttpResponseError) -> bool:
+    return means_lock_lost(exc.status_code, error_code(exc))
 
 
 
