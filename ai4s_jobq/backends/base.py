@@ -8,7 +8,8 @@ each backend module only has to speak its broker's protocol.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -188,3 +189,13 @@ class Backend(abc.ABC):
 
     def extra_info(self) -> dict[str, Any]:
         return {}
+
+
+def ca_bundle_from_env(environ: Mapping[str, str], name: str) -> str | None:
+    """The CA bundle file named by the environment variable ``name`` (for endpoint
+    overrides of the Azure AD path), or None; a missing file is a configuration
+    error, reported before any connection is tried."""
+    path = environ.get(name, "").strip() or None
+    if path is not None and not os.path.isfile(path):
+        raise QueueUnavailableError(f"{name}={path}: no such file")
+    return path

@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 
 from azure.servicebus import TransportType
 
-from .base import QueueUnavailableError
+from .base import QueueUnavailableError, ca_bundle_from_env
 
 log = logging.getLogger("ai4s_jobq.servicebus")
 
@@ -57,9 +57,7 @@ class EndpointOverride:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> EndpointOverride:
         env = os.environ if environ is None else environ
         host, port, websocket = _parse_endpoint(env.get(ENDPOINT_ENV, "").strip())
-        ca_bundle = env.get(CA_ENV, "").strip() or None
-        if ca_bundle is not None and not os.path.isfile(ca_bundle):
-            raise QueueUnavailableError(f"{CA_ENV}={ca_bundle}: no such file")
+        ca_bundle = ca_bundle_from_env(env, CA_ENV)
         return cls(host, port, ca_bundle, websocket)
 
     def _tls(self) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .base import QueueUnavailableError
+from .base import QueueUnavailableError, ca_bundle_from_env
 from .storage_rest import Endpoints
 
 QUEUE_ENDPOINT_ENV = "JOBQ_STORAGE_QUEUE_ENDPOINT"
@@ -69,9 +69,7 @@ class StorageEndpointOverride:
             raise QueueUnavailableError(
                 f"{given} is set but {missing} is not: set both (the dedup ledger lives in "
                 "the Table service of the same account), or neither")
-        ca_bundle = env.get(CA_ENV, "").strip() or None
-        if ca_bundle is not None and not os.path.isfile(ca_bundle):
-            raise QueueUnavailableError(f"{CA_ENV}={ca_bundle}: no such file")
+        ca_bundle = ca_bundle_from_env(env, CA_ENV)
         return cls(queue, table, ca_bundle)
 
     def queue_url(self, account: str) -> str:
