@@ -22,6 +22,8 @@ import shutil
 import socket
 import ssl
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import cast
@@ -203,29 +205,13 @@ class EmulatorServer:
                 daemon=True,
             ).start()
 
-    def _serve_client(self, sock: socket.socket, peer: str) -> None:
+    @contextmanager
+    def _tracked(self, sock: socket.socket) -> Iterator[None]:
+        """Register ``sock`` so ``stop()`` can close it; close it when the block ends."""
         with self._lock:
             self._sockets.add(sock)
         try:
-            sock.settimeout(SNIFF_TIMEOUT)
-            try:
-                first = sock.recv(1, socket.MSG_PEEK)
-            except OSError:
-                return
-            if not first:
-                return
-            if first[0] == TLS_RECORD_HANDSHAKE:
-                assert self._ssl_context is not None
-                self._serve_tls(sock, peer, self._ssl_context)
-            elif first == b"A":
-                sock.settimeout(None)
-                assert self.ctx is not None
-                self._serve_amqp(AmqpConnection(sock, self.ctx, peer))
-            else:
-                sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
-                             b"Connection: close\r\n\r\n")
-        except Exception:
-            log.exception("connection from %s failed", peer)
+            yield
         finally:
             with self._lock:
                 self._sockets.discard(sock)
@@ -234,15 +220,39 @@ class EmulatorServer:
             except OSError:
                 pass
 
+    def _serve_client(self, sock: socket.socket, peer: str) -> None:
+        with self._tracked(sock):
+            try:
+                self._sniff_and_serve(sock, peer)
+            except Exception:
+                log.exception("connection from %s failed", peer)
+
+    def _sniff_and_serve(self, sock: socket.socket, peer: str) -> None:
+        sock.settimeout(SNIFF_TIMEOUT)
+        try:
+            first = sock.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return
+        if not first:
+            return
+        if first[0] == TLS_RECORD_HANDSHAKE:
+            assert self._ssl_context is not None
+            self._serve_tls(sock, peer, self._ssl_context)
+        elif first == b"A":
+            sock.settimeout(None)
+            assert self.ctx is not None
+            self._serve_amqp(AmqpConnection(sock, self.ctx, peer))
+        else:
+            sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
+                         b"Connection: close\r\n\r\n")
+
     def _serve_tls(self, sock: socket.socket, peer: str, context: ssl.SSLContext) -> None:
         accepted = accept_tls(sock, context, peer, SNIFF_TIMEOUT)
         if accepted is None:
             return
         tls_sock, first = accepted
         assert self.ctx is not None
-        with self._lock:
-            self._sockets.add(tls_sock)
-        try:
+        with self._tracked(tls_sock):
             if first == b"A":
                 tls_sock.settimeout(None)
                 self._serve_amqp(TlsAmqpConnection(tls_sock, self.ctx, peer, first))
@@ -250,13 +260,6 @@ class EmulatorServer:
                 # the handler only uses the socket API PrefixedSocket forwards
                 serve_https_connection(cast(socket.socket, PrefixedSocket(tls_sock, first)),
                                        peer, self.ctx)
-        finally:
-            with self._lock:
-                self._sockets.discard(tls_sock)
-            try:
-                tls_sock.close()
-            except OSError:
-                pass
 
     def _serve_amqp(self, connection: AmqpConnection) -> None:
         with self._lock:
