@@ -21,6 +21,7 @@ import datetime
 import secrets
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,35 +104,35 @@ class EmulatorHandle:
         return name
 
 
-@pytest.fixture
-def sb_emulator(tmp_path: Path) -> Iterator[EmulatorHandle]:
-    handle = EmulatorHandle(tmp_path / "sb-emulator")
-    handle.server = EmulatorServer(handle.data_dir, port=0).start()
+@contextmanager
+def running_emulator(data_dir: Path, aad_trust_key: str | None = None
+                     ) -> Iterator[EmulatorHandle]:
+    """An in-process emulator on a free 127.0.0.1 port, stopped when the block ends."""
+    handle = EmulatorHandle(data_dir, aad_trust_key=aad_trust_key)
+    handle.server = EmulatorServer(data_dir, port=0, aad_trust_key=aad_trust_key).start()
     try:
         yield handle
     finally:
         handle.stop()
+
+
+@pytest.fixture
+def sb_emulator(tmp_path: Path) -> Iterator[EmulatorHandle]:
+    with running_emulator(tmp_path / "sb-emulator") as handle:
+        yield handle
 
 
 @pytest.fixture
 def sb_emulator_aad(tmp_path: Path) -> Iterator[EmulatorHandle]:
-    handle = EmulatorHandle(tmp_path / "sb-emulator", aad_trust_key=secrets.token_urlsafe(32))
-    handle.server = EmulatorServer(handle.data_dir, port=0,
-                                   aad_trust_key=handle.aad_trust_key).start()
-    try:
+    """Also trusts Azure AD tokens signed with its (random) ``aad_trust_key``."""
+    with running_emulator(tmp_path / "sb-emulator", secrets.token_urlsafe(32)) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 @pytest.fixture(scope="module")
 def sb_emulator_shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorHandle]:
-    handle = EmulatorHandle(tmp_path_factory.mktemp("sb-emulator"))
-    handle.server = EmulatorServer(handle.data_dir, port=0).start()
-    try:
+    with running_emulator(tmp_path_factory.mktemp("sb-emulator")) as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 @pytest.fixture
