@@ -173,10 +173,17 @@ class Worker:
         return self.policy.slots - tasks - max(0, settling - self.policy.slots)
 
     def _receive_wait(self, last_activity: float) -> float:
+        """How long one receive may wait.  With an idle timeout, never longer than
+        it: a receive issued while the last tasks run (or settle) would otherwise
+        keep polling an empty queue after they end and overshoot ``--idle-timeout``
+        by up to ``RECEIVE_WAIT_SECONDS``.  With nothing executing, at most the idle
+        time left."""
         wait = RECEIVE_WAIT_SECONDS
-        if self.policy.idle_timeout and not self._running:
-            left = self.policy.idle_timeout - (time.monotonic() - last_activity)
-            wait = min(wait, max(left, 0.0))
+        if self.policy.idle_timeout:
+            wait = min(wait, self.policy.idle_timeout)
+            if not any(not running.settling for running in self._running):
+                left = self.policy.idle_timeout - (time.monotonic() - last_activity)
+                wait = min(wait, max(left, 0.0))
         return wait
 
     async def _wait_for(self, event: asyncio.Event, timeout: float) -> None:

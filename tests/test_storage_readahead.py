@@ -1,7 +1,8 @@
 """Storage Queue read-ahead: batch receives sized by throughput, honest locks,
-and unstarted messages released at close without costing an attempt.
+and unstarted messages released at close without costing an attempt; and the
+backoff between polls of an empty queue, kept across receive calls.
 
-The sizing rule is tested without I/O; everything else against Azurite, with a
+The sizing and backoff rules are tested without I/O; everything else against Azurite, with a
 second backend on the same queue standing in for another worker.
 """
 
@@ -11,11 +12,12 @@ import asyncio
 import json
 import time
 
+import pytest
 from azure.storage.queue.aio import QueueClient
 from azurite_fixtures import OpenBackend
 
 from ai4s_jobq.backends.base import OutgoingMessage
-from ai4s_jobq.backends.storage_prefetch import ReadAhead
+from ai4s_jobq.backends.storage_prefetch import PollBackoff, ReadAhead
 
 
 def tasks(count: int) -> list[OutgoingMessage]:
@@ -53,7 +55,46 @@ def test_stale_means_less_than_half_the_lock_left() -> None:
     assert ReadAhead.stale(message, 60, now=975.0)  # 25 s left
 
 
+def test_poll_backoff_doubles_after_empty_polls_and_resets_on_messages() -> None:
+    polls = PollBackoff()
+    assert polls.wait(now=0.0) == 0.0  # a fresh receiver polls at once
+    polls.polled(found=False, now=10.0)
+    assert polls.wait(now=10.0) == pytest.approx(0.05)
+    pauses = []
+    for _ in range(8):
+        polls.polled(found=False, now=20.0)
+        pauses.append(polls.wait(now=20.0))
+    assert pauses == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0])
+    polls.polled(found=True, now=30.0)
+    assert polls.wait(now=30.0) == 0.0
+
+
 # ---------------------------------------------------------------------- against Azurite
+
+
+async def test_short_receives_on_an_empty_queue_share_one_backoff(
+        open_backend: OpenBackend) -> None:
+    """A worker with a short idle timeout receives with short waits, often; the
+    pause between empty polls carries over from call to call, so it polls about
+    as rarely as one long wait would (0, 0.05, 0.15, 0.35, 0.75 s, ...), not at
+    the start of every call."""
+    async with open_backend(window=None) as worker:
+        polls = 0
+        receive_once = worker._receive_once
+
+        async def counting(count, dead_letter):
+            nonlocal polls
+            polls += 1
+            return await receive_once(count, dead_letter)
+
+        worker._receive_once = counting
+        started = time.monotonic()
+        calls = 0
+        while time.monotonic() - started < 1.0:
+            assert await worker.receive(8, 0.05) == []
+            calls += 1
+        assert calls >= 10
+        assert 2 <= polls <= 7  # per call, it would be two polls each: >= 20
 
 
 async def test_no_read_ahead_without_throughput(open_backend: OpenBackend) -> None:

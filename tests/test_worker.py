@@ -176,3 +176,41 @@ async def test_settles_in_flight_are_bounded_by_the_slots(local_dir):
         release.set()
         stats = await asyncio.wait_for(worker, 10)
         assert stats.succeeded == 10
+
+
+async def test_with_an_idle_timeout_no_receive_waits_longer_than_it(local_dir):
+    """Receives issued while the last task runs, and while only its settle is in
+    flight, wait at most the idle timeout: a full receive wait there kept polling
+    an empty queue after the task ended, so ``--idle-timeout 0.1s`` overshot by
+    about a second on Storage Queue."""
+    async with JobQ.open("local://idle-tail") as q:
+        await q.push_many([{"n": 1}])
+        phase = {"name": "before"}
+        seen = {"running": asyncio.Event(), "settling": asyncio.Event()}
+        complete, receive = q.backend.complete, q.backend.receive
+        waits: dict[str, list[float]] = {"running": [], "settling": []}
+
+        async def run(n: int) -> None:
+            phase["name"] = "running"
+            await seen["running"].wait()
+
+        async def held_complete(message):
+            phase["name"] = "settling"
+            await seen["settling"].wait()
+            await complete(message)
+
+        async def recording_receive(max_count, max_wait, **kwargs):
+            if phase["name"] in waits:
+                waits[phase["name"]].append(max_wait)
+                seen[phase["name"]].set()  # the phase ends while this receive waits
+            return await receive(max_count, max_wait, **kwargs)
+
+        q.backend.complete = held_complete  # type: ignore[method-assign]
+        q.backend.receive = recording_receive  # type: ignore[method-assign]
+        idle = 0.3
+        stats = await asyncio.wait_for(
+            Worker(q.backend, CallableProcessor(run), policy(slots=2, idle_timeout=idle)).run(),
+            10)
+        assert stats.succeeded == 1 and stats.stop_reason == "idle timeout"
+        assert waits["running"] and max(waits["running"]) <= idle
+        assert waits["settling"] and max(waits["settling"]) <= idle

@@ -1,4 +1,5 @@
-"""Read-ahead for Storage Queue receives: fetch a batch, hand it out as slots free.
+"""Receiving from Storage Queue: read-ahead (fetch a batch, hand it out as slots
+free) and the backoff between polls of an empty queue.
 
 Why: a Storage Queue receive is a full HTTP round trip, and on Azurite each one
 costs the service tens of milliseconds at a few thousand queued messages (it scans
@@ -16,6 +17,12 @@ Honesty about locks: a message's visibility timeout starts when it is received,
 not when it is handed out.  ``stale`` tells the backend which buffered messages
 have used up half their lock so it renews them before handing them out; the
 worker's lock renewal then runs from the message's real ``locked_until``.
+
+Polling: Storage Queue has no long polling, so an idle receiver polls, and every
+poll is a billed transaction.  ``PollBackoff`` doubles the pause after each empty
+poll and keeps it across receive calls, so a worker that waits briefly and often
+(a short ``--idle-timeout`` lets it notice idleness promptly) polls no more often
+than one that waits long.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from .base import ReceivedMessage
 
 READ_AHEAD_HORIZON = 1.0  # seconds of recent throughput worth fetching ahead
 RATE_WINDOW = 2.0  # seconds over which throughput is measured
+FIRST_POLL_PAUSE = 0.05  # seconds after the first empty poll
+LONGEST_POLL_PAUSE = 1.0  # the pause stops doubling here
 
 
 @dataclass
@@ -88,3 +97,24 @@ class ReadAhead:
     def _forget_before(self, cutoff: float) -> None:
         while self._finished and self._finished[0] < cutoff:
             self._finished.popleft()
+
+
+@dataclass
+class PollBackoff:
+    """When the next poll of a queue may go out: at once after a poll that found
+    messages; after an empty one, ``FIRST_POLL_PAUSE`` doubling to
+    ``LONGEST_POLL_PAUSE``."""
+
+    _pause: float = 0.0
+    _next_at: float = 0.0
+
+    def polled(self, found: bool, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._pause = 0.0 if found else min(LONGEST_POLL_PAUSE,
+                                            max(FIRST_POLL_PAUSE, self._pause * 2))
+        self._next_at = now + self._pause
+
+    def wait(self, now: float | None = None) -> float:
+        """Seconds until the next poll may go out (0: now)."""
+        now = time.monotonic() if now is None else now
+        return max(0.0, self._next_at - now)

@@ -62,7 +62,7 @@ from .base import (
 )
 from .storage_dedup import LEDGER_TABLE, DedupLedger, ensure_ledger_table, first_occurrences
 from .storage_endpoint import StorageEndpointOverride
-from .storage_prefetch import ReadAhead
+from .storage_prefetch import PollBackoff, ReadAhead
 from .storage_rest import RestError, StorageRest, parse_connection_string
 from .storage_wire import (
     MESSAGE_TEXT_LIMIT,
@@ -150,6 +150,7 @@ class StorageQueueBackend(Backend):
         self._rest: StorageRest | None = None  # the fast path for sends and ledger batches
         self._send_limit = asyncio.Semaphore(SEND_CONCURRENCY)
         self._read_ahead = ReadAhead(RECEIVE_BATCH)
+        self._polls, self._dead_letter_polls = PollBackoff(), PollBackoff()
 
     @classmethod
     def from_spec(
@@ -397,25 +398,32 @@ class StorageQueueBackend(Backend):
     async def receive(
         self, max_count: int, max_wait: float, *, dead_letter: bool = False
     ) -> list[ReceivedMessage]:
-        """Read-ahead first, then poll (Storage Queue has no long polling) with
-        backoff up to ``max_wait``.  Returns at most ``max_count``; a surplus fetched
-        ahead (see :mod:`.storage_prefetch`) waits for the next call."""
+        """Read-ahead first, then poll (Storage Queue has no long polling), pausing
+        between empty polls as ``PollBackoff`` says, for up to ``max_wait``.  Returns
+        at most ``max_count``; a surplus fetched ahead (see :mod:`.storage_prefetch`)
+        waits for the next call."""
         max_count = max(1, max_count)
         ready = [] if dead_letter else await self._fresh(self._read_ahead.take(max_count))
+        backoff = self._dead_letter_polls if dead_letter else self._polls
         deadline = time.monotonic() + max(0.0, max_wait)
-        delay = 0.05
         while len(ready) < max_count:
+            pause = backoff.wait()
+            if pause > 0:
+                if ready:
+                    break
+                left = max(0.0, deadline - time.monotonic())
+                await asyncio.sleep(min(pause, left))
+                if pause > left:
+                    break
             wanted = max_count - len(ready)
             count = (min(wanted, RECEIVE_BATCH) if dead_letter
                      else self._read_ahead.fetch_count(wanted))
             messages = await self._receive_once(count, dead_letter)
+            backoff.polled(found=bool(messages))
             ready.extend(messages[:wanted])
             self._read_ahead.keep(messages[wanted:])
-            remaining = deadline - time.monotonic()
-            if ready or remaining <= 0:
+            if ready or time.monotonic() >= deadline:
                 break
-            await asyncio.sleep(min(delay, remaining))
-            delay = min(delay * 2, 1.0)
         return ready
 
     async def _fresh(self, messages: list[ReceivedMessage]) -> list[ReceivedMessage]:
