@@ -1,8 +1,9 @@
-"""Storage Queue read-ahead: batch receives sized by throughput, honest locks,
-and unstarted messages released at close without costing an attempt; and the
-backoff between polls of an empty queue, kept across receive calls.
+"""Storage Queue read-ahead: batch receives sized by throughput, honest locks, a
+fast worker's buffer refilled in the background, and unstarted messages released
+at close without costing an attempt; and the backoff between polls of an empty
+queue, kept across receive calls.
 
-The sizing and backoff rules are tested without I/O; everything else against Azurite, with a
+The sizing, refill and backoff rules are tested without I/O; everything else against Azurite, with a
 second backend on the same queue standing in for another worker.
 """
 
@@ -53,6 +54,20 @@ def test_stale_means_less_than_half_the_lock_left() -> None:
     message = ReceivedMessage("m", b"", 1, None, locked_until=1000.0)
     assert not ReadAhead.stale(message, 60, now=960.0)  # 40 s of 60 left
     assert ReadAhead.stale(message, 60, now=975.0)  # 25 s left
+
+
+def test_only_a_fast_worker_with_a_half_empty_buffer_refills() -> None:
+    ahead = ReadAhead(limit=32, horizon=1.0, window=2.0)
+    for n in range(10):
+        ahead.finished(now=100.0 + n * 0.1)  # 5/s: slower than REFILL_MIN
+    assert ahead.refill_count(now=101.0) == 0
+    for n in range(30):
+        ahead.finished(now=101.0 + n * 0.01)  # now 20/s: one second ahead is 20
+    assert ahead.refill_count(now=101.5) == 20  # empty buffer
+    ahead.keep([object()] * 10)  # type: ignore[list-item]
+    assert ahead.refill_count(now=101.5) == 0  # half of 20 still buffered
+    ahead.take(1)
+    assert ahead.refill_count(now=101.5) == 20
 
 
 def test_poll_backoff_doubles_after_empty_polls_and_resets_on_messages() -> None:
@@ -170,6 +185,49 @@ async def test_a_buffered_message_whose_lock_is_gone_is_dropped(
         for message in (*kept, *handed):
             await worker.complete(message)
         await other.complete(stolen)
+
+
+def fast_worker(worker, per_second: int = 20) -> None:
+    """Throughput history as if the worker had settled ``per_second`` a second."""
+    for _ in range(2 * per_second):
+        worker._read_ahead.finished()
+
+
+async def test_a_fast_worker_refills_its_buffer_in_the_background(
+        open_backend: OpenBackend) -> None:
+    async with open_backend(window=None) as worker:
+        await worker.push(tasks(60))
+        fast_worker(worker)
+        first = await worker.receive(1, 1.0)  # fetches 1 + 20 ahead
+        assert len(first) == 1 and len(worker._read_ahead) == 20
+        assert worker._read_ahead._refill is None  # 20 buffered: no refill yet
+        handed = await worker.receive(12, 0.0)  # from the buffer: 8 left, < half
+        assert len(handed) == 12
+        assert worker._read_ahead._refill is not None  # the next batch is on its way
+        assert len(worker._read_ahead) == 8
+        assert await worker._read_ahead.refilled()
+        assert len(worker._read_ahead) == 8 + 20
+        for message in (*first, *handed):
+            await worker.complete(message)
+
+
+async def test_close_waits_for_a_refill_in_flight_and_releases_its_messages(
+        open_backend: OpenBackend, azurite, storage_queue_name: str) -> None:
+    async with open_backend(window=None) as worker:
+        await worker.push(tasks(60))
+        fast_worker(worker)
+        started = [*await worker.receive(1, 1.0), *await worker.receive(12, 0.0)]
+        assert worker._read_ahead._refill is not None
+    # closed while the refill was in flight: its 20 were released with the other 8
+    async with QueueClient.from_connection_string(azurite.connection_string,
+                                                  storage_queue_name) as raw:
+        for message in started:  # these 13 "ran"
+            await raw.delete_message(message.handle.azure_id, message.handle.pop_receipt)
+
+    async with open_backend(create=False) as other:
+        again = await receive_all(other)
+        assert len(again) == 60 - 13
+        assert {m.delivery_count for m in again} == {1}
 
 
 async def test_close_releases_unstarted_messages_without_costing_an_attempt(

@@ -11,21 +11,14 @@ This module maps the :class:`~ai4s_jobq.backends.base.Backend` contract onto it:
   never ran (read-ahead released unstarted at close; counted in the header as
   ``unstarted``, so a worker shutting down does not cost a task an attempt).
 * receive reads ahead (:mod:`.storage_prefetch`): up to 32 per call, sized by
-  the worker's recent throughput.
+  the worker's recent throughput, refilled in the background for fast workers.
 * dead-letter queue = a sibling queue ``QUEUE-failed``; each record carries the
   reason, description and delivery count in its header.
 * duplicate detection = the Table ledger in :mod:`.storage_dedup`, on when the
   queue's metadata ``jobq_dedup_window_seconds`` is > 0 (set when jobq creates it).
 
-Message text (what the portal shows) is one JSON object, framed so the body
-comes back byte for byte without re-serializing it::
-
-    {"jobq":{"id":"<task id>"},"body":<the task envelope JSON as is>}
-
-Bodies that are not JSON travel as a JSON string (``"enc":"text"``) or, if they
-are not XML-safe UTF-8, base64 (``"enc":"base64"``).  Text that does not parse as
-this frame (put there by another tool) is still delivered, raw, so the worker
-can dead-letter it.
+The message frame, dead-letter records, queue metadata and error texts are in
+:mod:`.storage_wire`.
 """
 
 from __future__ import annotations
@@ -36,7 +29,6 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -67,6 +59,7 @@ from .storage_rest import RestError, StorageRest, parse_connection_string
 from .storage_wire import (
     MESSAGE_TEXT_LIMIT,
     Lease,
+    QueueConfig,
     account_of,
     as_backend_error,
     dead_letter_text,
@@ -85,28 +78,13 @@ from .storage_wire import (
 log = logging.getLogger("ai4s_jobq.storage")
 
 DLQ_SUFFIX = "-failed"
-META_DEDUP_WINDOW = "jobq_dedup_window_seconds"
-META_VISIBILITY = "jobq_visibility_timeout_seconds"
-META_MAX_DELIVERY = "jobq_max_delivery_count"
 SEND_CONCURRENCY = 32  # sends in flight per backend
 RECEIVE_BATCH = 32  # Storage Queue's maximum per receive call
-DEFAULT_VISIBILITY = 300  # seconds, for queues created by other tools
 
 _QUEUE_NAME = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9-]{1,54}[a-z0-9]$")
 
 
 # ---------------------------------------------------------------------- backend
-
-
-@dataclass
-class _QueueConfig:
-    """What jobq keeps in the queue's metadata, so every producer and worker agree."""
-
-    exists: bool
-    dedup_window: timedelta | None  # None: no dedup
-    visibility_timeout: int
-    max_delivery_count: int
-    jobq_metadata: bool
 
 
 class StorageQueueBackend(Backend):
@@ -145,7 +123,7 @@ class StorageQueueBackend(Backend):
         self._tables: Any = None
         self._queue: Any = None
         self._dlq: Any = None
-        self._config: _QueueConfig | None = None
+        self._config: QueueConfig | None = None
         self._ledger: DedupLedger | None = None
         self._rest: StorageRest | None = None  # the fast path for sends and ledger batches
         self._send_limit = asyncio.Semaphore(SEND_CONCURRENCY)
@@ -209,6 +187,7 @@ class StorageQueueBackend(Backend):
             self._rest = await StorageRest(endpoints, self._credential, tls=tls).__aenter__()
 
     async def close(self) -> None:
+        await self._read_ahead.refilled()  # its messages are released with the rest
         if self._queue is not None and len(self._read_ahead):
             await self._release_unstarted(self._read_ahead.drain())
         if self._rest is not None:
@@ -232,12 +211,7 @@ class StorageQueueBackend(Backend):
         in its metadata.  An existing queue keeps its settings, with one exception: a
         queue created by another tool (no jobq metadata) gets the ledger turned on when
         a dedup window was given explicitly (``--dedup-window``)."""
-        window = settings.dedup_window if settings.duplicate_detection else timedelta(0)
-        metadata = {
-            META_DEDUP_WINDOW: str(int(window.total_seconds())),
-            META_VISIBILITY: str(max(1, int(settings.lock_duration.total_seconds()))),
-            META_MAX_DELIVERY: str(settings.max_delivery_count),
-        }
+        metadata = QueueConfig.metadata_for(settings)
         with self._translate(f"creating queue {self.queue_name}"):
             try:
                 await self._queue.create_queue(metadata=metadata)
@@ -256,29 +230,21 @@ class StorageQueueBackend(Backend):
     async def _adopt_foreign_queue(self, metadata: dict[str, str]) -> None:
         props = await self._queue.get_queue_properties()
         existing = dict(props.metadata or {})
-        if META_DEDUP_WINDOW in existing or self.requested_dedup_window is None:
+        if QueueConfig.has_jobq_metadata(existing) or self.requested_dedup_window is None:
             return
-        log.info("queue %s has no jobq settings; turning on the dedup ledger (%s s)",
-                 self.queue_name, metadata[META_DEDUP_WINDOW])
+        log.info("queue %s has no jobq settings; turning on the dedup ledger (window %s)",
+                 self.queue_name, QueueConfig.from_metadata(metadata).dedup_window)
         await self._queue.set_queue_metadata(metadata={**metadata, **existing})
 
-    async def _read_config(self) -> _QueueConfig:
+    async def _read_config(self) -> QueueConfig:
         if self._config is not None:
             return self._config
         with self._translate(f"reading queue {self.queue_name}"):
             try:
                 props = await self._queue.get_queue_properties()
             except ResourceNotFoundError:
-                return _QueueConfig(False, None, DEFAULT_VISIBILITY, 2000, False)
-        meta = props.metadata or {}
-        seconds = _int(meta.get(META_DEDUP_WINDOW), 0)
-        self._config = _QueueConfig(
-            exists=True,
-            dedup_window=timedelta(seconds=seconds) if seconds > 0 else None,
-            visibility_timeout=max(1, _int(meta.get(META_VISIBILITY), DEFAULT_VISIBILITY)),
-            max_delivery_count=max(1, _int(meta.get(META_MAX_DELIVERY), 2000)),
-            jobq_metadata=META_DEDUP_WINDOW in meta,
-        )
+                return QueueConfig.missing()
+        self._config = QueueConfig.from_metadata(props.metadata or {})
         return self._config
 
     async def _dedup_ledger(self) -> DedupLedger | None:
@@ -398,15 +364,20 @@ class StorageQueueBackend(Backend):
     async def receive(
         self, max_count: int, max_wait: float, *, dead_letter: bool = False
     ) -> list[ReceivedMessage]:
-        """Read-ahead first, then poll (Storage Queue has no long polling), pausing
-        between empty polls as ``PollBackoff`` says, for up to ``max_wait``.  Returns
-        at most ``max_count``; a surplus fetched ahead (see :mod:`.storage_prefetch`)
-        waits for the next call."""
+        """Read-ahead first (waiting for a background refill in flight), then poll
+        (Storage Queue has no long polling), pausing between empty polls as
+        ``PollBackoff`` says, for up to ``max_wait``.  Returns at most ``max_count``;
+        a surplus fetched ahead (see :mod:`.storage_prefetch`) waits for the next
+        call, and a fast worker's buffer is refilled in the background."""
         max_count = max(1, max_count)
-        ready = [] if dead_letter else await self._fresh(self._read_ahead.take(max_count))
+        ahead = self._read_ahead
+        ready = [] if dead_letter else await self._fresh(ahead.take(max_count))
         backoff = self._dead_letter_polls if dead_letter else self._polls
         deadline = time.monotonic() + max(0.0, max_wait)
         while len(ready) < max_count:
+            if not dead_letter and await ahead.refilled():
+                ready.extend(await self._fresh(ahead.take(max_count - len(ready))))
+                continue
             pause = backoff.wait()
             if pause > 0:
                 if ready:
@@ -416,15 +387,20 @@ class StorageQueueBackend(Backend):
                 if pause > left:
                     break
             wanted = max_count - len(ready)
-            count = (min(wanted, RECEIVE_BATCH) if dead_letter
-                     else self._read_ahead.fetch_count(wanted))
-            messages = await self._receive_once(count, dead_letter)
-            backoff.polled(found=bool(messages))
+            count = min(wanted, RECEIVE_BATCH) if dead_letter else ahead.fetch_count(wanted)
+            messages = await self._poll(count, dead_letter)
             ready.extend(messages[:wanted])
-            self._read_ahead.keep(messages[wanted:])
+            ahead.keep(messages[wanted:])
             if ready or time.monotonic() >= deadline:
                 break
+        if not dead_letter and backoff.wait() == 0 and (count := ahead.refill_count()):
+            ahead.start_refill(self._poll(count, False))
         return ready
+
+    async def _poll(self, count: int, dead_letter: bool) -> list[ReceivedMessage]:
+        messages = await self._receive_once(count, dead_letter)
+        (self._dead_letter_polls if dead_letter else self._polls).polled(found=bool(messages))
+        return messages
 
     async def _fresh(self, messages: list[ReceivedMessage]) -> list[ReceivedMessage]:
         """Renew buffered messages that used up half their lock waiting; drop the
@@ -596,13 +572,3 @@ class StorageQueueBackend(Backend):
             except ResourceNotFoundError:
                 return 0
         return count
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-def _int(value: str | None, default: int) -> int:
-    try:
-        return int(value) if value is not None else default
-    except ValueError:
-        return default

@@ -1,4 +1,5 @@
-"""Storage Queue wire details: the message frame, dead-letter records and error text.
+"""Storage Queue wire details: the message frame, dead-letter records, the queue
+metadata jobq keeps its settings in, and error text.
 
 Message text (what the portal shows) is one JSON object, framed so the body
 comes back byte for byte without re-serializing it::
@@ -25,6 +26,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from azure.core.exceptions import (
@@ -35,9 +37,62 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
-from .base import BackendError, QueueUnavailableError, ReceivedMessage
+from .base import BackendError, QueueSettings, QueueUnavailableError, ReceivedMessage
 from .storage_dedup import LedgerError
 from .storage_rest import RestError, auth_reason
+
+META_DEDUP_WINDOW = "jobq_dedup_window_seconds"
+META_VISIBILITY = "jobq_visibility_timeout_seconds"
+META_MAX_DELIVERY = "jobq_max_delivery_count"
+DEFAULT_VISIBILITY = 300  # seconds, for queues created by other tools
+DEFAULT_MAX_DELIVERY = 2000
+
+
+@dataclass
+class QueueConfig:
+    """What jobq keeps in the queue's metadata, so every producer and worker agree."""
+
+    exists: bool
+    dedup_window: timedelta | None  # None: no dedup
+    visibility_timeout: int
+    max_delivery_count: int
+    jobq_metadata: bool
+
+    @classmethod
+    def missing(cls) -> QueueConfig:
+        return cls(False, None, DEFAULT_VISIBILITY, DEFAULT_MAX_DELIVERY, False)
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> QueueConfig:
+        seconds = _int(meta.get(META_DEDUP_WINDOW), 0)
+        return cls(
+            exists=True,
+            dedup_window=timedelta(seconds=seconds) if seconds > 0 else None,
+            visibility_timeout=max(1, _int(meta.get(META_VISIBILITY), DEFAULT_VISIBILITY)),
+            max_delivery_count=max(1, _int(meta.get(META_MAX_DELIVERY), DEFAULT_MAX_DELIVERY)),
+            jobq_metadata=cls.has_jobq_metadata(meta),
+        )
+
+    @staticmethod
+    def metadata_for(settings: QueueSettings) -> dict[str, str]:
+        window = settings.dedup_window if settings.duplicate_detection else timedelta(0)
+        return {
+            META_DEDUP_WINDOW: str(int(window.total_seconds())),
+            META_VISIBILITY: str(max(1, int(settings.lock_duration.total_seconds()))),
+            META_MAX_DELIVERY: str(settings.max_delivery_count),
+        }
+
+    @staticmethod
+    def has_jobq_metadata(meta: dict[str, str]) -> bool:
+        return META_DEDUP_WINDOW in meta
+
+
+def _int(value: str | None, default: int) -> int:
+    try:
+        return int(value) if value is not None else default
+    except ValueError:
+        return default
+
 
 log = logging.getLogger("ai4s_jobq.storage")
 
