@@ -31,7 +31,6 @@ import selectors
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, cast
 
 from proton import (
@@ -52,7 +51,6 @@ from proton import (
 
 from ai4s_jobq.broker_core import (
     ACTIVE,
-    DEAD_LETTER,
     BrokerError,
     LockLost,
     MessageTooLarge,
@@ -60,58 +58,17 @@ from ai4s_jobq.broker_core import (
 )
 
 from . import codec, mgmt_ops
+from .addresses import CBS_NODE, LinkRole, classify, normalise_address
 from .auth import AuthError
 from .hub import EmulatorContext
 
 log = logging.getLogger(__name__)
 
-CBS_NODE = "$cbs"
-MANAGEMENT_SUFFIX = "/$management"
-DEAD_LETTER_SUFFIX = "/$deadletterqueue"
 INCOMING_CREDIT = 200
 MAX_RECEIVE_BATCH = 64
 MAX_IDLE_WAIT = 1.0  # upper bound on a sleep, in case another process changed the store
 LOCK_LOST = "com.microsoft:message-lock-lost"
 DEAD_LETTER_CONDITION = "com.microsoft:dead-letter"
-
-
-@dataclass
-class LinkRole:
-    """What a link is for, decided at attach time from its address."""
-
-    kind: str  # "cbs", "mgmt", "queue"
-    node: str  # normalised address (no scheme/host)
-    queue: str = ""
-    sub_queue: str = ACTIVE
-    receive_and_delete: bool = False
-
-
-def normalise_address(address: str | None) -> str:
-    """``amqps://host:port/queue/$management`` -> ``queue/$management``."""
-    address = address or ""
-    if "://" in address:
-        address = address.split("://", 1)[1]
-        address = address.split("/", 1)[1] if "/" in address else ""
-    return address.strip("/")
-
-
-def classify(address: str | None) -> LinkRole:
-    node = normalise_address(address)
-    if node.lower() == CBS_NODE:
-        return LinkRole("cbs", node)
-    lowered = node.lower()
-    if lowered.endswith(MANAGEMENT_SUFFIX):
-        entity = node[: -len(MANAGEMENT_SUFFIX)]
-        queue, sub = _split_sub_queue(entity)
-        return LinkRole("mgmt", node, queue, sub)
-    queue, sub = _split_sub_queue(node)
-    return LinkRole("queue", node, queue, sub)
-
-
-def _split_sub_queue(entity: str) -> tuple[str, str]:
-    if entity.lower().endswith(DEAD_LETTER_SUFFIX):
-        return entity[: -len(DEAD_LETTER_SUFFIX)], DEAD_LETTER
-    return entity, ACTIVE
 
 
 class AmqpConnection:
