@@ -2,10 +2,10 @@
 free) and the backoff between polls of an empty queue.
 
 Why: a Storage Queue receive is a full HTTP round trip, and on Azurite each one
-costs the service tens of milliseconds at a few thousand queued messages (it scans
-the queue).  A worker whose slots free one or two at a time would otherwise pay a
-round trip per task.  Receiving up to 32 at once and keeping the surplus here
-turns ~2,000 receives into ~63 for 2,000 short tasks.
+costs the service milliseconds at a few thousand stored messages (every message
+operation rebuilds its indexes).  A worker whose slots free one or two at a time
+would otherwise pay a round trip per task.  Receiving up to 32 at once and keeping
+the surplus here turns ~2,000 receives into ~70 for 2,000 short tasks.
 
 Why it is adaptive: a buffered message is locked (invisible) but not running.
 Holding it is harmless when it starts within a moment, and unfair when tasks are
