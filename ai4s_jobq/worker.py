@@ -181,7 +181,7 @@ class Worker:
         wait = RECEIVE_WAIT_SECONDS
         if self.policy.idle_timeout:
             wait = min(wait, self.policy.idle_timeout)
-            if not any(not running.settling for running in self._running):
+            if all(running.settling for running in self._running):
                 left = self.policy.idle_timeout - (time.monotonic() - last_activity)
                 wait = min(wait, max(left, 0.0))
         return wait

@@ -128,7 +128,7 @@ class StorageQueueBackend(Backend):
         self._rest: StorageRest | None = None  # the fast path for sends and ledger batches
         self._send_limit = asyncio.Semaphore(SEND_CONCURRENCY)
         self._read_ahead = ReadAhead(RECEIVE_BATCH)
-        self._polls, self._dead_letter_polls = PollBackoff(), PollBackoff()
+        self._polls = {False: PollBackoff(), True: PollBackoff()}  # by dead_letter
 
     @classmethod
     def from_spec(
@@ -372,7 +372,7 @@ class StorageQueueBackend(Backend):
         max_count = max(1, max_count)
         ahead = self._read_ahead
         ready = [] if dead_letter else await self._fresh(ahead.take(max_count))
-        backoff = self._dead_letter_polls if dead_letter else self._polls
+        backoff = self._polls[dead_letter]
         deadline = time.monotonic() + max(0.0, max_wait)
         while len(ready) < max_count:
             if not dead_letter and await ahead.refilled():
@@ -399,7 +399,7 @@ class StorageQueueBackend(Backend):
 
     async def _poll(self, count: int, dead_letter: bool) -> list[ReceivedMessage]:
         messages = await self._receive_once(count, dead_letter)
-        (self._dead_letter_polls if dead_letter else self._polls).polled(found=bool(messages))
+        self._polls[dead_letter].polled(found=bool(messages))
         return messages
 
     async def _fresh(self, messages: list[ReceivedMessage]) -> list[ReceivedMessage]:

@@ -41,6 +41,15 @@ from .base import BackendError, QueueSettings, QueueUnavailableError, ReceivedMe
 from .storage_dedup import LedgerError
 from .storage_rest import RestError, auth_reason
 
+log = logging.getLogger("ai4s_jobq.storage")
+
+MESSAGE_TEXT_LIMIT = 64 * 1024  # bytes of message text (UTF-8), Azure's limit
+_DESCRIPTION_LIMIT = 4096
+_XML_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\r\x0e-\x1f\ufffe\uffff]")
+_FRAME_PREFIX = '{"jobq":'
+_BODY_KEY = ',"body":'
+_DECODER = json.JSONDecoder()
+
 META_DEDUP_WINDOW = "jobq_dedup_window_seconds"
 META_VISIBILITY = "jobq_visibility_timeout_seconds"
 META_MAX_DELIVERY = "jobq_max_delivery_count"
@@ -92,17 +101,6 @@ def _int(value: str | None, default: int) -> int:
         return int(value) if value is not None else default
     except ValueError:
         return default
-
-
-log = logging.getLogger("ai4s_jobq.storage")
-
-MESSAGE_TEXT_LIMIT = 64 * 1024  # bytes of message text (UTF-8), Azure's limit
-_DESCRIPTION_LIMIT = 4096
-_XML_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\r\x0e-\x1f\ufffe\uffff]")
-_FRAME_PREFIX = '{"jobq":'
-_BODY_KEY = ',"body":'
-_DECODER = json.JSONDecoder()
-
 
 
 def encode_text(header: dict[str, Any], body: bytes) -> str:
