@@ -103,14 +103,14 @@ def make_backend(
         return LocalBackend(local_dir() / f"{spec.queue}.sqlite3", spec.queue)
     if spec.kind == "servicebus":
         try:
-            from .backends.servicebus import ServiceBusBackend
+            from .backends.servicebus.backend import ServiceBusBackend
         except ImportError as exc:
             raise QueueUnavailableError(
                 f"the Service Bus backend is not available yet ({exc})"
             ) from None
         return ServiceBusBackend.from_spec(spec.namespace, spec.queue, connection_string)
     try:
-        from .backends.storage_queue import StorageQueueBackend
+        from .backends.storage.backend import StorageQueueBackend
     except ImportError as exc:
         raise QueueUnavailableError(
             f"the Storage Queue backend is not available yet ({exc})"

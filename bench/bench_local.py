@@ -41,9 +41,9 @@ sys.path.insert(0, str(REPO))  # measure this checkout, not an installed copy
 from ai4s_jobq import broker_core as core  # noqa: E402
 from ai4s_jobq.backends.base import QueueSettings  # noqa: E402
 from ai4s_jobq.backends.local import LocalBackend  # noqa: E402
-from ai4s_jobq.processors import CallableProcessor  # noqa: E402
 from ai4s_jobq.task import make_task  # noqa: E402
-from ai4s_jobq.worker import Worker, WorkerPolicy  # noqa: E402
+from ai4s_jobq.worker.loop import Worker, WorkerPolicy  # noqa: E402
+from ai4s_jobq.worker.processors import CallableProcessor  # noqa: E402
 
 PUSH_GOAL = 20_000  # tasks/s
 DRAIN_GOAL = 2_000  # tasks/s
@@ -288,7 +288,7 @@ def vm_hwm_kb(pid: int | str) -> int:
 
 
 IMPORT_BASELINE = (
-    "import ai4s_jobq, cli.main\n"
+    "import ai4s_jobq, ai4s_jobq_cli.main\n"
     "for line in open('/proc/self/status'):\n"
     "    if line.startswith('VmHWM:'): print(line.split()[1])\n"
 )
@@ -318,7 +318,8 @@ def bench_memory(root: Path, lines: int) -> list[Row]:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
                                                        os.environ.get("PYTHONPATH")]))}
     base_mb = import_baseline_mb(env)
-    argv = [sys.executable, "-m", "cli.main", "--queue", "local://cli", "push", "--no-progress"]
+    argv = [sys.executable, "-m", "ai4s_jobq_cli.main", "--queue", "local://cli", "push",
+            "--no-progress"]
     peak_mb, seconds, cpu, status = run_child(argv, env, lines)
     extra = peak_mb - base_mb
     return [

@@ -62,8 +62,8 @@ from azure.servicebus.aio.management import ServiceBusAdministrationClient
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
 from ai4s_jobq.emulator.client import admin_client_kwargs, ca_path_for
 from ai4s_jobq.emulator.process import EmulatorProcess
-from ai4s_jobq.processors import CallableProcessor
 from ai4s_jobq.task import make_task
+from ai4s_jobq.worker.processors import CallableProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latency_proxy import LatencyProxy  # noqa: E402  (a sibling script, not a package)
@@ -138,7 +138,8 @@ def jobq_push_cli(cs: str, count: int, workdir: Path) -> tuple[float, float]:
 
     def push(*args: str) -> tuple[float, float]:
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "cli", "push", *args], env=env, cwd=ROOT,
+        done = subprocess.run([sys.executable, "-m", "ai4s_jobq_cli", "push", *args], env=env,
+                              cwd=ROOT,
                               check=True, capture_output=True, text=True)
         wall = time.perf_counter() - start
         # the CLI's own summary: "... in 1.23s to sb://..." (the push itself)

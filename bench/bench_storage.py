@@ -99,7 +99,7 @@ def original_cli() -> Path:
 
 def jobq_cli() -> list[str]:
     found = shutil.which("jobq", path=os.path.dirname(sys.executable))
-    return [found] if found else [sys.executable, "-m", "cli.main"]
+    return [found] if found else [sys.executable, "-m", "ai4s_jobq_cli.main"]
 
 
 def timed(command: list[str], env: dict[str, str], *, stdin: Path | None = None,
@@ -124,7 +124,7 @@ async def queue_count(connection_string: str, queue: str) -> int:
 
 def message_template() -> str:
     """What jobq puts in the queue for ``echo task N`` (same size for the raw sender)."""
-    from ai4s_jobq.backends.storage_wire import encode_text
+    from ai4s_jobq.backends.storage.wire import encode_text
     from ai4s_jobq.task import make_task
 
     task = make_task("echo task 999999")

@@ -22,11 +22,11 @@ from ai4s_jobq.backends.base import BackendError
 from ai4s_jobq.durations import DurationError, parse_duration
 from ai4s_jobq.ids import ConfigError, TaskEncodingError, canonical_json, identify
 from ai4s_jobq.jobq import JobQ
-from ai4s_jobq.processors import make_processor
 from ai4s_jobq.redact import redact
 from ai4s_jobq.spec import SpecError
 from ai4s_jobq.task import task_args
-from ai4s_jobq.worker import Worker, WorkerPolicy
+from ai4s_jobq.worker.loop import Worker, WorkerPolicy
+from ai4s_jobq.worker.processors import make_processor
 
 from .push_input import read_tasks, run_push
 
@@ -355,8 +355,8 @@ def _register_optional() -> None:
     import importlib
     import importlib.util
 
-    for module_name, command_name in (("cli.emulator_cmd", "emulator"),
-                                      ("cli.migrate", "migrate")):
+    for module_name, command_name in ((f"{__package__}.emulator_cmd", "emulator"),
+                                      (f"{__package__}.migrate", "migrate")):
         if importlib.util.find_spec(module_name) is not None:
             cli.add_command(getattr(importlib.import_module(module_name), command_name))
 

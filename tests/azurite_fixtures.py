@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from ai4s_jobq.backends.base import QueueSettings
-from ai4s_jobq.backends.storage_queue import StorageQueueBackend
+from ai4s_jobq.backends.storage.backend import StorageQueueBackend
 
 OpenBackend = Callable[..., AbstractAsyncContextManager[StorageQueueBackend]]
 

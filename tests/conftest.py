@@ -36,7 +36,7 @@ def jobq_cli(*args: str, input: str | None = None, env: dict[str, str] | None = 
     """Run the real ``jobq`` console entry point in a subprocess."""
     full_env = {**os.environ, **(env or {})}
     result = subprocess.run(
-        [sys.executable, "-m", "cli", *args], input=input, capture_output=True, text=True,
+        [sys.executable, "-m", "ai4s_jobq_cli", *args], input=input, capture_output=True, text=True,
         env=full_env, timeout=timeout, cwd=ROOT,
     )
     if check and result.returncode != 0:

@@ -101,12 +101,12 @@ def sb_env(cs: str, queue: str, **extra: str) -> dict[str, str]:
 
 def jobq_sb(cs: str, queue: str, *args: str, input: str | None = None,
             timeout: float = 120, **extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli", *args], input=input,
+    return subprocess.run([sys.executable, "-m", "ai4s_jobq_cli", *args], input=input,
                           capture_output=True, text=True, env=sb_env(cs, queue, **extra),
                           timeout=timeout, cwd=ROOT)
 
 
 def start_worker(cs: str, queue: str, *args: str, **extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "cli", "worker", *args],
+    return subprocess.Popen([sys.executable, "-m", "ai4s_jobq_cli", "worker", *args],
                             env=sb_env(cs, queue, **extra), cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -165,10 +165,11 @@ def test_worker_finds_proc_module_in_working_directory(local_dir, tmp_path):
     (tmp_path / "userjobs.py").write_text(
         "def greet(name):\n    open(name, 'w').write('done')\n")
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-m", "cli", "push"], input='{"name": "out.txt"}\n',
+    subprocess.run([sys.executable, "-m", "ai4s_jobq_cli", "push"], input='{"name": "out.txt"}\n',
                    text=True, cwd=tmp_path, env=env, check=True, capture_output=True)
     result = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.path.pop(0); from cli.main import main; main()",
+        [sys.executable, "-c",
+         "import sys; sys.path.pop(0); from ai4s_jobq_cli.main import main; main()",
          "worker", "--proc", "userjobs:greet", "--idle-timeout", "0.3"],
         text=True, cwd=tmp_path, env=env, capture_output=True)
     assert result.returncode == 0, result.stderr

@@ -184,7 +184,7 @@ def test_jobq_emulator_command_prints_the_connection_string(tmp_path):
 
     proc = subprocess.Popen(
         [sys.executable, "-c",
-         "from cli.emulator_cmd import emulator; emulator()",
+         "from ai4s_jobq_cli.emulator_cmd import emulator; emulator()",
          "--port", "0", "--data", str(tmp_path / "data")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

@@ -10,7 +10,7 @@ endpoint and signs tokens with a key the emulator is told to trust.
 
 Users write ``sb://mynamespace/QUEUE``; ``JOBQ_SERVICEBUS_ENDPOINT`` and
 ``JOBQ_SERVICEBUS_CA`` route both planes to the emulator on 127.0.0.1 (see
-``ai4s_jobq.backends.servicebus_endpoint``).
+``ai4s_jobq.backends.servicebus.endpoint``).
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ def test_wrong_key_token_cli_exits_4_with_actionable_message(
                 "JOBQ_SERVICEBUS_CA": os.environ["JOBQ_SERVICEBUS_CA"]})
     with caplog.at_level(logging.DEBUG):
         result = subprocess.run(
-            [sys.executable, "-m", "cli", "-v", "--queue", f"sb://{NAMESPACE}/{queue}", "size"],
+            [sys.executable, "-m", "ai4s_jobq_cli", "-v", "--queue", f"sb://{NAMESPACE}/{queue}",
+             "size"],
             env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 4, result.stderr
     error = result.stderr.strip().splitlines()[-1]

@@ -24,8 +24,8 @@ from ai4s_jobq.backends.base import (
     OutgoingMessage,
     QueueSettings,
 )
-from ai4s_jobq.backends.servicebus import ServiceBusBackend
-from ai4s_jobq.backends.servicebus_admin import ServiceBusSettingsError
+from ai4s_jobq.backends.servicebus.admin import ServiceBusSettingsError
+from ai4s_jobq.backends.servicebus.backend import ServiceBusBackend
 from ai4s_jobq.jobq import requeue_message_id
 
 sb_process, sb_cs, sb_queue = support.sb_process, support.sb_cs, support.sb_queue

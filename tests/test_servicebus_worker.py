@@ -17,7 +17,7 @@ from servicebus_support import run_counts, sb_env, short_lock_queue, spec, start
 
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
 from ai4s_jobq.emulator.process import EmulatorProcess
-from ai4s_jobq.processors import CallableProcessor
+from ai4s_jobq.worker.processors import CallableProcessor
 
 sb_process, sb_cs, sb_queue = support.sb_process, support.sb_cs, support.sb_queue
 
@@ -127,10 +127,11 @@ def test_sixteen_concurrent_producers_push_the_same_tasks_once(sb_cs, sb_queue, 
     tasks.write_text("".join(f"echo task {i}\n" for i in range(500)))
     env = sb_env(sb_cs, sb_queue)
     # Create the queue first so that all producers race on pushing, not on creating.
-    first = subprocess.run([sys.executable, "-m", "cli", "push", "-c", "echo task 0"],
+    first = subprocess.run([sys.executable, "-m", "ai4s_jobq_cli", "push", "-c", "echo task 0"],
                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert first.returncode == 0, first.stderr
-    producers = [subprocess.Popen([sys.executable, "-m", "cli", "push", str(tasks)], env=env,
+    producers = [subprocess.Popen([sys.executable, "-m", "ai4s_jobq_cli", "push", str(tasks)],
+                                  env=env,
                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True) for _ in range(16)]
     for producer in producers:

@@ -10,7 +10,7 @@ MOCKED: only Azure AD's token endpoint, which cannot run here --
 
 Users write ``devstoreaccount1/QUEUE``; ``JOBQ_STORAGE_QUEUE_ENDPOINT`` /
 ``JOBQ_STORAGE_TABLE_ENDPOINT`` / ``JOBQ_STORAGE_CA`` route the SDK clients and the
-REST path to Azurite on 127.0.0.1 (see ``ai4s_jobq.backends.storage_endpoint``).
+REST path to Azurite on 127.0.0.1 (see ``ai4s_jobq.backends.storage.endpoint``).
 
 What Azurite 3.37.0 checks, read in ``node_modules/azurite/dist/src``
 (``queue/authentication/QueueTokenAuthenticator.js``, its twin
@@ -70,7 +70,7 @@ from azurite_fixtures import ACCOUNT, Azurite, start_azurite, stop_azurite
 from conftest import ROOT
 
 from ai4s_jobq import JobQ
-from ai4s_jobq.backends.storage_dedup import LEDGER_TABLE
+from ai4s_jobq.backends.storage.dedup import LEDGER_TABLE
 
 pytest.importorskip("azure.identity")
 
@@ -264,7 +264,7 @@ async def test_check_reads_queue_settings_with_the_token(aad, oauth_azurite):
     # the CLI, in its own process with its own DefaultAzureCredential
     env = scrubbed_environ(os.environ, aad)
     result = subprocess.run(
-        [sys.executable, "-m", "cli", "--queue", f"{ACCOUNT}/{queue}", "check", "--json"],
+        [sys.executable, "-m", "ai4s_jobq_cli", "--queue", f"{ACCOUNT}/{queue}", "check", "--json"],
         env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -341,7 +341,7 @@ async def test_refused_token_cli_exits_4_with_actionable_message(
     env = scrubbed_environ(os.environ, aad)
     with caplog.at_level(logging.DEBUG):
         result = subprocess.run(
-            [sys.executable, "-m", "cli", "-v", "--queue", f"{ACCOUNT}/{queue}", "size"],
+            [sys.executable, "-m", "ai4s_jobq_cli", "-v", "--queue", f"{ACCOUNT}/{queue}", "size"],
             env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 4, result.stderr
     error = result.stderr.strip().splitlines()[-1]
@@ -374,7 +374,7 @@ async def test_endpoint_override_needs_both_services(aad, monkeypatch: pytest.Mo
 
 def test_endpoint_override_parsing():
     from ai4s_jobq.backends.base import QueueUnavailableError
-    from ai4s_jobq.backends.storage_endpoint import StorageEndpointOverride
+    from ai4s_jobq.backends.storage.endpoint import StorageEndpointOverride
 
     default = StorageEndpointOverride.from_env({})
     assert default.queue_url("acct") == "https://acct.queue.core.windows.net"
@@ -403,7 +403,7 @@ def test_only_plain_word_reasons_reach_the_error():
     """Azure's AuthenticationErrorDetail for a Shared Key failure carries the request's
     signature and the string it signed: that must never be shown; a token's
     "expired" reason is plain words and is."""
-    from ai4s_jobq.backends.storage_rest import auth_reason
+    from ai4s_jobq.backends.storage.rest import auth_reason
 
     def body(detail: str) -> str:
         return ("<?xml version=\"1.0\"?><Error><Code>AuthenticationFailed</Code><Message>"

@@ -24,9 +24,9 @@ from ai4s_jobq.backends.base import (
     QueueSettings,
     QueueUnavailableError,
 )
-from ai4s_jobq.backends.storage_dedup import LEDGER_TABLE, row_key
-from ai4s_jobq.backends.storage_queue import StorageQueueBackend
-from ai4s_jobq.backends.storage_wire import MESSAGE_TEXT_LIMIT, decode_text, encode_text
+from ai4s_jobq.backends.storage.backend import StorageQueueBackend
+from ai4s_jobq.backends.storage.dedup import LEDGER_TABLE, row_key
+from ai4s_jobq.backends.storage.wire import MESSAGE_TEXT_LIMIT, decode_text, encode_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -360,7 +360,7 @@ async def test_user_ids_with_forbidden_row_key_characters(open_backend: OpenBack
 PRODUCER = """
 import asyncio, json, sys
 from ai4s_jobq.backends.base import OutgoingMessage, QueueSettings
-from ai4s_jobq.backends.storage_queue import StorageQueueBackend
+from ai4s_jobq.backends.storage.backend import StorageQueueBackend
 
 async def main(connection_string, queue, count):
     backend = StorageQueueBackend.from_spec(None, queue, connection_string, dedup_window=None)
@@ -444,7 +444,7 @@ async def test_xml_special_characters_survive_the_fast_send_path(
 
 
 def test_connection_string_parsing() -> None:
-    from ai4s_jobq.backends.storage_rest import parse_connection_string
+    from ai4s_jobq.backends.storage.rest import parse_connection_string
 
     dev = parse_connection_string("UseDevelopmentStorage=true")
     assert dev is not None and dev.account == "devstoreaccount1"
@@ -490,12 +490,12 @@ async def test_sas_connection_string_works(azurite, storage_queue_name) -> None:
 
 
 async def test_wrong_key_on_the_fast_path_is_a_clear_error(azurite, storage_queue_name) -> None:
-    from ai4s_jobq.backends.storage_rest import (
+    from ai4s_jobq.backends.storage.rest import (
         RestError,
         StorageRest,
         parse_connection_string,
     )
-    from ai4s_jobq.backends.storage_wire import rest_error
+    from ai4s_jobq.backends.storage.wire import rest_error
 
     wrong_key = "QmFkS2V5QmFkS2V5QmFkS2V5QmFkS2V5QmFkS2V5QmFkS2V5"
     endpoints = parse_connection_string(azurite.connection_string_with_key(wrong_key))

@@ -18,7 +18,7 @@ from azure.storage.queue.aio import QueueClient
 from azurite_fixtures import OpenBackend
 
 from ai4s_jobq.backends.base import OutgoingMessage
-from ai4s_jobq.backends.storage_prefetch import PollBackoff, ReadAhead
+from ai4s_jobq.backends.storage.prefetch import PollBackoff, ReadAhead
 
 
 def tasks(count: int) -> list[OutgoingMessage]:

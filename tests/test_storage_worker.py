@@ -20,7 +20,7 @@ from conftest import ROOT, jobq_cli, wait_for, worker_env
 
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
 from ai4s_jobq.backends.base import OutgoingMessage
-from ai4s_jobq.processors import CallableProcessor
+from ai4s_jobq.worker.processors import CallableProcessor
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_sigkilled_worker_task_reappears_after_visibility_timeout(
 
     def start(*args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [sys.executable, "-m", "cli", "--queue", spec, "worker",
+            [sys.executable, "-m", "ai4s_jobq_cli", "--queue", spec, "worker",
              "--proc", "sample_tasks:hang_first_time", *args],
             env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 

@@ -10,8 +10,8 @@ import sample_tasks
 import worker_scenarios
 
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
-from ai4s_jobq.processors import CallableProcessor
-from ai4s_jobq.worker import ExitCode
+from ai4s_jobq.worker.loop import ExitCode
+from ai4s_jobq.worker.processors import CallableProcessor
 
 
 def policy(**kwargs) -> WorkerPolicy:

@@ -21,7 +21,7 @@ from ai4s_jobq import JobQ
 
 def start_worker(local_dir: Path, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "cli", "--queue", "local://q", "worker", *args],
+        [sys.executable, "-m", "ai4s_jobq_cli", "--queue", "local://q", "worker", *args],
         env={**os.environ, **worker_env(local_dir)}, cwd=ROOT, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )

@@ -9,8 +9,8 @@ import sample_tasks
 
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
 from ai4s_jobq.backends.base import OutgoingMessage
-from ai4s_jobq.processors import CallableProcessor, ShellProcessor
-from ai4s_jobq.worker import ExitCode
+from ai4s_jobq.worker.loop import ExitCode
+from ai4s_jobq.worker.processors import CallableProcessor, ShellProcessor
 
 
 async def success_retry_then_dead_letter(q: JobQ, policy: WorkerPolicy) -> None:

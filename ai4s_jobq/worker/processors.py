@@ -19,7 +19,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .task import Task
+from ..task import Task
 
 log = logging.getLogger("ai4s_jobq.task")
 

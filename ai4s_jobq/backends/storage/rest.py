@@ -116,7 +116,7 @@ class StorageRest:
         self.credential = credential  # an azure.identity aio credential, when no key/SAS
         self._connections = connections
         # None: aiohttp's default verification against the system's CAs; a context:
-        # another trust store (JOBQ_STORAGE_CA, see .storage_endpoint).
+        # another trust store (JOBQ_STORAGE_CA, see .endpoint).
         self._tls = tls
         self._session: aiohttp.ClientSession | None = None
         self._token: tuple[str, float] | None = None

@@ -22,9 +22,9 @@ from azure.core.exceptions import (
 )
 from azure.servicebus.aio.management import ServiceBusAdministrationClient
 
-from ..durations import format_duration
-from ..redact import redact
-from .base import BackendError, DedupInfo, QueueCounts, QueueSettings, QueueUnavailableError
+from ...durations import format_duration
+from ...redact import redact
+from ..base import BackendError, DedupInfo, QueueCounts, QueueSettings, QueueUnavailableError
 
 log = logging.getLogger("ai4s_jobq.servicebus")
 

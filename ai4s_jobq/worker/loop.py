@@ -29,10 +29,10 @@ import time
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from .backends.base import Backend, LockLostError, ReceivedMessage
+from ..backends.base import Backend, LockLostError, ReceivedMessage
+from ..redact import redact
+from ..task import MalformedTaskError, Task
 from .processors import Processor, TaskFailed, install_signal_handlers
-from .redact import redact
-from .task import MalformedTaskError, Task
 
 log = logging.getLogger("ai4s_jobq.worker")
 

@@ -10,15 +10,15 @@ This module maps the :class:`~ai4s_jobq.backends.base.Backend` contract onto it:
 * delivery count = the message's ``dequeue_count``, less the receptions that
   never ran (read-ahead released unstarted at close; counted in the header as
   ``unstarted``, so a worker shutting down does not cost a task an attempt).
-* receive reads ahead (:mod:`.storage_prefetch`): up to 32 per call, sized by
+* receive reads ahead (:mod:`.prefetch`): up to 32 per call, sized by
   the worker's recent throughput, refilled in the background for fast workers.
 * dead-letter queue = a sibling queue ``QUEUE-failed``; each record carries the
   reason, description and delivery count in its header.
-* duplicate detection = the Table ledger in :mod:`.storage_dedup`, on when the
+* duplicate detection = the Table ledger in :mod:`.dedup`, on when the
   queue's metadata ``jobq_dedup_window_seconds`` is > 0 (set when jobq creates it).
 
 The message frame, dead-letter records, queue metadata and error texts are in
-:mod:`.storage_wire`.
+:mod:`.wire`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from azure.core.exceptions import (
 )
 from azure.storage.queue._shared.policies_async import ExponentialRetry
 
-from .base import (
+from ..base import (
     Backend,
     BackendError,
     DedupInfo,
@@ -52,11 +52,11 @@ from .base import (
     QueueUnavailableError,
     ReceivedMessage,
 )
-from .storage_dedup import LEDGER_TABLE, DedupLedger, ensure_ledger_table, first_occurrences
-from .storage_endpoint import StorageEndpointOverride
-from .storage_prefetch import PollBackoff, ReadAhead
-from .storage_rest import RestError, StorageRest, parse_connection_string
-from .storage_wire import (
+from .dedup import LEDGER_TABLE, DedupLedger, ensure_ledger_table, first_occurrences
+from .endpoint import StorageEndpointOverride
+from .prefetch import PollBackoff, ReadAhead
+from .rest import RestError, StorageRest, parse_connection_string
+from .wire import (
     MESSAGE_TEXT_LIMIT,
     Lease,
     QueueConfig,
@@ -170,7 +170,7 @@ class StorageQueueBackend(Backend):
             from azure.identity.aio import DefaultAzureCredential
 
             # Azure AD: the public endpoints unless JOBQ_STORAGE_*_ENDPOINT / _CA say
-            # otherwise (Azurite, a gateway, a sovereign cloud; see .storage_endpoint).
+            # otherwise (Azurite, a gateway, a sovereign cloud; see .endpoint).
             override = StorageEndpointOverride.from_env()
             account = str(self._account_arg)
             self._credential = DefaultAzureCredential()
@@ -367,7 +367,7 @@ class StorageQueueBackend(Backend):
         """Read-ahead first (waiting for a background refill in flight), then poll
         (Storage Queue has no long polling), pausing between empty polls as
         ``PollBackoff`` says, for up to ``max_wait``.  Returns at most ``max_count``;
-        a surplus fetched ahead (see :mod:`.storage_prefetch`) waits for the next
+        a surplus fetched ahead (see :mod:`.prefetch`) waits for the next
         call, and a fast worker's buffer is refilled in the background."""
         max_count = max(1, max_count)
         ahead = self._read_ahead

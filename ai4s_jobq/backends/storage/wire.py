@@ -37,9 +37,9 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
-from .base import BackendError, QueueSettings, QueueUnavailableError, ReceivedMessage
-from .storage_dedup import LedgerError
-from .storage_rest import RestError, auth_reason
+from ..base import BackendError, QueueSettings, QueueUnavailableError, ReceivedMessage
+from .dedup import LedgerError
+from .rest import RestError, auth_reason
 
 log = logging.getLogger("ai4s_jobq.storage")
 
@@ -217,7 +217,7 @@ def credentials_refused(what: str, account: str, code: str, reason: str = "") ->
 
 def auth_failure_reason(exc: BaseException) -> str:
     """The service's plain-words reason for refusing credentials (see
-    :func:`~.storage_rest.auth_reason`), from an SDK error's response body."""
+    :func:`~.rest.auth_reason`), from an SDK error's response body."""
     response = getattr(exc, "response", None)
     try:
         body = response.text() if response is not None else ""

@@ -3,9 +3,9 @@
 * Connecting: a connection string (its endpoint wins; the spec's QUEUE names the
   queue) or ``DefaultAzureCredential`` with the namespace's FQDN, optionally
   through another address (``JOBQ_SERVICEBUS_ENDPOINT`` / ``JOBQ_SERVICEBUS_CA``,
-  see :mod:`.servicebus_endpoint`).
+  see :mod:`.endpoint`).
 * Queues are created on first use with duplicate detection on (see
-  :mod:`.servicebus_admin`), so the task ID as MessageId deduplicates pushes.
+  :mod:`.admin`), so the task ID as MessageId deduplicates pushes.
 * Push fills ``ServiceBusMessageBatch``es to the link's size limit.  Service Bus
   does not tell a sender that it dropped a duplicate, so ``duplicate`` is None.
 * Receive is peek-lock with a bounded prefetch; a message is settled through the
@@ -41,8 +41,8 @@ from azure.servicebus.exceptions import (
     ServiceBusError,
 )
 
-from ..redact import redact
-from .base import (
+from ...redact import redact
+from ..base import (
     Backend,
     BackendError,
     DedupInfo,
@@ -55,8 +55,8 @@ from .base import (
     QueueUnavailableError,
     ReceivedMessage,
 )
-from .servicebus_admin import AdminPlane, validate_settings
-from .servicebus_endpoint import (
+from .admin import AdminPlane, validate_settings
+from .endpoint import (
     EndpointOverride,
     emulator_admin_kwargs,
     endpoint_host,

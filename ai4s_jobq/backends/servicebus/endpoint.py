@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 
 from azure.servicebus import TransportType
 
-from .base import QueueUnavailableError, ca_bundle_from_env
+from ..base import QueueUnavailableError, ca_bundle_from_env
 
 log = logging.getLogger("ai4s_jobq.servicebus")
 
@@ -133,7 +133,7 @@ def without_entity_path(connection_string: str) -> str:
 def emulator_admin_kwargs(connection_string: str) -> dict[str, Any]:
     """How the admin client trusts the local emulator's certificate (nothing for Azure)."""
     try:
-        from ..emulator.client import admin_client_kwargs
+        from ...emulator.client import admin_client_kwargs
     except ImportError:  # pragma: no cover - the emulator package is part of ai4s_jobq
         return {}
     try:

@@ -5,7 +5,7 @@ sovereign cloud) when authenticating with Azure AD.
 ``https://ACCOUNT.queue.core.windows.net`` (and ``.table.`` for the dedup
 ledger).  Three environment variables change *where* the clients connect, the
 same way ``JOBQ_SERVICEBUS_ENDPOINT`` / ``JOBQ_SERVICEBUS_CA`` do for Service Bus
-(:mod:`.servicebus_endpoint`); the token is still requested for
+(:mod:`..servicebus.endpoint`); the token is still requested for
 ``https://storage.azure.com`` (the audience Azure AD issues for every storage
 account, in every cloud, and the one Azurite accepts):
 
@@ -23,7 +23,7 @@ account, in every cloud, and the one Azurite accepts):
 ``JOBQ_STORAGE_CA=/path/to/ca.pem``
     Trust this CA bundle instead of the system's: the SDK clients'
     ``connection_verify`` and the SSL context of the signed-REST fast path
-    (:mod:`.storage_rest`).  Separate from ``JOBQ_SERVICEBUS_CA`` on purpose: one
+    (:mod:`.rest`).  Separate from ``JOBQ_SERVICEBUS_CA`` on purpose: one
     process can talk to both backends (``jobq migrate``), each behind its own
     gateway, and each backend's settings stay self-contained.
 
@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .base import QueueUnavailableError, ca_bundle_from_env
-from .storage_rest import Endpoints
+from ..base import QueueUnavailableError, ca_bundle_from_env
+from .rest import Endpoints
 
 QUEUE_ENDPOINT_ENV = "JOBQ_STORAGE_QUEUE_ENDPOINT"
 TABLE_ENDPOINT_ENV = "JOBQ_STORAGE_TABLE_ENDPOINT"
@@ -85,7 +85,7 @@ class StorageEndpointOverride:
         return self.table_endpoint.replace(ACCOUNT_PLACEHOLDER, account)
 
     def rest_endpoints(self, account: str) -> Endpoints:
-        """The same URLs for :class:`~.storage_rest.StorageRest` (no key, no SAS: it
+        """The same URLs for :class:`~.rest.StorageRest` (no key, no SAS: it
         signs with the bearer token of the credential it is given)."""
         return Endpoints(account, self.queue_url(account), self.table_url(account))
 

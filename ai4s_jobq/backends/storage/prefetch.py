@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
-from .base import ReceivedMessage
+from ..base import ReceivedMessage
 
 log = logging.getLogger(__name__)
 
