@@ -26,12 +26,25 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 from ..backends.base import Backend, LockLostError, ReceivedMessage
 from ..redact import redact
 from ..task import MalformedTaskError, Task
+from .hooks import (
+    DEAD_LETTERED,
+    FAILED,
+    INTERRUPTED,
+    LOCK_LOST,
+    SUCCEEDED,
+    HookChain,
+    TaskOutcome,
+    TaskRun,
+    WorkerHook,
+    WorkerIdentity,
+)
 from .processors import Processor, TaskFailed, install_signal_handlers
 
 log = logging.getLogger("ai4s_jobq.worker")
@@ -82,10 +95,14 @@ class _Running:
 
 
 class Worker:
-    def __init__(self, backend: Backend, processor: Processor, policy: WorkerPolicy | None = None):
+    def __init__(self, backend: Backend, processor: Processor, policy: WorkerPolicy | None = None,
+                 *, hooks: Sequence[WorkerHook] = (), identity: WorkerIdentity | None = None):
         self.backend = backend
         self.processor = processor
         self.policy = policy or WorkerPolicy()
+        self.hooks = HookChain(hooks)
+        self.identity = identity or WorkerIdentity(slots=self.policy.slots,
+                                                   queue=backend.description)
         self.stats = WorkerStats()
         self._running: set[_Running] = set()
         self._slot_freed = asyncio.Event()
@@ -96,12 +113,14 @@ class Worker:
 
     async def run(self) -> WorkerStats:
         restore = install_signal_handlers(asyncio.get_running_loop(), self._on_signal)
+        await self.hooks.start(self.identity)
         try:
             self.stats.stop_reason = await self._receive_loop()
             await self._finish_running()
         finally:
             restore()
-        self.stats.exit_code = self._exit_code()
+            self.stats.exit_code = self._exit_code()
+            await self.hooks.stop(self.identity, self.stats)
         log.info("worker stopped (%s): %d succeeded, %d failed attempts, %d dead-lettered",
                  self.stats.stop_reason, self.stats.succeeded, self.stats.failed,
                  self.stats.dead_lettered)
@@ -213,6 +232,7 @@ class Worker:
         except MalformedTaskError as exc:
             log.error("message %s is not a task (%s): dead-lettering it", message.message_id, exc)
             self.stats.malformed += 1
+            self.hooks.malformed(message, str(exc))
             self._task_over(running)
             await self._settle("dead_letter", message, "MalformedTask", str(exc))
             return
@@ -227,6 +247,8 @@ class Worker:
             return
         log.info("task %s: attempt %d of %d", task.id, message.delivery_count, task.max_attempts)
         started = time.monotonic()
+        run = TaskRun(task, message, message.delivery_count)
+        self.hooks.task_started(run)
         running.work = asyncio.ensure_future(self.processor(task))
         keeper = asyncio.ensure_future(self._keep_locked(running))
         try:
@@ -234,23 +256,25 @@ class Worker:
         finally:
             keeper.cancel()
         self._task_over(running)
-        await self._settle_outcome(running, task, time.monotonic() - started)
+        await self._settle_outcome(running, run, time.monotonic() - started)
 
     def _task_over(self, running: _Running) -> None:
         """Free the slot for the next message while this one is settled."""
         running.settling = True
         self._slot_freed.set()
 
-    async def _settle_outcome(self, running: _Running, task: Task, seconds: float) -> None:
-        message, work = running.message, running.work
+    async def _settle_outcome(self, running: _Running, run: TaskRun, seconds: float) -> None:
+        message, work, task = running.message, running.work, run.task
         assert work is not None
         if running.lock_lost:
             self.stats.lost_locks += 1
+            self.hooks.task_finished(run, TaskOutcome(LOCK_LOST, seconds, reason="LockLost"))
             log.warning("task %s: lock lost, task cancelled; the message is left to its new "
                         "owner", task.id)
             return
         if work.cancelled():
             self.stats.interrupted += 1
+            self.hooks.task_finished(run, TaskOutcome(INTERRUPTED, seconds, reason="Shutdown"))
             log.warning("task %s: interrupted by shutdown; abandoning it for redelivery", task.id)
             await self._settle("abandon", message)
             return
@@ -259,13 +283,21 @@ class Worker:
             self.stats.succeeded += 1
             self.stats.consecutive_failures = 0
             log.info("task %s: succeeded in %.2fs", task.id, seconds)
+            if self.hooks:
+                self.hooks.task_finished(run, TaskOutcome(SUCCEEDED, seconds,
+                                                          result=work.result()))
             await self._settle("complete", message)
             return
         failure = error if isinstance(error, TaskFailed) else TaskFailed(
             type(error).__name__, str(error))
         self.stats.failed += 1
         self.stats.consecutive_failures += 1
-        if message.delivery_count >= task.max_attempts:
+        final = message.delivery_count >= task.max_attempts
+        if self.hooks:
+            self.hooks.task_finished(run, TaskOutcome(
+                DEAD_LETTERED if final else FAILED, seconds, reason=failure.reason,
+                summary=redact(failure.description), exit_code=failure.exit_code))
+        if final:
             self.stats.dead_lettered += 1
             log.error("task %s: failed (%s), attempt %d of %d: dead-lettering",
                       task.id, failure.description.splitlines()[0] if failure.description

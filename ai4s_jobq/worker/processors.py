@@ -23,7 +23,7 @@ from ..task import Task
 
 log = logging.getLogger("ai4s_jobq.task")
 
-Processor = Callable[[Task], Awaitable[None]]
+Processor = Callable[[Task], Awaitable[Any]]  # returns a Python task's result
 
 STDERR_TAIL_LINES = 20
 STDERR_TAIL_CHARS = 2000
@@ -33,10 +33,11 @@ KILL_GRACE_SECONDS = 5.0
 class TaskFailed(Exception):
     """The task ran and failed; ``description`` says how (exit code, stderr tail)."""
 
-    def __init__(self, reason: str, description: str):
+    def __init__(self, reason: str, description: str, *, exit_code: int | None = None):
         super().__init__(f"{reason}: {description}")
         self.reason = reason
         self.description = description
+        self.exit_code = exit_code
 
 
 class ShellProcessor:
@@ -87,7 +88,7 @@ class ShellProcessor:
             stderr_tail = "\n".join(tail)[-STDERR_TAIL_CHARS:]
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
             raise TaskFailed("NonZeroExit", how + (f"; stderr tail:\n{stderr_tail}"
-                                                   if stderr_tail else ""))
+                                                   if stderr_tail else ""), exit_code=code)
 
     async def _kill(self, proc: asyncio.subprocess.Process) -> None:
         """SIGTERM the group, then SIGKILL it if it has not gone within the grace."""
@@ -134,12 +135,11 @@ class CallableProcessor:
         self.function = function
         self.is_async = inspect.iscoroutinefunction(function)
 
-    async def __call__(self, task: Task) -> None:
+    async def __call__(self, task: Task) -> Any:
         try:
             if self.is_async:
-                await self.function(**task.args)
-            else:
-                await asyncio.to_thread(self.function, **task.args)
+                return await self.function(**task.args)
+            return await asyncio.to_thread(self.function, **task.args)
         except (asyncio.CancelledError, TaskFailed):
             raise
         except Exception as exc:  # a task's own error is a failure, not a worker crash

@@ -1,0 +1,1 @@
+"""The outcome ledger: what became of every task (see :mod:`.base`)."""
