@@ -21,8 +21,10 @@ def _run(coro: Any) -> Any:
     except RuntimeError:
         return asyncio.run(coro)
     coro.close()
-    raise RuntimeError("ai4s_jobq.push/push_many cannot run inside an event loop; "
-                       "use `async with JobQ.open(...) as q: await q.push(...)`")
+    raise RuntimeError(
+        "ai4s_jobq.push/push_many cannot run inside an event loop; "
+        "use `async with JobQ.open(...) as q: await q.push(...)`"
+    )
 
 
 def push(
@@ -40,10 +42,17 @@ def push(
     """Push one task (a shell command string or a dict of arguments)."""
 
     async def main() -> PushResult:
-        async with JobQ.open(queue, connection_string=connection_string,
-                             dedup_window=dedup_window) as q:
-            return await q.push(task, num_retries=num_retries, id=id, dedup_keys=dedup_keys,
-                                deterministic=deterministic, env=env)
+        async with JobQ.open(
+            queue, connection_string=connection_string, dedup_window=dedup_window
+        ) as q:
+            return await q.push(
+                task,
+                num_retries=num_retries,
+                id=id,
+                dedup_keys=dedup_keys,
+                deterministic=deterministic,
+                env=env,
+            )
 
     return _run(main())
 
@@ -64,10 +73,17 @@ def push_many(
     """Push many tasks, streaming from ``tasks`` in batches (constant memory)."""
 
     async def main() -> PushSummary:
-        async with JobQ.open(queue, connection_string=connection_string,
-                             dedup_window=dedup_window) as q:
-            return await q.push_many(tasks, num_retries=num_retries, dedup_keys=dedup_keys,
-                                     deterministic=deterministic, env=env,
-                                     batch_size=batch_size, on_result=on_result)
+        async with JobQ.open(
+            queue, connection_string=connection_string, dedup_window=dedup_window
+        ) as q:
+            return await q.push_many(
+                tasks,
+                num_retries=num_retries,
+                dedup_keys=dedup_keys,
+                deterministic=deterministic,
+                env=env,
+                batch_size=batch_size,
+                on_result=on_result,
+            )
 
     return _run(main())

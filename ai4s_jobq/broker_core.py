@@ -237,8 +237,18 @@ class BrokerCore:
             " COALESCE(SUM(sub = ? AND state = ?), 0),"
             " COALESCE(SUM(sub = ?), 0)"
             " FROM messages WHERE queue = ?",
-            (ACTIVE, READY_STATE, now, ACTIVE, READY_STATE, now, ACTIVE, DEFERRED_STATE,
-             DEAD_LETTER, queue),
+            (
+                ACTIVE,
+                READY_STATE,
+                now,
+                ACTIVE,
+                READY_STATE,
+                now,
+                ACTIVE,
+                DEFERRED_STATE,
+                DEAD_LETTER,
+                queue,
+            ),
         ).fetchone()
         return QueueCounts(active=active, dead_letter=dead, scheduled=scheduled, deferred=deferred)
 
@@ -257,22 +267,30 @@ class BrokerCore:
             fresh = self._new_messages(conn, props, messages, now)
             if props.requires_duplicate_detection:
                 conn.executemany(
-                    "INSERT OR REPLACE INTO dedup(queue, message_id, accepted_at)"
-                    " VALUES (?, ?, ?)",
+                    "INSERT OR REPLACE INTO dedup(queue, message_id, accepted_at) VALUES (?, ?, ?)",
                     [(queue, m.message_id, now) for m, new in zip(messages, fresh) if new],
                 )
             first_seq = self._insert_messages(
-                conn, [message_row(queue, props, m, now)
-                       for m, new in zip(messages, fresh) if new])
+                conn, [message_row(queue, props, m, now) for m, new in zip(messages, fresh) if new]
+            )
         seqs = iter(range(first_seq, first_seq + sum(fresh)))
-        results = [SendResult(duplicate=False, sequence_number=next(seqs)) if new
-                   else SendResult(duplicate=True, sequence_number=None) for new in fresh]
+        results = [
+            SendResult(duplicate=False, sequence_number=next(seqs))
+            if new
+            else SendResult(duplicate=True, sequence_number=None)
+            for new in fresh
+        ]
         if any(fresh):
             self._notify(queue)
         return results
 
-    def _new_messages(self, conn: sqlite3.Connection, props: QueueProperties,
-                      messages: Sequence[NewMessage], now: float) -> list[bool]:
+    def _new_messages(
+        self,
+        conn: sqlite3.Connection,
+        props: QueueProperties,
+        messages: Sequence[NewMessage],
+        now: float,
+    ) -> list[bool]:
         """For each message, whether it is accepted (False: a duplicate of one accepted
         within the window, or of an earlier one in this batch)."""
         if not props.requires_duplicate_detection:
@@ -372,14 +390,15 @@ class BrokerCore:
                 message.lock_token = None if receive_and_delete else str(uuid.uuid4())
                 message.locked_until = None if receive_and_delete else until
             if receive_and_delete:
-                conn.executemany("DELETE FROM messages WHERE seq = ?",
-                                 [(m.sequence_number,) for m in received])
+                conn.executemany(
+                    "DELETE FROM messages WHERE seq = ?", [(m.sequence_number,) for m in received]
+                )
             else:  # one executemany: a statement per message cost more than the update
                 conn.executemany(
                     "UPDATE messages SET lock_token = ?, locked_until = ?, delivery_count = ?"
                     " WHERE seq = ?",
-                    [(m.lock_token, until, m.delivery_count, m.sequence_number)
-                     for m in received])
+                    [(m.lock_token, until, m.delivery_count, m.sequence_number) for m in received],
+                )
         return received
 
     def receive_deferred(
@@ -421,11 +440,15 @@ class BrokerCore:
         and deferred ones included, as Service Bus peeks them)."""
         self.get_queue(queue)
         now = self.clock()
-        rows = self._conn().execute(
-            f"SELECT {COLUMNS} FROM messages WHERE queue = ? AND sub = ? AND seq >= ?"
-            " ORDER BY seq LIMIT ?",
-            (queue, sub_queue, from_sequence_number, max_count),
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                f"SELECT {COLUMNS} FROM messages WHERE queue = ? AND sub = ? AND seq >= ?"
+                " ORDER BY seq LIMIT ?",
+                (queue, sub_queue, from_sequence_number, max_count),
+            )
+            .fetchall()
+        )
         return [row_to_message(row, now) for row in rows]
 
     # ------------------------------------------------------------------ settling
@@ -487,7 +510,9 @@ class BrokerCore:
             max_count = self.get_queue(queue).max_delivery_count
             if delivery_count >= max_count:
                 self._move_to_dead_letter(
-                    conn, seq, MAX_DELIVERY_COUNT_REASON,
+                    conn,
+                    seq,
+                    MAX_DELIVERY_COUNT_REASON,
                     f"Message could not be consumed after {max_count} delivery attempts.",
                 )
         self._notify(queue)
@@ -516,12 +541,16 @@ class BrokerCore:
         receivable by the passage of time alone (a scheduled time arrives or a lock
         expires), or None.  Lets a server sleep until then instead of polling."""
         now = self.clock()
-        row = self._conn().execute(
-            "SELECT MIN(MAX(visible_at, COALESCE(locked_until, 0))) FROM messages"
-            " WHERE queue = ? AND sub = ? AND state = ?"
-            " AND (visible_at > ? OR locked_until > ?)",
-            (queue, sub_queue, READY_STATE, now, now),
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute(
+                "SELECT MIN(MAX(visible_at, COALESCE(locked_until, 0))) FROM messages"
+                " WHERE queue = ? AND sub = ? AND state = ?"
+                " AND (visible_at > ? OR locked_until > ?)",
+                (queue, sub_queue, READY_STATE, now, now),
+            )
+            .fetchone()
+        )
         return row[0] if row and row[0] is not None else None
 
     def dead_letter(

@@ -34,8 +34,10 @@ class LockLost(BrokerError):
     """The lock token is unknown or its lock has expired (Azure: MessageLockLost)."""
 
 
-LOCK_LOST_TEXT = ("the lock supplied is invalid: it expired, or the message was already "
-                  "settled or received by another receiver")
+LOCK_LOST_TEXT = (
+    "the lock supplied is invalid: it expired, or the message was already "
+    "settled or received by another receiver"
+)
 
 
 class InvalidOperation(BrokerError):
@@ -201,8 +203,22 @@ def merge_props(props_json: str | None, extra: dict[str, Any] | None) -> str | N
 
 
 def row_to_message(row: tuple, now: float) -> StoredMessage:
-    (seq, message_id, body, props, enqueued_at, visible_at, expires_at, delivery_count,
-     lock_token, locked_until, sub, state, dl_reason, dl_description) = row
+    (
+        seq,
+        message_id,
+        body,
+        props,
+        enqueued_at,
+        visible_at,
+        expires_at,
+        delivery_count,
+        lock_token,
+        locked_until,
+        sub,
+        state,
+        dl_reason,
+        dl_description,
+    ) = row
     if state == DEFERRED_STATE:
         state_name = "deferred"
     elif visible_at > now:

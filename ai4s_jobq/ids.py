@@ -114,8 +114,9 @@ def normalize(value: Any, path: str = "args") -> Any:
 
 # Built once: ``json.dumps`` with non-default options builds an encoder per call,
 # which is a noticeable share of pushing many small tasks.
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                              allow_nan=False)
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
 
 
 def canonical_json(value: Any) -> str:
@@ -177,8 +178,7 @@ def identify(
         missing = [k for k in keys if k not in normalized]
         if missing:
             raise ValueError(
-                f"dedup_keys {missing} are not arguments of this task "
-                f"(it has {sorted(normalized)})"
+                f"dedup_keys {missing} are not arguments of this task (it has {sorted(normalized)})"
             )
         hashed = canonical_json({k: normalized[k] for k in keys})
         return IdentifiedArgs(normalized, hashed, content_id(hashed), "dedup_keys")

@@ -77,8 +77,8 @@ class DeadLetteredTask:
 class JobQ:
     """A queue of tasks.  Use :meth:`open`::
 
-        async with JobQ.open("local://demo") as q:
-            result = await q.push("echo hello")
+    async with JobQ.open("local://demo") as q:
+        result = await q.push("echo hello")
     """
 
     def __init__(
@@ -114,10 +114,12 @@ class JobQ:
         on first use, and log the startup checker's warnings."""
         connection_string = connection_string or os.environ.get(CONNECTION_STRING_ENV) or None
         window = configured_dedup_window(dedup_window)
-        backend = make_backend(parse_spec(spec, connection_string), connection_string,
-                               dedup_window=window)
-        q = cls(backend, dedup_window=window, lock_duration=lock_duration,
-                deterministic=deterministic)
+        backend = make_backend(
+            parse_spec(spec, connection_string), connection_string, dedup_window=window
+        )
+        q = cls(
+            backend, dedup_window=window, lock_duration=lock_duration, deterministic=deterministic
+        )
         await backend.open()
         try:
             if create:
@@ -146,7 +148,11 @@ class JobQ:
     ) -> PushResult:
         """Push one task.  Raises on failure (e.g. ``MessageTooLargeError``)."""
         built = make_task(
-            task, num_retries=num_retries, id=id, dedup_keys=dedup_keys, env=env,
+            task,
+            num_retries=num_retries,
+            id=id,
+            dedup_keys=dedup_keys,
+            env=env,
             deterministic=self.deterministic if deterministic is None else deterministic,
         )
         (outcome,) = await self.backend.push([OutgoingMessage(built.id, built.to_body())])
@@ -185,8 +191,7 @@ class JobQ:
         pending: list[tuple[list[Entry], asyncio.Future[list[PushOutcome]]]] = []
 
         async def send(batch: list[Entry]) -> list[PushOutcome]:
-            messages = [OutgoingMessage(t.id, t.to_body()) for _, t in batch
-                        if isinstance(t, Task)]
+            messages = [OutgoingMessage(t.id, t.to_body()) for _, t in batch if isinstance(t, Task)]
             return await self.backend.push(messages) if messages else []
 
         def record(batch: list[Entry], outcomes: Sequence[PushOutcome]) -> None:
@@ -197,8 +202,11 @@ class JobQ:
                     result = PushFailure(index, None, str(built))
                 else:
                     outcome = next(sent)
-                    result = (PushFailure(index, built.id, str(outcome.error))
-                              if outcome.error is not None else outcome)
+                    result = (
+                        PushFailure(index, built.id, str(outcome.error))
+                        if outcome.error is not None
+                        else outcome
+                    )
                 if isinstance(result, PushFailure):
                     summary.failures.append(result)
                 elif result.duplicate is True:
@@ -208,8 +216,11 @@ class JobQ:
                 else:
                     summary.unknown += 1
                 if on_result is not None:
-                    on_result(index, result.id if isinstance(result, PushFailure)
-                              else result.message_id, result)
+                    on_result(
+                        index,
+                        result.id if isinstance(result, PushFailure) else result.message_id,
+                        result,
+                    )
 
         async def drain(keep: int) -> None:
             while len(pending) > keep:
@@ -217,8 +228,9 @@ class JobQ:
                 try:
                     outcomes = await job
                 except Exception as exc:  # the whole batch failed (after the backend's retries)
-                    outcomes = [PushOutcome(t.id, None, exc) for _, t in batch
-                                if isinstance(t, Task)]
+                    outcomes = [
+                        PushOutcome(t.id, None, exc) for _, t in batch if isinstance(t, Task)
+                    ]
                 record(batch, outcomes)
 
         batch: list[Entry] = []
@@ -228,8 +240,9 @@ class JobQ:
                 built = item
             else:
                 try:
-                    built = make_task(item, num_retries=num_retries, dedup_keys=keys,
-                                      deterministic=det, env=env)
+                    built = make_task(
+                        item, num_retries=num_retries, dedup_keys=keys, deterministic=det, env=env
+                    )
                 except (TaskEncodingError, ValueError, TypeError) as exc:
                     built = exc
             batch.append((index, built))
@@ -247,8 +260,9 @@ class JobQ:
     async def counts(self) -> QueueCounts:
         return await self.backend.counts()
 
-    async def peek(self, max_count: int = 10, *, dead_letter: bool = False
-                   ) -> list[DeadLetteredTask]:
+    async def peek(
+        self, max_count: int = 10, *, dead_letter: bool = False
+    ) -> list[DeadLetteredTask]:
         return [_describe(m) for m in await self.backend.peek(max_count, dead_letter=dead_letter)]
 
     async def clear(self, *, dead_letter: bool = False) -> int:
@@ -262,8 +276,12 @@ class JobQ:
         deterministic = (
             self.deterministic if self.deterministic is not None else deterministic_ids_enabled()
         )
-        return checker.evaluate(info, self.backend.description, deterministic=deterministic,
-                                configured_window=self.configured_window)
+        return checker.evaluate(
+            info,
+            self.backend.description,
+            deterministic=deterministic,
+            configured_window=self.configured_window,
+        )
 
     # ------------------------------------------------------------------ dead letters
 

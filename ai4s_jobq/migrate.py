@@ -43,16 +43,20 @@ class MigrationReport:
     lock_lost: int = 0
 
     def as_dict(self) -> dict[str, object]:
-        return {"source": self.source, "destination": self.destination, "moved": self.moved,
-                "failed": [{"id": i, "error": e} for i, e in self.failed],
-                "lock_lost": self.lock_lost}
+        return {
+            "source": self.source,
+            "destination": self.destination,
+            "moved": self.moved,
+            "failed": [{"id": i, "error": e} for i, e in self.failed],
+            "lock_lost": self.lock_lost,
+        }
 
 
-async def check_destination(source: Backend, destination: Backend, *,
-                            require_dedup: bool = True) -> None:
+async def check_destination(
+    source: Backend, destination: Backend, *, require_dedup: bool = True
+) -> None:
     if source.description == destination.description:
-        raise MigrationError(f"source and destination are the same queue "
-                             f"({source.description})")
+        raise MigrationError(f"source and destination are the same queue ({source.description})")
     info = await destination.dedup_info()
     if info.duplicate_detection is False and require_dedup:
         raise MigrationError(
@@ -61,9 +65,12 @@ async def check_destination(source: Backend, destination: Backend, *,
             "(duplicate detection on), or pass --allow-no-dedup to accept that risk."
         )
     if info.duplicate_detection is None:
-        log.warning("cannot read %s's duplicate-detection setting (%s); re-running an "
-                    "interrupted migration is only safe if it deduplicates",
-                    destination.description, info.note or "unknown")
+        log.warning(
+            "cannot read %s's duplicate-detection setting (%s); re-running an "
+            "interrupted migration is only safe if it deduplicates",
+            destination.description,
+            info.note or "unknown",
+        )
 
 
 async def migrate(
@@ -81,8 +88,9 @@ async def migrate(
     ``destination`` until the source stays empty for ``idle_timeout`` seconds or
     ``limit`` messages were moved.  Both backends must be open."""
     await check_destination(source, destination, require_dedup=require_dedup)
-    report = MigrationReport(source.description + (" (dead-letter)" if dead_letter else ""),
-                             destination.description)
+    report = MigrationReport(
+        source.description + (" (dead-letter)" if dead_letter else ""), destination.description
+    )
     refused: set[str] = set()
     last_message = time.monotonic()
     while limit is None or report.moved < limit:
@@ -95,8 +103,7 @@ async def migrate(
         if not batch:
             continue
         last_message = time.monotonic()
-        outcomes = await destination.push(
-            [OutgoingMessage(m.message_id, m.body) for m in batch])
+        outcomes = await destination.push([OutgoingMessage(m.message_id, m.body) for m in batch])
 
         async def settle(message, outcome) -> None:  # type: ignore[no-untyped-def]
             if outcome.error is not None:
@@ -110,8 +117,11 @@ async def migrate(
                 await source.complete(message)
             except LockLostError:
                 report.lock_lost += 1
-                log.warning("%s: source lock lost after the push; it will come back to the "
-                            "source and a re-run drops it as a duplicate", message.message_id)
+                log.warning(
+                    "%s: source lock lost after the push; it will come back to the "
+                    "source and a re-run drops it as a duplicate",
+                    message.message_id,
+                )
                 return
             report.moved += 1
 

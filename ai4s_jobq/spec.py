@@ -59,7 +59,7 @@ def local_dir() -> Path:
 def parse_spec(spec: str | None, connection_string: str | None = None) -> QueueSpec:
     text = (spec or "").strip() or os.environ.get(QUEUE_ENV, "").strip() or DEFAULT_SPEC
     if text.startswith("local://"):
-        name = text[len("local://"):]
+        name = text[len("local://") :]
         if not _LOCAL_NAME.match(name):
             raise SpecError(
                 f"{text!r}: a local queue name uses letters, digits, '.', '_' or '-' "
@@ -67,15 +67,16 @@ def parse_spec(spec: str | None, connection_string: str | None = None) -> QueueS
             )
         return QueueSpec("local", name)
     if text.startswith("sb://"):
-        rest = text[len("sb://"):].strip("/")
+        rest = text[len("sb://") :].strip("/")
         namespace, _, queue = rest.partition("/")
         if not namespace or not queue or "/" in queue:
             raise SpecError(f"{text!r}: expected sb://NAMESPACE/QUEUE")
         fqdn = namespace if "." in namespace else f"{namespace}.servicebus.windows.net"
         return QueueSpec("servicebus", queue, fqdn)
     if "://" in text:
-        raise SpecError(f"{text!r}: unknown scheme; use local://NAME, sb://NAMESPACE/QUEUE "
-                        "or ACCOUNT/QUEUE")
+        raise SpecError(
+            f"{text!r}: unknown scheme; use local://NAME, sb://NAMESPACE/QUEUE or ACCOUNT/QUEUE"
+        )
     account, slash, queue = text.partition("/")
     if slash:
         if not account or not queue or "/" in queue:

@@ -50,8 +50,13 @@ class Task:
         return self.num_retries + 1
 
     def to_body(self) -> bytes:
-        envelope = {"v": ENVELOPE_VERSION, "id": self.id, "args": self.args,
-                    "num_retries": self.num_retries, **self.extra}
+        envelope = {
+            "v": ENVELOPE_VERSION,
+            "id": self.id,
+            "args": self.args,
+            "num_retries": self.num_retries,
+            **self.extra,
+        }
         return _ENVELOPE_JSON.encode(envelope).encode("utf-8")
 
     @classmethod

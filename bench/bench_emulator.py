@@ -77,8 +77,9 @@ def receive_and_complete(client: ServiceBusClient, queue: str, count: int) -> fl
         while done < count:
             # ask for exactly what is left: receive_messages waits out max_wait_time
             # when fewer than max_message_count messages exist
-            messages = receiver.receive_messages(max_message_count=min(100, count - done),
-                                                 max_wait_time=5)
+            messages = receiver.receive_messages(
+                max_message_count=min(100, count - done), max_wait_time=5
+            )
             if not messages:
                 break
             for message in messages:
@@ -92,8 +93,12 @@ def receive_and_complete(client: ServiceBusClient, queue: str, count: int) -> fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=1000,
-                        help="messages per measurement (one-by-one uses a fifth)")
+    parser.add_argument(
+        "--messages",
+        type=int,
+        default=1000,
+        help="messages per measurement (one-by-one uses a fifth)",
+    )
     args = parser.parse_args()
     single_count = max(args.messages // 5, 50)
     with tempfile.TemporaryDirectory() as data, EmulatorProcess(data) as emulator:
@@ -107,8 +112,10 @@ def main() -> None:
     batch_rate = args.messages / batch
     receive_rate = total / receive
     print(f"one-by-one send : {single_rate:8.0f} msg/s  ({single_count} messages, {single:.2f} s)")
-    print(f"batch send      : {batch_rate:8.0f} msg/s  ({args.messages} messages in {batches} "
-          f"batches, {batch:.2f} s)")
+    print(
+        f"batch send      : {batch_rate:8.0f} msg/s  ({args.messages} messages in {batches} "
+        f"batches, {batch:.2f} s)"
+    )
     print(f"receive+complete: {receive_rate:8.0f} msg/s  ({total} messages, {receive:.2f} s)")
     print(f"batch / one-by-one send     : {batch_rate / single_rate:6.1f}x")
     print(f"receive+complete / one-by-one: {receive_rate / single_rate:6.1f}x")

@@ -111,13 +111,15 @@ def new_core_queue(root: Path, name: str) -> core.BrokerCore:
     """A fresh queue with the settings ``JobQ.open`` would give it."""
     settings = QueueSettings()
     broker = core.BrokerCore(root / f"{name}.sqlite3")
-    broker.create_queue(core.QueueProperties(
-        name=name,
-        lock_duration=settings.lock_duration.total_seconds(),
-        requires_duplicate_detection=settings.duplicate_detection,
-        duplicate_detection_window=settings.dedup_window.total_seconds(),
-        max_delivery_count=settings.max_delivery_count,
-    ))
+    broker.create_queue(
+        core.QueueProperties(
+            name=name,
+            lock_duration=settings.lock_duration.total_seconds(),
+            requires_duplicate_detection=settings.duplicate_detection,
+            duplicate_detection_window=settings.dedup_window.total_seconds(),
+            max_delivery_count=settings.max_delivery_count,
+        )
+    )
     return broker
 
 
@@ -128,7 +130,7 @@ def build_messages(tasks: list) -> list[core.NewMessage]:
 
 def fill(broker: core.BrokerCore, queue: str, messages: list[core.NewMessage]) -> None:
     for start in range(0, len(messages), BATCH):
-        broker.send(queue, messages[start:start + BATCH])
+        broker.send(queue, messages[start : start + BATCH])
 
 
 # ---------------------------------------------------------------------------- 1. push
@@ -152,10 +154,14 @@ def bench_push(root: Path, n: int) -> list[Row]:
         again = ai4s_jobq.push_many(iter(tasks), queue="local://push")
     assert again.duplicates == n, again
     return [
-        Row(f"push_many {n:,} new tasks", new.rates(),
+        Row(
+            f"push_many {n:,} new tasks",
+            new.rates(),
             f"core send {raw.rates()}: {100 * new.rate / raw.rate:.0f}% of raw "
             f"(cpu: {100 * new.cpu_rate / raw.cpu_rate:.0f}%)",
-            f">= {PUSH_GOAL:,}/s", verdict(new.rate >= PUSH_GOAL, new.cpu_rate >= PUSH_GOAL)),
+            f">= {PUSH_GOAL:,}/s",
+            verdict(new.rate >= PUSH_GOAL, new.cpu_rate >= PUSH_GOAL),
+        ),
         Row(f"push_many {n:,} duplicates", dup.rates(), "(all dropped by dedup)"),
     ]
 
@@ -171,8 +177,9 @@ def noop_sync(**_: object) -> None:
     return None
 
 
-def drain_with_worker(root: Path, name: str, messages: list[core.NewMessage], slots: int,
-                      function) -> Timer:
+def drain_with_worker(
+    root: Path, name: str, messages: list[core.NewMessage], slots: int, function
+) -> Timer:
     """Fill a fresh queue, then time a worker draining it."""
     broker = new_core_queue(root, name)
     fill(broker, name, messages)
@@ -218,25 +225,34 @@ def bench_drain(root: Path, n: int) -> list[Row]:
     raw = {b: drain_raw(root / f"raw{b}", messages, b) for b in (1, DEFAULT_SLOTS)}
     rates = {}
     for slots in SLOT_CHOICES:
-        rates[slots] = drain_with_worker(root, f"drain-async-{slots}", messages, slots,
-                                         noop_async)
+        rates[slots] = drain_with_worker(root, f"drain-async-{slots}", messages, slots, noop_async)
         print(f"  drain async no-op, slots={slots:>2}: {rates[slots].rates()}", flush=True)
     sync = drain_with_worker(root, "drain-sync", messages, DEFAULT_SLOTS, noop_sync)
     best = max(rates, key=lambda s: rates[s].rate)
     ceiling = raw[DEFAULT_SLOTS]
     chosen = rates[DEFAULT_SLOTS]
     return [
-        Row(f"drain {n:,} async no-ops, slots={DEFAULT_SLOTS}", chosen.rates(),
+        Row(
+            f"drain {n:,} async no-ops, slots={DEFAULT_SLOTS}",
+            chosen.rates(),
             f"core receive({DEFAULT_SLOTS})+complete {ceiling.rates()}: "
             f"{100 * chosen.rate / ceiling.rate:.0f}% of raw "
             f"(cpu: {100 * chosen.cpu_rate / ceiling.cpu_rate:.0f}%)",
             f">= {DRAIN_GOAL:,}/s",
-            verdict(chosen.rate >= DRAIN_GOAL, chosen.cpu_rate >= DRAIN_GOAL)),
-        Row(f"drain, best slots ({best})", f"{rates[best].rate:,.0f}/s",
-            "slots " + ", ".join(f"{s}:{t.rate:,.0f}" for s, t in rates.items())),
-        Row(f"drain {n:,} sync no-ops, slots={DEFAULT_SLOTS}", sync.rates(),
+            verdict(chosen.rate >= DRAIN_GOAL, chosen.cpu_rate >= DRAIN_GOAL),
+        ),
+        Row(
+            f"drain, best slots ({best})",
+            f"{rates[best].rate:,.0f}/s",
+            "slots " + ", ".join(f"{s}:{t.rate:,.0f}" for s, t in rates.items()),
+        ),
+        Row(
+            f"drain {n:,} sync no-ops, slots={DEFAULT_SLOTS}",
+            sync.rates(),
             f"{100 * sync.rate / ceiling.rate:.0f}% of raw (a thread hop per task)",
-            f">= {DRAIN_GOAL:,}/s", verdict(sync.rate >= DRAIN_GOAL, sync.cpu_rate >= DRAIN_GOAL)),
+            f">= {DRAIN_GOAL:,}/s",
+            verdict(sync.rate >= DRAIN_GOAL, sync.cpu_rate >= DRAIN_GOAL),
+        ),
         Row("core receive(1)+complete", raw[1].rates(), "(one message per receive)"),
     ]
 
@@ -244,8 +260,7 @@ def bench_drain(root: Path, n: int) -> list[Row]:
 # ---------------------------------------------------------------------------- 3. memory
 
 
-def run_child(argv: list[str], env: dict[str, str], lines: int
-              ) -> tuple[float, float, float, int]:
+def run_child(argv: list[str], env: dict[str, str], lines: int) -> tuple[float, float, float, int]:
     """Run ``argv``, feeding it ``lines`` generated lines on stdin; returns
     (peak RSS in MB, seconds, CPU seconds, exit status).
 
@@ -254,8 +269,9 @@ def run_child(argv: list[str], env: dict[str, str], lines: int
     the process it was forked from (this benchmark), which hides a small child."""
     with tempfile.TemporaryFile() as err:
         started = time.perf_counter()
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=err, env=env, cwd=REPO)
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=REPO
+        )
         assert proc.stdin is not None
         writer = threading.Thread(target=feed, args=(proc.stdin, lines))
         writer.start()
@@ -297,8 +313,14 @@ IMPORT_BASELINE = (
 def import_baseline_mb(env: dict[str, str]) -> float:
     """Peak RSS of a Python that only imports the package, as it reports it itself
     (it exits too quickly to be polled reliably)."""
-    out = subprocess.run([sys.executable, "-c", IMPORT_BASELINE], env=env, cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", IMPORT_BASELINE],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return int(out.split()[0]) / 1024
 
 
@@ -314,20 +336,36 @@ def feed(stream, lines: int) -> None:
 
 
 def bench_memory(root: Path, lines: int) -> list[Row]:
-    env = {**os.environ, "JOBQ_LOCAL_DIR": str(root),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
-                                                       os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "JOBQ_LOCAL_DIR": str(root),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     base_mb = import_baseline_mb(env)
-    argv = [sys.executable, "-m", "ai4s_jobq_cli.main", "--queue", "local://cli", "push",
-            "--no-progress"]
+    argv = [
+        sys.executable,
+        "-m",
+        "ai4s_jobq_cli.main",
+        "--queue",
+        "local://cli",
+        "push",
+        "--no-progress",
+    ]
     peak_mb, seconds, cpu, status = run_child(argv, env, lines)
     extra = peak_mb - base_mb
     return [
-        Row(f"jobq push {lines:,} stdin lines: peak RSS", f"{peak_mb:.1f} MB",
+        Row(
+            f"jobq push {lines:,} stdin lines: peak RSS",
+            f"{peak_mb:.1f} MB",
             f"+{extra:.1f} MB over import baseline ({base_mb:.1f} MB)",
-            f"<= {MEMORY_GOAL_MB:.0f} MB", verdict(peak_mb <= MEMORY_GOAL_MB and status == 0)),
-        Row("jobq push throughput", f"{lines / seconds:,.0f}/s (cpu {lines / cpu:,.0f}/s)",
-            f"{seconds:.1f}s incl. startup, exit {status}"),
+            f"<= {MEMORY_GOAL_MB:.0f} MB",
+            verdict(peak_mb <= MEMORY_GOAL_MB and status == 0),
+        ),
+        Row(
+            "jobq push throughput",
+            f"{lines / seconds:,.0f}/s (cpu {lines / cpu:,.0f}/s)",
+            f"{seconds:.1f}s incl. startup, exit {status}",
+        ),
     ]
 
 
@@ -336,8 +374,10 @@ def bench_memory(root: Path, lines: int) -> list[Row]:
 
 def print_table(rows: list[Row]) -> None:
     headers = Row("measurement", "result", "baseline (same run)", "goal", "")
-    widths = [max(len(getattr(r, f)) for r in [headers, *rows])
-              for f in ("name", "value", "baseline", "goal", "verdict")]
+    widths = [
+        max(len(getattr(r, f)) for r in [headers, *rows])
+        for f in ("name", "value", "baseline", "goal", "verdict")
+    ]
     for i, row in enumerate([headers, *rows]):
         cells = (row.name, row.value, row.baseline, row.goal, row.verdict)
         print("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
@@ -348,8 +388,12 @@ def print_table(rows: list[Row]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
-    parser.add_argument("--only", choices=("push", "drain", "memory"), action="append",
-                        help="run only these parts (repeatable)")
+    parser.add_argument(
+        "--only",
+        choices=("push", "drain", "memory"),
+        action="append",
+        help="run only these parts (repeatable)",
+    )
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     parts = args.only or ["push", "drain", "memory"]
@@ -357,8 +401,11 @@ def main() -> int:
     os.environ["JOBQ_LOCAL_DIR"] = str(root)
     rows: list[Row] = []
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    print(f"load average {load:.1f} on {cores} core(s)"
-          + (": busy machine, compare the cpu rates" if load > cores else ""), flush=True)
+    print(
+        f"load average {load:.1f} on {cores} core(s)"
+        + (": busy machine, compare the cpu rates" if load > cores else ""),
+        flush=True,
+    )
     try:
         if "push" in parts:
             print(f"push: {sizes.push:,} tasks ...", flush=True)

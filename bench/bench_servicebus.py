@@ -82,27 +82,33 @@ def body_like_task(i: int, prefix: str) -> bytes:
 async def new_queue(cs: str) -> str:
     name = f"bench-{uuid.uuid4().hex[:8]}"
     async with ServiceBusAdministrationClient.from_connection_string(
-            cs, **admin_client_kwargs(cs)) as admin:
+        cs, **admin_client_kwargs(cs)
+    ) as admin:
         await admin.create_queue(name, requires_duplicate_detection=True)
     return name
 
 
 async def raw_one_by_one(cs: str, count: int) -> float:
     queue = await new_queue(cs)
-    async with ServiceBusClient.from_connection_string(cs) as client, \
-            client.get_queue_sender(queue) as sender:
+    async with (
+        ServiceBusClient.from_connection_string(cs) as client,
+        client.get_queue_sender(queue) as sender,
+    ):
         await sender.send_messages(ServiceBusMessage(b"warm-up"))
         start = time.perf_counter()
         for i in range(count):
-            await sender.send_messages(ServiceBusMessage(body_like_task(i, "one"),
-                                                         message_id=uuid.uuid4().hex))
+            await sender.send_messages(
+                ServiceBusMessage(body_like_task(i, "one"), message_id=uuid.uuid4().hex)
+            )
         return time.perf_counter() - start
 
 
 async def raw_batches(cs: str, count: int) -> float:
     queue = await new_queue(cs)
-    async with ServiceBusClient.from_connection_string(cs) as client, \
-            client.get_queue_sender(queue) as sender:
+    async with (
+        ServiceBusClient.from_connection_string(cs) as client,
+        client.get_queue_sender(queue) as sender,
+    ):
         await sender.send_messages(ServiceBusMessage(b"warm-up"))
         start = time.perf_counter()
         batch = await sender.create_message_batch()
@@ -138,9 +144,14 @@ def jobq_push_cli(cs: str, count: int, workdir: Path) -> tuple[float, float]:
 
     def push(*args: str) -> tuple[float, float]:
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "ai4s_jobq_cli", "push", *args], env=env,
-                              cwd=ROOT,
-                              check=True, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "ai4s_jobq_cli", "push", *args],
+            env=env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         wall = time.perf_counter() - start
         # the CLI's own summary: "... in 1.23s to sb://..." (the push itself)
         reported = re.search(r" in ([0-9.]+)s to ", done.stderr)
@@ -169,7 +180,8 @@ async def raw_drain(cs: str, count: int) -> float:
             start = time.perf_counter()
             while done < count:
                 messages = await receiver.receive_messages(
-                    max_message_count=min(100, count - done), max_wait_time=5)
+                    max_message_count=min(100, count - done), max_wait_time=5
+                )
                 if not messages:
                     raise SystemExit(f"raw drain: only {done} of {count} messages")
                 await asyncio.gather(*(receiver.complete_message(m) for m in messages))
@@ -199,8 +211,9 @@ def verdict(ok: bool) -> str:
 
 
 @contextlib.contextmanager
-def endpoint_for(em: EmulatorProcess, rtt_ms: float, always_proxy: bool
-                 ) -> Iterator[tuple[str, LatencyProxy | None]]:
+def endpoint_for(
+    em: EmulatorProcess, rtt_ms: float, always_proxy: bool
+) -> Iterator[tuple[str, LatencyProxy | None]]:
     """The connection string for clients at ``rtt_ms``: the emulator's own at 0 ms
     (unless ``always_proxy``), else one naming a latency proxy in front of it.
 
@@ -236,70 +249,109 @@ class PushFigures:
 
 def median_figures(runs: list[PushFigures]) -> PushFigures:
     """Each figure's median over repeated runs (the machine is shared and noisy)."""
+
     def med(values: list[float]) -> float:
         return statistics.median(values)
+
     return PushFigures(
-        runs[0].rtt_ms, med([r.single for r in runs]), med([r.raw for r in runs]),
-        med([r.many for r in runs]), med([r.cli_wall for r in runs]),
+        runs[0].rtt_ms,
+        med([r.single for r in runs]),
+        med([r.raw for r in runs]),
+        med([r.many for r in runs]),
+        med([r.cli_wall for r in runs]),
         med([r.cli_push for r in runs]),
-        {k: med([r.proxy[k] for r in runs]) for k in runs[0].proxy})
+        {k: med([r.proxy[k] for r in runs]) for k in runs[0].proxy},
+    )
 
 
-def push_comparison(em: EmulatorProcess, rtt_ms: float, args: argparse.Namespace,
-                    workdir: Path) -> PushFigures:
+def push_comparison(
+    em: EmulatorProcess, rtt_ms: float, args: argparse.Namespace, workdir: Path
+) -> PushFigures:
     n = args.messages
     with endpoint_for(em, rtt_ms, args.always_proxy) as (cs, proxy):
         single = args.single / asyncio.run(raw_one_by_one(cs, args.single))
         raw = n / asyncio.run(raw_batches(cs, n))
         many = n / asyncio.run(jobq_push_many(cs, n))
         cli_wall, cli_push = jobq_push_cli(cs, n, workdir)
-    return PushFigures(rtt_ms, single, raw, many, cli_wall, cli_push,
-                       proxy.stats if proxy is not None else {})
+    return PushFigures(
+        rtt_ms, single, raw, many, cli_wall, cli_push, proxy.stats if proxy is not None else {}
+    )
 
 
-def print_push(f: PushFigures, base: PushFigures | None, n: int, single: int,
-               runs: list[PushFigures]) -> None:
+def print_push(
+    f: PushFigures, base: PushFigures | None, n: int, single: int, runs: list[PushFigures]
+) -> None:
     per_call = 1e3 / f.single
-    where = (f"through the latency proxy (it held chunks {f.proxy['mean_one_way_ms']:.2f} ms "
-             "each way on average)" if f.proxy else "direct, loopback: pure CPU")
+    where = (
+        f"through the latency proxy (it held chunks {f.proxy['mean_one_way_ms']:.2f} ms "
+        "each way on average)"
+        if f.proxy
+        else "direct, loopback: pure CPU"
+    )
     median = f"median of {len(runs)} runs, " if len(runs) > 1 else ""
-    print(f"push at RTT {f.rtt_ms:g} ms, {where}; {n} tasks (one-by-one: {single}), "
-          f"{median}msgs/s:")
-    grown = (f", +{per_call - 1e3 / base.single:.2f} ms vs {base.rtt_ms:g} ms"
-             if base is not None and base is not f else "")
+    print(
+        f"push at RTT {f.rtt_ms:g} ms, {where}; {n} tasks (one-by-one: {single}), {median}msgs/s:"
+    )
+    grown = (
+        f", +{per_call - 1e3 / base.single:.2f} ms vs {base.rtt_ms:g} ms"
+        if base is not None and base is not f
+        else ""
+    )
     print(f"  raw SDK one-by-one send   : {f.single:8.0f}   ({per_call:.2f} ms per call{grown})")
     print(f"  raw SDK batch send        : {f.raw:8.0f}   {f.raw / f.single:5.1f}x one-by-one")
-    print(f"  JobQ.push_many            : {f.many:8.0f}   {f.many / f.single:5.1f}x one-by-one "
-          f"[{verdict(f.many / f.single >= 10)} >= 10x]   raw batch is {f.raw / f.many:4.2f}x "
-          f"[{verdict(f.raw / f.many <= 1.3)} <= 1.3x]")
+    print(
+        f"  JobQ.push_many            : {f.many:8.0f}   {f.many / f.single:5.1f}x one-by-one "
+        f"[{verdict(f.many / f.single >= 10)} >= 10x]   raw batch is {f.raw / f.many:4.2f}x "
+        f"[{verdict(f.raw / f.many <= 1.3)} <= 1.3x]"
+    )
     cli, cli_net = n / f.cli_wall, n / f.cli_push
-    print(f"  jobq push FILE (wall)     : {cli:8.0f}   {cli / f.single:5.1f}x one-by-one   "
-          f"raw batch is {f.raw / cli:4.2f}x  (includes {f.cli_wall - f.cli_push:.2f}s of "
-          "process start, connect and close)")
-    print(f"  jobq push FILE (push)     : {cli_net:8.0f}   {cli_net / f.single:5.1f}x one-by-one "
-          f"[{verdict(cli_net / f.single >= 10)} >= 10x]   raw batch is {f.raw / cli_net:4.2f}x "
-          f"[{verdict(f.raw / cli_net <= 1.3)} <= 1.3x]")
+    print(
+        f"  jobq push FILE (wall)     : {cli:8.0f}   {cli / f.single:5.1f}x one-by-one   "
+        f"raw batch is {f.raw / cli:4.2f}x  (includes {f.cli_wall - f.cli_push:.2f}s of "
+        "process start, connect and close)"
+    )
+    print(
+        f"  jobq push FILE (push)     : {cli_net:8.0f}   {cli_net / f.single:5.1f}x one-by-one "
+        f"[{verdict(cli_net / f.single >= 10)} >= 10x]   raw batch is {f.raw / cli_net:4.2f}x "
+        f"[{verdict(f.raw / cli_net <= 1.3)} <= 1.3x]"
+    )
     if len(runs) > 1:
         ratios = sorted(r.many / r.single for r in runs)
         gaps = sorted(r.raw / r.many for r in runs)
-        print(f"  spread over runs: push_many {ratios[0]:.1f}-{ratios[-1]:.1f}x one-by-one, "
-              f"raw batch {gaps[0]:.2f}-{gaps[-1]:.2f}x push_many")
+        print(
+            f"  spread over runs: push_many {ratios[0]:.1f}-{ratios[-1]:.1f}x one-by-one, "
+            f"raw batch {gaps[0]:.2f}-{gaps[-1]:.2f}x push_many"
+        )
     print(flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=5000, help="tasks to push")
-    parser.add_argument("--single", type=int, default=1000,
-                        help="messages for the one-by-one sample")
-    parser.add_argument("--rtt-ms", type=float, nargs="+", default=[0.0, 1.0],
-                        help="round-trip times to push at (0: direct; default: 0 1)")
-    parser.add_argument("--always-proxy", action="store_true",
-                        help="go through the proxy at 0 ms too (measures the hop's own cost)")
-    parser.add_argument("--drain", type=int, default=2000,
-                        help="tasks to drain (loopback; 0: skip)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="runs of the push comparison per RTT, interleaved; medians shown")
+    parser.add_argument(
+        "--single", type=int, default=1000, help="messages for the one-by-one sample"
+    )
+    parser.add_argument(
+        "--rtt-ms",
+        type=float,
+        nargs="+",
+        default=[0.0, 1.0],
+        help="round-trip times to push at (0: direct; default: 0 1)",
+    )
+    parser.add_argument(
+        "--always-proxy",
+        action="store_true",
+        help="go through the proxy at 0 ms too (measures the hop's own cost)",
+    )
+    parser.add_argument(
+        "--drain", type=int, default=2000, help="tasks to drain (loopback; 0: skip)"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of the push comparison per RTT, interleaved; medians shown",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     n = args.messages
@@ -316,13 +368,17 @@ def main() -> None:
             print_push(figures, base, n, args.single, runs[rtt_ms])
         if args.drain > 0:
             raw_recv = args.drain / asyncio.run(raw_drain(cs, args.drain))
-            drains = {slots: args.drain / asyncio.run(worker_drain(cs, args.drain, slots))
-                      for slots in (1, 8, 32)}
+            drains = {
+                slots: args.drain / asyncio.run(worker_drain(cs, args.drain, slots))
+                for slots in (1, 8, 32)
+            }
             print(f"drain of no-op tasks, {args.drain} tasks, loopback, msgs/s:")
             print(f"  raw SDK receive+complete (prefetch 100): {raw_recv:8.0f}")
             for slots, rate in drains.items():
-                print(f"  worker, {slots:2d} slot(s)                   : {rate:8.0f}   "
-                      f"({rate / raw_recv:4.2f}x raw)")
+                print(
+                    f"  worker, {slots:2d} slot(s)                   : {rate:8.0f}   "
+                    f"({rate / raw_recv:4.2f}x raw)"
+                )
 
 
 if __name__ == "__main__":

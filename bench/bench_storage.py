@@ -102,12 +102,14 @@ def jobq_cli() -> list[str]:
     return [found] if found else [sys.executable, "-m", "ai4s_jobq_cli.main"]
 
 
-def timed(command: list[str], env: dict[str, str], *, stdin: Path | None = None,
-          log: Path) -> float:
+def timed(
+    command: list[str], env: dict[str, str], *, stdin: Path | None = None, log: Path
+) -> float:
     started = time.perf_counter()
     with open(log, "wb") as out, open(stdin or os.devnull, "rb") as source:
-        result = subprocess.run(command, env=env, stdin=source, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=ROOT)
+        result = subprocess.run(
+            command, env=env, stdin=source, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
+        )
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
         tail = log.read_text(errors="replace")[-2000:]
@@ -150,8 +152,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def settle(pid: int, deleted_at: float, *, tick: float = 62.0, idle_for: float = 2.0,
-           limit: float = 600.0) -> float:
+def settle(
+    pid: int, deleted_at: float, *, tick: float = 62.0, idle_for: float = 2.0, limit: float = 600.0
+) -> float:
     """Wait until Azurite's garbage collection of a step's deleted messages is over:
     its 60 s timer has fired since ``deleted_at`` and it has been idle (< 5% CPU)
     for ``idle_for`` seconds.  Returns the seconds waited."""
@@ -201,8 +204,9 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, float]:
     with azurite_running(work) as (connection_string, pid):
         env = env_for(connection_string)
 
-        def step(name: str, queue: str, measure: Callable[[], float], *,
-                 last: bool = False) -> None:
+        def step(
+            name: str, queue: str, measure: Callable[[], float], *, last: bool = False
+        ) -> None:
             cpu = cpu_seconds(pid)
             results[f"{name}_s"] = measure()
             results[f"{name}_azurite_cpu_s"] = cpu_seconds(pid) - cpu
@@ -213,25 +217,56 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, float]:
                 waited = settle(pid, time.monotonic())
                 print(f"  (waited {waited:.0f} s for Azurite's garbage collection)", flush=True)
 
-        print(f"drain {args.drain_tasks} `true` tasks with {args.slots} slots "
-              "(ai4s-jobq, jobq, jobq, ai4s-jobq)", flush=True)
+        print(
+            f"drain {args.drain_tasks} `true` tasks with {args.slots} slots "
+            "(ai4s-jobq, jobq, jobq, ai4s-jobq)",
+            flush=True,
+        )
 
         def drain_ai4s(run: int) -> None:
             queue = f"bench-drain-ai4s{run}"
-            timed([original, f"{ACCOUNT}/{queue}", "push"], env, stdin=drain_file,
-                  log=work / f"fill-ai4s{run}.log")
-            step(f"drain_ai4s{run}", queue, lambda: timed(
-                [original, f"{ACCOUNT}/{queue}", "worker", "-n", str(args.slots)],
-                env, log=work / f"drain-ai4s{run}.log"))
+            timed(
+                [original, f"{ACCOUNT}/{queue}", "push"],
+                env,
+                stdin=drain_file,
+                log=work / f"fill-ai4s{run}.log",
+            )
+            step(
+                f"drain_ai4s{run}",
+                queue,
+                lambda: timed(
+                    [original, f"{ACCOUNT}/{queue}", "worker", "-n", str(args.slots)],
+                    env,
+                    log=work / f"drain-ai4s{run}.log",
+                ),
+            )
 
         def drain_jobq(run: int) -> None:
             queue = f"bench-drain-jobq{run}"
-            timed([*jobq, "--queue", f"{ACCOUNT}/{queue}", "push", str(drain_file),
-                   "--no-progress"], env, log=work / f"fill-jobq{run}.log")
-            step(f"drain_jobq{run}", queue, lambda: timed(
-                [*jobq, "--queue", f"{ACCOUNT}/{queue}", "--quiet", "worker",
-                 "-n", str(args.slots), "--idle-timeout", "0.1s"], env,
-                log=work / f"drain-jobq{run}.log"))
+            timed(
+                [*jobq, "--queue", f"{ACCOUNT}/{queue}", "push", str(drain_file), "--no-progress"],
+                env,
+                log=work / f"fill-jobq{run}.log",
+            )
+            step(
+                f"drain_jobq{run}",
+                queue,
+                lambda: timed(
+                    [
+                        *jobq,
+                        "--queue",
+                        f"{ACCOUNT}/{queue}",
+                        "--quiet",
+                        "worker",
+                        "-n",
+                        str(args.slots),
+                        "--idle-timeout",
+                        "0.1s",
+                    ],
+                    env,
+                    log=work / f"drain-jobq{run}.log",
+                ),
+            )
 
         drain_ai4s(1)
         drain_jobq(1)
@@ -240,8 +275,9 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, float]:
         for tool in ("ai4s", "jobq"):
             for suffix in ("s", "azurite_cpu_s", "left"):
                 values = [results[f"drain_{tool}{run}_{suffix}"] for run in (1, 2)]
-                results[f"drain_{tool}_{suffix}"] = (sum(values) / 2 if suffix != "left"
-                                                     else sum(values))
+                results[f"drain_{tool}_{suffix}"] = (
+                    sum(values) / 2 if suffix != "left" else sum(values)
+                )
 
         print(f"push {args.push_tasks} shell tasks from a file", flush=True)
         raw_sends: list[float] = []
@@ -252,20 +288,52 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, float]:
             QueueClient.from_connection_string(connection_string, "bench-raw").create_queue()
             started = time.perf_counter()
             raw = subprocess.run(
-                [sys.executable, "-c", RAW_SENDER, connection_string, "bench-raw",
-                 str(args.push_tasks), message_template()],
-                check=True, capture_output=True, text=True)
+                [
+                    sys.executable,
+                    "-c",
+                    RAW_SENDER,
+                    connection_string,
+                    "bench-raw",
+                    str(args.push_tasks),
+                    message_template(),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             raw_sends.append(float(raw.stdout.strip()))
             return time.perf_counter() - started
 
         step("push_raw_sdk_process", "bench-raw", raw_push)
         results["push_raw_sdk_sends_only_s"] = raw_sends[0]
-        step("push_ai4s", "bench-push-ai4s", lambda: timed(
-            [original, f"{ACCOUNT}/bench-push-ai4s", "push"], env, stdin=push_file,
-            log=work / "push-ai4s.log"))
-        step("push_jobq", "bench-push-jobq", lambda: timed(
-            [*jobq, "--queue", f"{ACCOUNT}/bench-push-jobq", "-v", "push", str(push_file),
-             "--no-progress"], env, log=work / "push-jobq.log"), last=True)
+        step(
+            "push_ai4s",
+            "bench-push-ai4s",
+            lambda: timed(
+                [original, f"{ACCOUNT}/bench-push-ai4s", "push"],
+                env,
+                stdin=push_file,
+                log=work / "push-ai4s.log",
+            ),
+        )
+        step(
+            "push_jobq",
+            "bench-push-jobq",
+            lambda: timed(
+                [
+                    *jobq,
+                    "--queue",
+                    f"{ACCOUNT}/bench-push-jobq",
+                    "-v",
+                    "push",
+                    str(push_file),
+                    "--no-progress",
+                ],
+                env,
+                log=work / "push-jobq.log",
+            ),
+            last=True,
+        )
     return results
 
 
@@ -295,9 +363,11 @@ def report(args: argparse.Namespace, r: dict[str, float]) -> None:
     print(f"push  jobq vs raw-SDK ceiling (process): {ceiling:.0%}  (goal >= 85%)")
     print(f"push  jobq vs ai4s-jobq:                 {push_ratio:.2f}x faster  (goal > 1x)")
     print(f"drain jobq vs ai4s-jobq (means):         {drain_ratio:.2f}x faster  (goal >= 5x)")
-    print(f"messages in queue after push: jobq {r['push_jobq_left']:.0f}, ai4s-jobq "
-          f"{r['push_ai4s_left']:.0f}; left after drain: jobq {r['drain_jobq_left']:.0f}, "
-          f"ai4s-jobq {r['drain_ai4s_left']:.0f}")
+    print(
+        f"messages in queue after push: jobq {r['push_jobq_left']:.0f}, ai4s-jobq "
+        f"{r['push_ai4s_left']:.0f}; left after drain: jobq {r['drain_jobq_left']:.0f}, "
+        f"ai4s-jobq {r['drain_ai4s_left']:.0f}"
+    )
 
 
 def main() -> None:

@@ -168,8 +168,7 @@ class _Side(asyncio.Protocol):
             self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None \
-                and not self.peer.closed:
+        if self.peer is not None and self.peer.transport is not None and not self.peer.closed:
             self.peer.transport.resume_reading()
 
 
@@ -225,8 +224,9 @@ async def calibrate(delay: float, samples: int = 100) -> float:
     return max(0.0, late[len(late) // 2])
 
 
-async def serve(target: tuple[str, int], rtt_ms: float, host: str = "127.0.0.1",
-                port: int = 0) -> None:
+async def serve(
+    target: tuple[str, int], rtt_ms: float, host: str = "127.0.0.1", port: int = 0
+) -> None:
     """Listen on ``host:port`` (0: a free port), print ``PORT n`` and forward to ``target``
     with RTT/2 each way, until SIGTERM or stdin closes; then print ``STATS``."""
     loop = asyncio.get_running_loop()
@@ -246,9 +246,11 @@ async def serve(target: tuple[str, int], rtt_ms: float, host: str = "127.0.0.1",
     await stop.wait()
     server.close()  # open connections die with the process
     mean = _Stats.total / _Stats.chunks if _Stats.chunks else 0.0
-    print(f"STATS chunks={_Stats.chunks} mean_one_way_ms={mean * 1e3:.3f} "
-          f"max_one_way_ms={_Stats.worst * 1e3:.3f} timer_early_ms={(delay - wait) * 1e3:.3f}",
-          flush=True)
+    print(
+        f"STATS chunks={_Stats.chunks} mean_one_way_ms={mean * 1e3:.3f} "
+        f"max_one_way_ms={_Stats.worst * 1e3:.3f} timer_early_ms={(delay - wait) * 1e3:.3f}",
+        flush=True,
+    )
 
 
 def run(target: tuple[str, int], rtt_ms: float) -> None:
@@ -263,9 +265,9 @@ def run(target: tuple[str, int], rtt_ms: float) -> None:
 class LatencyProxy:
     """The proxy as a child process::
 
-        with LatencyProxy(host, port, rtt_ms) as proxy:
-            ...  # connect to 127.0.0.1:proxy.port
-        proxy.stats  # {"chunks": ..., "mean_one_way_ms": ..., ...}: what it achieved
+    with LatencyProxy(host, port, rtt_ms) as proxy:
+        ...  # connect to 127.0.0.1:proxy.port
+    proxy.stats  # {"chunks": ..., "mean_one_way_ms": ..., ...}: what it achieved
     """
 
     def __init__(self, target_host: str, target_port: int, rtt_ms: float) -> None:
@@ -279,7 +281,9 @@ class LatencyProxy:
         host, port = self.target
         self._proc = subprocess.Popen(
             [sys.executable, __file__, "--target", f"{host}:{port}", "--rtt-ms", str(self.rtt_ms)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline()
@@ -300,15 +304,20 @@ class LatencyProxy:
             out, _ = proc.communicate()
         for line in out.splitlines():
             if line.startswith("STATS "):
-                self.stats = {k: float(v) for k, v in
-                              (item.split("=", 1) for item in line.split()[1:])}
+                self.stats = {
+                    k: float(v) for k, v in (item.split("=", 1) for item in line.split()[1:])
+                }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", required=True, help="HOST:PORT to forward to")
-    parser.add_argument("--rtt-ms", type=float, required=True,
-                        help="round trip added (each direction is delayed by half)")
+    parser.add_argument(
+        "--rtt-ms",
+        type=float,
+        required=True,
+        help="round trip added (each direction is delayed by half)",
+    )
     args = parser.parse_args()
     host, _, port = args.target.rpartition(":")
     run((host or "127.0.0.1", int(port)), args.rtt_ms)

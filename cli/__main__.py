@@ -1,4 +1,5 @@
 """`python -m cli` runs jobq."""
+
 from .main import main
 
 main()

@@ -11,20 +11,42 @@ import click
 
 
 @click.command("emulator")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Interface to listen on (AMQP and HTTPS share one port).")
-@click.option("--port", type=click.IntRange(0, 65535), default=None,
-              help="Port; default: the last run's port for this data dir, else 5672. "
-                   "0 picks a free port.")
-@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=".jobq-emulator",
-              show_default=True, help="Directory for the message store, SAS key and TLS CA.")
-@click.option("--log-level", default="WARNING", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-@click.option("--aad-trust-key", envvar="AI4S_JOBQ_EMULATOR_AAD_TRUST_KEY", default=None,
-              help="Also accept Azure AD tokens (HS256 JWTs) signed with this key; kept in "
-                   "the data dir once given.  [env var: AI4S_JOBQ_EMULATOR_AAD_TRUST_KEY]")
-def emulator(host: str, port: int | None, data_dir: str, log_level: str,
-             aad_trust_key: str | None) -> None:
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to listen on (AMQP and HTTPS share one port).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Port; default: the last run's port for this data dir, else 5672. 0 picks a free port.",
+)
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(file_okay=False),
+    default=".jobq-emulator",
+    show_default=True,
+    help="Directory for the message store, SAS key and TLS CA.",
+)
+@click.option(
+    "--log-level",
+    default="WARNING",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+@click.option(
+    "--aad-trust-key",
+    envvar="AI4S_JOBQ_EMULATOR_AAD_TRUST_KEY",
+    default=None,
+    help="Also accept Azure AD tokens (HS256 JWTs) signed with this key; kept in "
+    "the data dir once given.  [env var: AI4S_JOBQ_EMULATOR_AAD_TRUST_KEY]",
+)
+def emulator(
+    host: str, port: int | None, data_dir: str, log_level: str, aad_trust_key: str | None
+) -> None:
     """Run a local Azure Service Bus emulator (AMQP + management HTTPS)."""
     import logging
 
@@ -43,8 +65,11 @@ def emulator(host: str, port: int | None, data_dir: str, log_level: str,
         sb_host, sb_port = emulator_endpoint(connection_string)
         ca = ca_path_for(sb_host, sb_port)
         click.echo(f"# AMQP and management HTTPS on the same port; admin-client CA: {ca}", err=True)
-        click.echo(f"# Azure AD: JOBQ_SERVICEBUS_ENDPOINT=sb://{sb_host}:{sb_port} "
-                   f"JOBQ_SERVICEBUS_CA={ca} (see docs/emulator.md)", err=True)
+        click.echo(
+            f"# Azure AD: JOBQ_SERVICEBUS_ENDPOINT=sb://{sb_host}:{sb_port} "
+            f"JOBQ_SERVICEBUS_CA={ca} (see docs/emulator.md)",
+            err=True,
+        )
         click.echo("# Ctrl-C to stop", err=True)
 
     try:

@@ -75,57 +75,117 @@ def _open(ctx: click.Context, **options: Any) -> Any:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--queue", "-q", envvar="JOBQ_QUEUE", metavar="SPEC",
-              help="local://NAME (default local://default), sb://NAMESPACE/QUEUE or "
-                   "ACCOUNT/QUEUE. Env: JOBQ_QUEUE.")
-@click.option("--conn-str", envvar="JOBQ_CONNECTION_STRING", metavar="CS",
-              help="Connection string (Service Bus or Storage). Env: JOBQ_CONNECTION_STRING.")
+@click.option(
+    "--queue",
+    "-q",
+    envvar="JOBQ_QUEUE",
+    metavar="SPEC",
+    help="local://NAME (default local://default), sb://NAMESPACE/QUEUE or "
+    "ACCOUNT/QUEUE. Env: JOBQ_QUEUE.",
+)
+@click.option(
+    "--conn-str",
+    envvar="JOBQ_CONNECTION_STRING",
+    metavar="CS",
+    help="Connection string (Service Bus or Storage). Env: JOBQ_CONNECTION_STRING.",
+)
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.option("--quiet", is_flag=True, help="Only errors.")
 @click.version_option(package_name="ai4s_jobq")
 @click.pass_context
-def cli(ctx: click.Context, queue: str | None, conn_str: str | None, verbose: int,
-        quiet: bool) -> None:
+def cli(
+    ctx: click.Context, queue: str | None, conn_str: str | None, verbose: int, quiet: bool
+) -> None:
     """Push tasks with deterministic, deduplicating IDs and run workers that drain them."""
-    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO
-                                         if verbose else logging.WARNING)
+    level = (
+        logging.ERROR
+        if quiet
+        else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    )
     ctx.ensure_object(dict)
     ctx.meta["log_level_explicit"] = quiet or verbose > 0
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("azure", "uamqp", "proton"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     ctx.obj = Settings(queue, conn_str)
 
 
 @cli.command()
-@click.option("-c", "--cmd", "commands", multiple=True, metavar="CMD",
-              help="A shell command to push (repeatable). Without -c, tasks are read "
-                   "from FILE or stdin, one per line.")
+@click.option(
+    "-c",
+    "--cmd",
+    "commands",
+    multiple=True,
+    metavar="CMD",
+    help="A shell command to push (repeatable). Without -c, tasks are read "
+    "from FILE or stdin, one per line.",
+)
 @click.argument("file", type=click.File("r", encoding="utf-8"), required=False)
-@click.option("--num-retries", type=click.IntRange(min=0), default=None,
-              help="Retries after the first attempt (default 2).")
-@click.option("--dedup-window", callback=_duration("d"), metavar="W",
-              help="Duplicate-detection window for a new queue: days (7) or 12h, 30m, 2d. "
-                   "Default 7 days. Env: JOBQ_DEDUP_WINDOW.")
-@click.option("-e", "--env", "env_pairs", multiple=True, metavar="KEY=VALUE",
-              help="Environment variable for shell tasks (repeatable; part of the ID).")
-@click.option("--format", "line_format", type=click.Choice(["auto", "shell", "json"]),
-              default="auto", show_default=True,
-              help="How to read lines: auto (a line starting with '{' is a JSON object of "
-                   "arguments, any other line a shell command), shell, or json.")
+@click.option(
+    "--num-retries",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Retries after the first attempt (default 2).",
+)
+@click.option(
+    "--dedup-window",
+    callback=_duration("d"),
+    metavar="W",
+    help="Duplicate-detection window for a new queue: days (7) or 12h, 30m, 2d. "
+    "Default 7 days. Env: JOBQ_DEDUP_WINDOW.",
+)
+@click.option(
+    "-e",
+    "--env",
+    "env_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Environment variable for shell tasks (repeatable; part of the ID).",
+)
+@click.option(
+    "--format",
+    "line_format",
+    type=click.Choice(["auto", "shell", "json"]),
+    default="auto",
+    show_default=True,
+    help="How to read lines: auto (a line starting with '{' is a JSON object of "
+    "arguments, any other line a shell command), shell, or json.",
+)
 @click.option("--dedup-keys", metavar="K1,K2", help="Compute IDs from only these arguments.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON result per task and a JSON summary on stdout.")
-@click.option("--progress/--no-progress", default=None,
-              help="Progress bar (default: when stderr is a terminal).")
-@click.option("--lock-duration", callback=_duration("s"), metavar="D", hidden=False,
-              help="Lock duration for a new queue (default 5m).")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON result per task and a JSON summary on stdout.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bar (default: when stderr is a terminal).",
+)
+@click.option(
+    "--lock-duration",
+    callback=_duration("s"),
+    metavar="D",
+    hidden=False,
+    help="Lock duration for a new queue (default 5m).",
+)
 @click.pass_context
-def push(ctx: click.Context, commands: tuple[str, ...], file: Any, num_retries: int | None,
-         dedup_window: timedelta | None, env_pairs: tuple[str, ...], line_format: str,
-         dedup_keys: str | None, as_json: bool, progress: bool | None,
-         lock_duration: timedelta | None) -> None:
+def push(
+    ctx: click.Context,
+    commands: tuple[str, ...],
+    file: Any,
+    num_retries: int | None,
+    dedup_window: timedelta | None,
+    env_pairs: tuple[str, ...],
+    line_format: str,
+    dedup_keys: str | None,
+    as_json: bool,
+    progress: bool | None,
+    lock_duration: timedelta | None,
+) -> None:
     """Push tasks. Blank lines are ignored; a malformed line is reported with its line
     number and not pushed, every other line is pushed; the exit code is then 1.
     Re-running the same input is safe: duplicates are dropped."""
@@ -144,9 +204,15 @@ def push(ctx: click.Context, commands: tuple[str, ...], file: Any, num_retries: 
 
     async def main() -> int:
         async with _open(ctx, dedup_window=dedup_window, lock_duration=lock_duration) as q:
-            return await run_push(q, tasks, num_retries=num_retries, dedup_keys=keys,
-                                  as_json=as_json, show_progress=show_progress,
-                                  print_ids=bool(commands))
+            return await run_push(
+                q,
+                tasks,
+                num_retries=num_retries,
+                dedup_keys=keys,
+                as_json=as_json,
+                show_progress=show_progress,
+                print_ids=bool(commands),
+            )
 
     sys.exit(run(main()))
 
@@ -163,11 +229,19 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
 
 def _worker_options(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--proc", metavar="MODULE:FUNCTION",
-                     help="Python callable to run tasks (default: shell tasks)."),
-        click.option("--grace-period", callback=_duration("s"), default="30s",
-                     show_default=True, metavar="D",
-                     help="On SIGTERM/SIGINT, how long running tasks may finish."),
+        click.option(
+            "--proc",
+            metavar="MODULE:FUNCTION",
+            help="Python callable to run tasks (default: shell tasks).",
+        ),
+        click.option(
+            "--grace-period",
+            callback=_duration("s"),
+            default="30s",
+            show_default=True,
+            metavar="D",
+            help="On SIGTERM/SIGINT, how long running tasks may finish.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -191,19 +265,44 @@ def _run_worker(ctx: click.Context, proc: str | None, policy: WorkerPolicy) -> i
 
 
 @cli.command()
-@click.option("-n", "--slots", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Tasks run concurrently.")
-@click.option("--idle-timeout", callback=_duration("s"), default="5s", show_default=True,
-              metavar="D", help="Exit after the queue stays empty this long (0 = never).")
-@click.option("--time-limit", callback=_duration("s"), metavar="D",
-              help="Stop taking new tasks after this long (running ones finish).")
-@click.option("--max-consecutive-failures", type=click.IntRange(min=1),
-              help="Exit (code 3) after this many failed tasks in a row.")
+@click.option(
+    "-n",
+    "--slots",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Tasks run concurrently.",
+)
+@click.option(
+    "--idle-timeout",
+    callback=_duration("s"),
+    default="5s",
+    show_default=True,
+    metavar="D",
+    help="Exit after the queue stays empty this long (0 = never).",
+)
+@click.option(
+    "--time-limit",
+    callback=_duration("s"),
+    metavar="D",
+    help="Stop taking new tasks after this long (running ones finish).",
+)
+@click.option(
+    "--max-consecutive-failures",
+    type=click.IntRange(min=1),
+    help="Exit (code 3) after this many failed tasks in a row.",
+)
 @_worker_options
 @click.pass_context
-def worker(ctx: click.Context, slots: int, idle_timeout: timedelta,
-           time_limit: timedelta | None, max_consecutive_failures: int | None,
-           proc: str | None, grace_period: timedelta) -> None:
+def worker(
+    ctx: click.Context,
+    slots: int,
+    idle_timeout: timedelta,
+    time_limit: timedelta | None,
+    max_consecutive_failures: int | None,
+    proc: str | None,
+    grace_period: timedelta,
+) -> None:
     """Run tasks from the queue until it stays empty (or a limit is hit)."""
     policy = WorkerPolicy(
         slots=slots,
@@ -216,15 +315,24 @@ def worker(ctx: click.Context, slots: int, idle_timeout: timedelta,
 
 
 @cli.command()
-@click.option("--wait", callback=_duration("s"), default="5s", show_default=True, metavar="D",
-              help="How long to wait for a task.")
+@click.option(
+    "--wait",
+    callback=_duration("s"),
+    default="5s",
+    show_default=True,
+    metavar="D",
+    help="How long to wait for a task.",
+)
 @_worker_options
 @click.pass_context
-def pull(ctx: click.Context, wait: timedelta, proc: str | None,
-         grace_period: timedelta) -> None:
+def pull(ctx: click.Context, wait: timedelta, proc: str | None, grace_period: timedelta) -> None:
     """Run exactly one task (exit 0 if it succeeded or none came, 1 if it failed)."""
-    policy = WorkerPolicy(slots=1, max_tasks=1, idle_timeout=max(wait.total_seconds(), 0.001),
-                          grace_period=grace_period.total_seconds())
+    policy = WorkerPolicy(
+        slots=1,
+        max_tasks=1,
+        idle_timeout=max(wait.total_seconds(), 0.001),
+        grace_period=grace_period.total_seconds(),
+    )
     sys.exit(_run_worker(ctx, proc, policy))
 
 
@@ -294,8 +402,13 @@ def _confirm(yes: bool, what: str) -> None:
 @click.option("-e", "--env", "env_pairs", multiple=True, metavar="KEY=VALUE")
 @click.option("--dedup-keys", metavar="K1,K2")
 @click.option("--json", "as_json", is_flag=True)
-def id_command(task: str | None, cmd: str | None, env_pairs: tuple[str, ...],
-               dedup_keys: str | None, as_json: bool) -> None:
+def id_command(
+    task: str | None,
+    cmd: str | None,
+    env_pairs: tuple[str, ...],
+    dedup_keys: str | None,
+    as_json: bool,
+) -> None:
     """Show the canonical form and the ID a task would get (JSON object or shell command)."""
     text = cmd if cmd is not None else task
     if text is None:
@@ -303,13 +416,15 @@ def id_command(task: str | None, cmd: str | None, env_pairs: tuple[str, ...],
     try:
         args: Any = json.loads(text) if cmd is None and text.lstrip().startswith("{") else text
         keys = [k.strip() for k in dedup_keys.split(",")] if dedup_keys else None
-        identified = identify(task_args(args, _parse_env(env_pairs) or None), dedup_keys=keys,
-                              deterministic=True)
+        identified = identify(
+            task_args(args, _parse_env(env_pairs) or None), dedup_keys=keys, deterministic=True
+        )
     except (json.JSONDecodeError, TaskEncodingError, ValueError, TypeError) as exc:
         raise click.UsageError(str(exc)) from None
     if as_json:
-        click.echo(json.dumps({"id": identified.id, "hashed": identified.hashed,
-                               "args": identified.args}))
+        click.echo(
+            json.dumps({"id": identified.id, "hashed": identified.hashed, "args": identified.args})
+        )
     else:
         click.echo(f"hashed: {identified.hashed}")
         click.echo(f"id:     {identified.id}")
@@ -320,11 +435,14 @@ def id_command(task: str | None, cmd: str | None, env_pairs: tuple[str, ...],
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--strict", is_flag=True, help="Exit 1 when a warning is found.")
-@click.option("--dedup-window", callback=_duration("d"), metavar="W",
-              help="The window you expect the queue to have.")
+@click.option(
+    "--dedup-window",
+    callback=_duration("d"),
+    metavar="W",
+    help="The window you expect the queue to have.",
+)
 @click.pass_context
-def check(ctx: click.Context, as_json: bool, strict: bool,
-          dedup_window: timedelta | None) -> None:
+def check(ctx: click.Context, as_json: bool, strict: bool, dedup_window: timedelta | None) -> None:
     """Report whether the queue's deduplication matches JOBQ_DETERMINISTIC_IDS."""
 
     async def main() -> Any:
@@ -333,8 +451,14 @@ def check(ctx: click.Context, as_json: bool, strict: bool,
 
     findings = run(main())
     if as_json:
-        click.echo(json.dumps({"findings": [f.as_dict() for f in findings],
-                               "consistent": not any(f.level == "warning" for f in findings)}))
+        click.echo(
+            json.dumps(
+                {
+                    "findings": [f.as_dict() for f in findings],
+                    "consistent": not any(f.level == "warning" for f in findings),
+                }
+            )
+        )
     else:
         for finding in findings:
             click.echo(f"{finding.level.upper():8} {finding.message}")
@@ -355,8 +479,10 @@ def _register_optional() -> None:
     import importlib
     import importlib.util
 
-    for module_name, command_name in ((f"{__package__}.emulator_cmd", "emulator"),
-                                      (f"{__package__}.migrate", "migrate")):
+    for module_name, command_name in (
+        (f"{__package__}.emulator_cmd", "emulator"),
+        (f"{__package__}.migrate", "migrate"),
+    ):
         if importlib.util.find_spec(module_name) is not None:
             cli.add_command(getattr(importlib.import_module(module_name), command_name))
 

@@ -28,29 +28,34 @@ class BadLine(ValueError):
     """Stands in for a line that could not be read as a task."""
 
 
-def read_tasks(lines: Iterable[tuple[int, str]], line_format: str,
-               env: Mapping[str, str]) -> Iterator[Any]:
+def read_tasks(
+    lines: Iterable[tuple[int, str]], line_format: str, env: Mapping[str, str]
+) -> Iterator[Any]:
     """Yield one task per non-blank line: a shell command string, an arguments dict,
     or a :class:`BadLine` carrying the line number and what is wrong."""
     for number, raw in lines:
         line = raw.rstrip("\r\n")
         if not line.strip():
             continue
-        is_json = line_format == "json" or (line_format == "auto"
-                                            and line.lstrip().startswith("{"))
+        is_json = line_format == "json" or (line_format == "auto" and line.lstrip().startswith("{"))
         if not is_json:
             yield _Numbered(number, {"cmd": line, **({"env": dict(env)} if env else {})})
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            yield _Numbered(number, BadLine(f"line {number}: not valid JSON ({exc.msg} at "
-                                            f"column {exc.colno})"))
+            yield _Numbered(
+                number, BadLine(f"line {number}: not valid JSON ({exc.msg} at column {exc.colno})")
+            )
             continue
         if not isinstance(value, dict):
-            yield _Numbered(number, BadLine(
-                f"line {number}: a JSON task must be an object of arguments, "
-                f"not {type(value).__name__}"))
+            yield _Numbered(
+                number,
+                BadLine(
+                    f"line {number}: a JSON task must be an object of arguments, "
+                    f"not {type(value).__name__}"
+                ),
+            )
             continue
         yield _Numbered(number, value)
 
@@ -68,9 +73,16 @@ class _Counter:
         self.pushed = self.duplicates = self.unknown = self.failed = 0
 
 
-async def run_push(q: JobQ, tasks: Iterator[Any], *, num_retries: int | None,
-                   dedup_keys: list[str] | None, as_json: bool, show_progress: bool,
-                   print_ids: bool) -> int:
+async def run_push(
+    q: JobQ,
+    tasks: Iterator[Any],
+    *,
+    num_retries: int | None,
+    dedup_keys: list[str] | None,
+    as_json: bool,
+    show_progress: bool,
+    print_ids: bool,
+) -> int:
     line_numbers: dict[int, int] = {}
     counter = _Counter()
     errors_shown = 0
@@ -103,8 +115,16 @@ async def run_push(q: JobQ, tasks: Iterator[Any], *, num_retries: int | None,
                 counter.unknown += 1
                 status = "accepted"
         if as_json:
-            click.echo(json.dumps({"line": number, "id": task_id, "status": status,
-                                   **({"error": error} if error else {})}))
+            click.echo(
+                json.dumps(
+                    {
+                        "line": number,
+                        "id": task_id,
+                        "status": status,
+                        **({"error": error} if error else {}),
+                    }
+                )
+            )
         elif print_ids and task_id:
             click.echo(f"{task_id}\t{status}")
         if progress is not None:
@@ -113,25 +133,34 @@ async def run_push(q: JobQ, tasks: Iterator[Any], *, num_retries: int | None,
     progress = _Progress() if show_progress else None
     started = time.monotonic()
     try:
-        await q.push_many(values(), num_retries=num_retries,
-                          dedup_keys=dedup_keys, on_result=on_result)
+        await q.push_many(
+            values(), num_retries=num_retries, dedup_keys=dedup_keys, on_result=on_result
+        )
     finally:
         if progress is not None:
             progress.stop(counter)
     elapsed = time.monotonic() - started
     if counter.failed > errors_shown and not as_json:
-        click.echo(f"error: ... and {counter.failed - errors_shown} more rejected line(s)",
-                   err=True)
-    summary = {"pushed": counter.pushed, "duplicates": counter.duplicates,
-               "accepted_unknown": counter.unknown, "failed": counter.failed,
-               "seconds": round(elapsed, 3)}
+        click.echo(
+            f"error: ... and {counter.failed - errors_shown} more rejected line(s)", err=True
+        )
+    summary = {
+        "pushed": counter.pushed,
+        "duplicates": counter.duplicates,
+        "accepted_unknown": counter.unknown,
+        "failed": counter.failed,
+        "seconds": round(elapsed, 3),
+    }
     if as_json:
         click.echo(json.dumps({"summary": summary}))
     else:
         unknown = f", {counter.unknown} accepted" if counter.unknown else ""
-        click.echo(f"pushed {counter.pushed} new task(s), dropped {counter.duplicates} "
-                   f"duplicate(s){unknown}, rejected {counter.failed} in {elapsed:.2f}s "
-                   f"to {q.backend.description}", err=True)
+        click.echo(
+            f"pushed {counter.pushed} new task(s), dropped {counter.duplicates} "
+            f"duplicate(s){unknown}, rejected {counter.failed} in {elapsed:.2f}s "
+            f"to {q.backend.description}",
+            err=True,
+        )
     return 1 if counter.failed else 0
 
 
@@ -143,8 +172,13 @@ class _Progress:
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-            console=Console(file=sys.stderr), transient=False, refresh_per_second=5)
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=Console(file=sys.stderr),
+            transient=False,
+            refresh_per_second=5,
+        )
         self._task = self._progress.add_task("pushing", total=None)
         self._progress.start()
         self._last = 0.0
@@ -160,7 +194,8 @@ class _Progress:
         self._progress.update(
             self._task,
             description=f"pushed {counter.pushed}  duplicates {counter.duplicates}  "
-                        f"rejected {counter.failed}")
+            f"rejected {counter.failed}",
+        )
 
     def stop(self, counter: _Counter) -> None:
         self._render(counter)

@@ -75,15 +75,29 @@ FAKE_TENANT = "72f988bf-0000-4000-8000-00000000fa4e"
 #: Variables that would let some other credential of ``DefaultAzureCredential``
 #: (or another managed-identity source) answer before / instead of the fake.
 CREDENTIAL_ENV_VARS = (
-    "AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET",
-    "AZURE_CLIENT_CERTIFICATE_PATH", "AZURE_CLIENT_CERTIFICATE_PASSWORD",
-    "AZURE_CLIENT_SEND_CERTIFICATE_CHAIN", "AZURE_USERNAME", "AZURE_PASSWORD",
-    "AZURE_FEDERATED_TOKEN_FILE", "AZURE_AUTHORITY_HOST", "AZURE_TOKEN_CREDENTIALS",
-    "AZURE_POD_IDENTITY_AUTHORITY_HOST", "AZURE_REGIONAL_AUTHORITY_NAME",
-    "AZURE_KUBERNETES_TOKEN_PROXY", "AZURE_KUBERNETES_SNI_NAME",
-    "AZURE_KUBERNETES_CA_FILE", "AZURE_KUBERNETES_CA_DATA",
-    "MSI_ENDPOINT", "MSI_SECRET", "IDENTITY_SERVER_THUMBPRINT", "IMDS_ENDPOINT",
-    "IDENTITY_ENDPOINT", "IDENTITY_HEADER",
+    "AZURE_CLIENT_ID",
+    "AZURE_TENANT_ID",
+    "AZURE_CLIENT_SECRET",
+    "AZURE_CLIENT_CERTIFICATE_PATH",
+    "AZURE_CLIENT_CERTIFICATE_PASSWORD",
+    "AZURE_CLIENT_SEND_CERTIFICATE_CHAIN",
+    "AZURE_USERNAME",
+    "AZURE_PASSWORD",
+    "AZURE_FEDERATED_TOKEN_FILE",
+    "AZURE_AUTHORITY_HOST",
+    "AZURE_TOKEN_CREDENTIALS",
+    "AZURE_POD_IDENTITY_AUTHORITY_HOST",
+    "AZURE_REGIONAL_AUTHORITY_NAME",
+    "AZURE_KUBERNETES_TOKEN_PROXY",
+    "AZURE_KUBERNETES_SNI_NAME",
+    "AZURE_KUBERNETES_CA_FILE",
+    "AZURE_KUBERNETES_CA_DATA",
+    "MSI_ENDPOINT",
+    "MSI_SECRET",
+    "IDENTITY_SERVER_THUMBPRINT",
+    "IMDS_ENDPOINT",
+    "IDENTITY_ENDPOINT",
+    "IDENTITY_HEADER",
 )
 
 TokenMode = Literal["valid", "wrong_key", "expired", "wrong_audience"]
@@ -151,8 +165,9 @@ class FakeTokenEndpoint:
     def start(self) -> FakeTokenEndpoint:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        name="fake-aad-endpoint", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="fake-aad-endpoint", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -202,8 +217,12 @@ class FakeTokenEndpoint:
     def env(self) -> dict[str, str]:
         """The variables a child process needs to use this endpoint (combine with
         :func:`scrubbed_environ` so nothing else in the chain answers first)."""
-        return {"IDENTITY_ENDPOINT": self.url, "IDENTITY_HEADER": self.identity_header,
-                "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+        return {
+            "IDENTITY_ENDPOINT": self.url,
+            "IDENTITY_HEADER": self.identity_header,
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+        }
 
     # ------------------------------------------------------------------ minting
 
@@ -212,9 +231,16 @@ class FakeTokenEndpoint:
         now_s = int(time.time() if now is None else now)
         expires_on = now_s + self.lifetime
         claims = {
-            "aud": resource, "iss": self.issuer, "iat": now_s, "nbf": now_s,
-            "exp": expires_on, "oid": self.object_id, "sub": self.object_id,
-            "tid": FAKE_TENANT, "appid": self.client_id, "idtyp": "app",
+            "aud": resource,
+            "iss": self.issuer,
+            "iat": now_s,
+            "nbf": now_s,
+            "exp": expires_on,
+            "oid": self.object_id,
+            "sub": self.object_id,
+            "tid": FAKE_TENANT,
+            "appid": self.client_id,
+            "idtyp": "app",
         }
         key = self.signing_key
         if self.mode == "wrong_key":
@@ -234,13 +260,22 @@ class FakeTokenEndpoint:
         if not header_ok:
             status, body = 401, {"statusCode": 401, "message": "missing or wrong X-IDENTITY-HEADER"}
         elif api_version != APP_SERVICE_API_VERSION or not resource:
-            status, body = 400, {"statusCode": 400,
-                                 "message": "api-version 2019-08-01 and resource are required"}
+            status, body = (
+                400,
+                {"statusCode": 400, "message": "api-version 2019-08-01 and resource are required"},
+            )
         else:
             token, expires_on = self.mint(resource)
-            status, body = 200, {"access_token": token, "expires_on": str(expires_on),
-                                 "resource": resource, "token_type": "Bearer",
-                                 "client_id": self.client_id}
+            status, body = (
+                200,
+                {
+                    "access_token": token,
+                    "expires_on": str(expires_on),
+                    "resource": resource,
+                    "token_type": "Bearer",
+                    "client_id": self.client_id,
+                },
+            )
             with self._lock:
                 self.issued.append(token)
         with self._lock:
@@ -257,8 +292,9 @@ def _handler_for(endpoint: FakeTokenEndpoint) -> type[BaseHTTPRequestHandler]:
             if parsed.path != TOKEN_PATH:
                 status, body = 404, {"statusCode": 404, "message": "not found"}
             else:
-                status, body = endpoint._answer(parse_qs(parsed.query),
-                                                self.headers.get(IDENTITY_HEADER_NAME))
+                status, body = endpoint._answer(
+                    parse_qs(parsed.query), self.headers.get(IDENTITY_HEADER_NAME)
+                )
             data = json.dumps(body).encode("utf-8")
             self.send_response(status)
             self.send_header("Content-Type", "application/json; charset=utf-8")

@@ -43,9 +43,14 @@ ACCOUNT_KEY = (
 EXTERNAL_ENV = "JOBQ_AZURITE_CONNECTION_STRING"
 
 
-def connection_string(queue_port: int, table_port: int, blob_port: int,
-                      key: str = ACCOUNT_KEY, host: str = "127.0.0.1",
-                      scheme: str = "http") -> str:
+def connection_string(
+    queue_port: int,
+    table_port: int,
+    blob_port: int,
+    key: str = ACCOUNT_KEY,
+    host: str = "127.0.0.1",
+    scheme: str = "http",
+) -> str:
     return (
         f"DefaultEndpointsProtocol={scheme};AccountName={ACCOUNT};AccountKey={key};"
         f"QueueEndpoint={scheme}://{host}:{queue_port}/{ACCOUNT};"
@@ -64,8 +69,9 @@ class Azurite:
     scheme: str = "http"  # "https" when started with a certificate (OAuth)
 
     def connection_string_with_key(self, key: str) -> str:
-        return connection_string(self.queue_port, self.table_port, self.blob_port, key,
-                                 self.host, self.scheme)
+        return connection_string(
+            self.queue_port, self.table_port, self.blob_port, key, self.host, self.scheme
+        )
 
     def service_url(self, service: str) -> str:
         """``https://127.0.0.1:PORT/devstoreaccount1`` (path-style) for "queue"/"table"."""
@@ -85,20 +91,28 @@ def install_azurite() -> Path:
         return AZURITE_BIN
     npm = shutil.which("npm")
     if npm is None:
-        pytest.fail("the Storage Queue tests need Node.js and npm to install Azurite "
-                    "(package.json pins it); install Node 18+ and rerun")
+        pytest.fail(
+            "the Storage Queue tests need Node.js and npm to install Azurite "
+            "(package.json pins it); install Node 18+ and rerun"
+        )
     result = subprocess.run(
         [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if result.returncode != 0 or not AZURITE_BIN.exists():
-        pytest.fail(f"`npm ci` failed to install Azurite (exit {result.returncode}):\n"
-                    f"{result.stderr[-3000:]}")
+        pytest.fail(
+            f"`npm ci` failed to install Azurite (exit {result.returncode}):\n"
+            f"{result.stderr[-3000:]}"
+        )
     return AZURITE_BIN
 
 
-def _wait_for_ports(process: subprocess.Popen, ports: list[int], log: Path,
-                    timeout: float = 60.0) -> None:
+def _wait_for_ports(
+    process: subprocess.Popen, ports: list[int], log: Path, timeout: float = 60.0
+) -> None:
     deadline = time.monotonic() + timeout
     pending = list(ports)
     while pending:
@@ -106,8 +120,10 @@ def _wait_for_ports(process: subprocess.Popen, ports: list[int], log: Path,
             pytest.fail(f"Azurite exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
             process.kill()
-            pytest.fail(f"Azurite did not listen on {pending} within {timeout:.0f} s:\n"
-                        f"{log.read_text()[-3000:]}")
+            pytest.fail(
+                f"Azurite did not listen on {pending} within {timeout:.0f} s:\n"
+                f"{log.read_text()[-3000:]}"
+            )
         try:
             with socket.create_connection(("127.0.0.1", pending[0]), timeout=0.5):
                 pending.pop(0)
@@ -115,8 +131,9 @@ def _wait_for_ports(process: subprocess.Popen, ports: list[int], log: Path,
             time.sleep(0.1)
 
 
-def start_azurite(workdir: Path, *, oauth_cert: tuple[Path, Path] | None = None,
-                  debug_log: Path | None = None) -> tuple[subprocess.Popen, Azurite, Path]:
+def start_azurite(
+    workdir: Path, *, oauth_cert: tuple[Path, Path] | None = None, debug_log: Path | None = None
+) -> tuple[subprocess.Popen, Azurite, Path]:
     """Start Azurite on free 127.0.0.1 ports, in memory.
 
     ``oauth_cert=(cert.pem, key.pem)`` serves HTTPS with that certificate and
@@ -129,23 +146,42 @@ def start_azurite(workdir: Path, *, oauth_cert: tuple[Path, Path] | None = None,
     queue_port, table_port, blob_port = free_port(), free_port(), free_port()
     log = workdir / "azurite.log"
     command = [
-        str(binary), "--silent", "--inMemoryPersistence", "--skipApiVersionCheck", "--loose",
+        str(binary),
+        "--silent",
+        "--inMemoryPersistence",
+        "--skipApiVersionCheck",
+        "--loose",
         "--disableTelemetry",  # no phoning home from tests (and CI has no internet)
-        "--queueHost", "127.0.0.1", "--queuePort", str(queue_port),
-        "--tableHost", "127.0.0.1", "--tablePort", str(table_port),
-        "--blobHost", "127.0.0.1", "--blobPort", str(blob_port),
+        "--queueHost",
+        "127.0.0.1",
+        "--queuePort",
+        str(queue_port),
+        "--tableHost",
+        "127.0.0.1",
+        "--tablePort",
+        str(table_port),
+        "--blobHost",
+        "127.0.0.1",
+        "--blobPort",
+        str(blob_port),
     ]
     if oauth_cert is not None:
         command += ["--oauth", "basic", "--cert", str(oauth_cert[0]), "--key", str(oauth_cert[1])]
     if debug_log is not None:
         command += ["--debug", str(debug_log)]
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     _wait_for_ports(process, [queue_port, table_port, blob_port], log)
     scheme = "https" if oauth_cert is not None else "http"
-    emulator = Azurite(connection_string(queue_port, table_port, blob_port, scheme=scheme),
-                       queue_port, table_port, blob_port, scheme=scheme)
+    emulator = Azurite(
+        connection_string(queue_port, table_port, blob_port, scheme=scheme),
+        queue_port,
+        table_port,
+        blob_port,
+        scheme=scheme,
+    )
     return process, emulator, log
 
 
@@ -165,8 +201,7 @@ def _external(connection: str) -> Azurite:
     def port(key: str) -> int:
         return int(parts.get(key, "http://127.0.0.1:0/").split(":")[2].split("/")[0])
 
-    return Azurite(connection, port("QueueEndpoint"), port("TableEndpoint"),
-                   port("BlobEndpoint"))
+    return Azurite(connection, port("QueueEndpoint"), port("TableEndpoint"), port("BlobEndpoint"))
 
 
 @pytest.fixture(scope="session")
@@ -207,20 +242,30 @@ def open_backend(azurite, storage_queue_name) -> OpenBackend:
     """``async with open_backend(lock=2, window=...) as b`` — the test's queue, created."""
 
     @asynccontextmanager
-    async def opener(*, lock: float = 30, window: timedelta | None = timedelta(days=7),
-                     max_delivery: int = 2000, create: bool = True,
-                     connection_string: str | None = None) -> AsyncIterator[StorageQueueBackend]:
+    async def opener(
+        *,
+        lock: float = 30,
+        window: timedelta | None = timedelta(days=7),
+        max_delivery: int = 2000,
+        create: bool = True,
+        connection_string: str | None = None,
+    ) -> AsyncIterator[StorageQueueBackend]:
         backend = StorageQueueBackend.from_spec(
-            None, storage_queue_name, connection_string or azurite.connection_string,
-            dedup_window=None)
+            None,
+            storage_queue_name,
+            connection_string or azurite.connection_string,
+            dedup_window=None,
+        )
         async with backend:
             if create:
-                await backend.ensure_queue(QueueSettings(
-                    dedup_window=window or timedelta(0),
-                    duplicate_detection=window is not None,
-                    lock_duration=timedelta(seconds=lock),
-                    max_delivery_count=max_delivery,
-                ))
+                await backend.ensure_queue(
+                    QueueSettings(
+                        dedup_window=window or timedelta(0),
+                        duplicate_detection=window is not None,
+                        lock_duration=timedelta(seconds=lock),
+                        max_delivery_count=max_delivery,
+                    )
+                )
             yield backend
 
     return opener

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 pytest_plugins = [
-    name for name in ("emulator_fixtures", "azurite_fixtures")
+    name
+    for name in ("emulator_fixtures", "azurite_fixtures")
     if (Path(__file__).parent / f"{name}.py").exists()
 ]
 
@@ -31,17 +32,28 @@ def local_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return directory
 
 
-def jobq_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None,
-             timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess[str]:
+def jobq_cli(
+    *args: str,
+    input: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    check: bool = False,
+) -> subprocess.CompletedProcess[str]:
     """Run the real ``jobq`` console entry point in a subprocess."""
     full_env = {**os.environ, **(env or {})}
     result = subprocess.run(
-        [sys.executable, "-m", "ai4s_jobq_cli", *args], input=input, capture_output=True, text=True,
-        env=full_env, timeout=timeout, cwd=ROOT,
+        [sys.executable, "-m", "ai4s_jobq_cli", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=ROOT,
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"jobq {' '.join(args)} exited {result.returncode}:\n"
-                             f"{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"jobq {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -67,5 +79,4 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02, what: str
 def worker_env(local_dir: Path) -> dict[str, str]:
     """Environment for subprocess workers that import ``sample_tasks``."""
     tests_dir = str(Path(__file__).resolve().parent)
-    return {"JOBQ_LOCAL_DIR": str(local_dir),
-            "PYTHONPATH": os.pathsep.join([tests_dir, str(ROOT)])}
+    return {"JOBQ_LOCAL_DIR": str(local_dir), "PYTHONPATH": os.pathsep.join([tests_dir, str(ROOT)])}

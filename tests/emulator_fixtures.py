@@ -82,8 +82,9 @@ class EmulatorHandle:
         assert self.server is not None
         port = self.server.port
         self.server.stop()
-        self.server = EmulatorServer(self.data_dir, port=port,
-                                     aad_trust_key=self.aad_trust_key).start()
+        self.server = EmulatorServer(
+            self.data_dir, port=port, aad_trust_key=self.aad_trust_key
+        ).start()
 
     # ------------------------------------------------------------------ helpers
 
@@ -95,8 +96,11 @@ class EmulatorHandle:
     def create_queue(self, name: str | None = None, **settings: Any) -> str:
         """Create a queue through the admin client; durations may be given in seconds."""
         name = name or f"q-{uuid.uuid4().hex[:10]}"
-        for key in ("lock_duration", "duplicate_detection_history_time_window",
-                    "default_message_time_to_live"):
+        for key in (
+            "lock_duration",
+            "duplicate_detection_history_time_window",
+            "default_message_time_to_live",
+        ):
             if isinstance(settings.get(key), (int, float)):
                 settings[key] = datetime.timedelta(seconds=settings[key])
         with self.admin() as admin:
@@ -105,8 +109,7 @@ class EmulatorHandle:
 
 
 @contextmanager
-def running_emulator(data_dir: Path, aad_trust_key: str | None = None
-                     ) -> Iterator[EmulatorHandle]:
+def running_emulator(data_dir: Path, aad_trust_key: str | None = None) -> Iterator[EmulatorHandle]:
     """An in-process emulator on a free 127.0.0.1 port, stopped when the block ends."""
     handle = EmulatorHandle(data_dir, aad_trust_key=aad_trust_key)
     handle.server = EmulatorServer(data_dir, port=0, aad_trust_key=aad_trust_key).start()

@@ -36,8 +36,12 @@ def sb_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorPro
 @pytest.fixture
 def sb_cs(sb_process: EmulatorProcess, monkeypatch: pytest.MonkeyPatch) -> str:
     """The session emulator's connection string; the jobq env is cleared."""
-    for name in ("JOBQ_QUEUE", "JOBQ_CONNECTION_STRING", "JOBQ_DETERMINISTIC_IDS",
-                 "JOBQ_DEDUP_WINDOW"):
+    for name in (
+        "JOBQ_QUEUE",
+        "JOBQ_CONNECTION_STRING",
+        "JOBQ_DETERMINISTIC_IDS",
+        "JOBQ_DEDUP_WINDOW",
+    ):
         monkeypatch.delenv(name, raising=False)
     assert sb_process.connection_string
     return sb_process.connection_string
@@ -83,30 +87,55 @@ def run_counts(cs: str, name: str) -> tuple[int, int]:
 def short_lock_queue(cs: str, name: str, lock_seconds: float, **kwargs: Any) -> None:
     """Azure's minimum lock is 5 s and jobq refuses less; tests create shorter locks
     directly with the admin client to keep lock-expiry tests quick."""
-    asyncio.run(create_queue(cs, name, requires_duplicate_detection=True,
-                             duplicate_detection_history_time_window=timedelta(hours=1),
-                             lock_duration=timedelta(seconds=lock_seconds),
-                             max_delivery_count=100, **kwargs))
+    asyncio.run(
+        create_queue(
+            cs,
+            name,
+            requires_duplicate_detection=True,
+            duplicate_detection_history_time_window=timedelta(hours=1),
+            lock_duration=timedelta(seconds=lock_seconds),
+            max_delivery_count=100,
+            **kwargs,
+        )
+    )
 
 
 def sb_env(cs: str, queue: str, **extra: str) -> dict[str, str]:
     tests_dir = str(Path(__file__).resolve().parent)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("JOBQ_") or k == "JOBQ_LOCAL_DIR"}
-    env.update({"JOBQ_CONNECTION_STRING": cs, "JOBQ_QUEUE": spec(queue),
-                "PYTHONPATH": os.pathsep.join([tests_dir, str(ROOT)])})
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("JOBQ_") or k == "JOBQ_LOCAL_DIR"
+    }
+    env.update(
+        {
+            "JOBQ_CONNECTION_STRING": cs,
+            "JOBQ_QUEUE": spec(queue),
+            "PYTHONPATH": os.pathsep.join([tests_dir, str(ROOT)]),
+        }
+    )
     env.update(extra)
     return env
 
 
-def jobq_sb(cs: str, queue: str, *args: str, input: str | None = None,
-            timeout: float = 120, **extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ai4s_jobq_cli", *args], input=input,
-                          capture_output=True, text=True, env=sb_env(cs, queue, **extra),
-                          timeout=timeout, cwd=ROOT)
+def jobq_sb(
+    cs: str, queue: str, *args: str, input: str | None = None, timeout: float = 120, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ai4s_jobq_cli", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        env=sb_env(cs, queue, **extra),
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def start_worker(cs: str, queue: str, *args: str, **extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "ai4s_jobq_cli", "worker", *args],
-                            env=sb_env(cs, queue, **extra), cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ai4s_jobq_cli", "worker", *args],
+        env=sb_env(cs, queue, **extra),
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )

@@ -35,9 +35,15 @@ def clock() -> Clock:
 @pytest.fixture
 def core(tmp_path: Path, clock: Clock) -> BrokerCore:
     broker = BrokerCore(tmp_path / "q.sqlite3", clock=clock)
-    broker.create_queue(QueueProperties(
-        "q", lock_duration=30, requires_duplicate_detection=True,
-        duplicate_detection_window=600, max_delivery_count=3))
+    broker.create_queue(
+        QueueProperties(
+            "q",
+            lock_duration=30,
+            requires_duplicate_detection=True,
+            duplicate_detection_window=600,
+            max_delivery_count=3,
+        )
+    )
     return broker
 
 
@@ -121,14 +127,22 @@ def test_dead_letter_with_reason_and_receive_from_dlq(core):
     core.dead_letter(msg.lock_token, "Boom", "exit code 3")
     (dead,) = core.receive("q", sub_queue=DEAD_LETTER)
     assert (dead.message_id, dead.dead_letter_reason, dead.dead_letter_description) == (
-        "a", "Boom", "exit code 3")
+        "a",
+        "Boom",
+        "exit code 3",
+    )
     core.complete(dead.lock_token)
     assert core.counts("q").dead_letter == 0
 
 
 def test_ttl_and_scheduled_messages(core, clock):
-    core.send("q", [NewMessage("ttl", b"x", time_to_live=10),
-                    NewMessage("later", b"y", scheduled_enqueue_time=clock.now + 100)])
+    core.send(
+        "q",
+        [
+            NewMessage("ttl", b"x", time_to_live=10),
+            NewMessage("later", b"y", scheduled_enqueue_time=clock.now + 100),
+        ],
+    )
     counts = core.counts("q")
     assert (counts.active, counts.scheduled) == (1, 1)
     clock.now += 11

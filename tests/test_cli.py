@@ -23,7 +23,12 @@ def test_push_lines_with_a_malformed_json_line(local_dir, jobq):
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     by_line = {row["line"]: row for row in rows if "line" in row}
     assert {n: r["status"] for n, r in by_line.items()} == {
-        1: "pushed", 3: "pushed", 4: "failed", 5: "failed", 6: "pushed"}
+        1: "pushed",
+        3: "pushed",
+        4: "failed",
+        5: "failed",
+        6: "pushed",
+    }
     assert "not valid JSON" in by_line[4]["error"] and "line 4" in by_line[4]["error"]
     assert "line 5" in by_line[5]["error"]
     assert rows[-1]["summary"]["pushed"] == 3 and rows[-1]["summary"]["failed"] == 2
@@ -62,8 +67,9 @@ def test_bad_dedup_window_is_a_usage_error(local_dir, jobq, value):
     assert "--dedup-window" in result.stderr
 
 
-@pytest.mark.parametrize("value, seconds", [("7", 7 * 86400), ("12h", 43200), ("30m", 1800),
-                                            ("2d", 172800)])
+@pytest.mark.parametrize(
+    "value, seconds", [("7", 7 * 86400), ("12h", 43200), ("30m", 1800), ("2d", 172800)]
+)
 def test_dedup_window_units(local_dir, jobq, value, seconds):
     queue = f"local://w{seconds}"
     jobq("--queue", queue, "push", "-c", "echo a", "--dedup-window", value, check=True)
@@ -76,15 +82,28 @@ def test_dedup_window_units(local_dir, jobq, value, seconds):
 
 
 def test_worker_drains_and_pull_runs_one(local_dir, jobq):
-    jobq("push", "-c", "echo first", "-c", "echo second", "-c", "exit 4", "--num-retries", "0",
-         check=True)
+    jobq(
+        "push",
+        "-c",
+        "echo first",
+        "-c",
+        "echo second",
+        "-c",
+        "exit 4",
+        "--num-retries",
+        "0",
+        check=True,
+    )
     pulled = jobq("pull")
     assert pulled.returncode == 0 and "first" in pulled.stderr
     result = jobq("worker", "-n", "2", "--idle-timeout", "0.5")
     assert result.returncode == 0, result.stderr
     assert "second" in result.stderr and "dead-lettering" in result.stderr
-    assert json.loads(jobq("size", "--json").stdout) == {"active": 0, "dead_letter": 1,
-                                                         "scheduled": 0}
+    assert json.loads(jobq("size", "--json").stdout) == {
+        "active": 0,
+        "dead_letter": 1,
+        "scheduled": 0,
+    }
     empty = jobq("pull", "--wait", "0.2")
     assert empty.returncode == 0
 
@@ -124,8 +143,9 @@ def test_id_command(local_dir, jobq):
     assert "39efe3ac3ce0f83aa90079cc18e125fd" in out and '{"cmd":"echo hello"}' in out
     data = json.loads(jobq("id", '{"b": 1, "a": 2}', "--json", check=True).stdout)
     assert data["hashed"] == '{"a":2,"b":1}'
-    sub = json.loads(jobq("id", '{"url": "u", "n": 1}', "--dedup-keys", "url", "--json",
-                          check=True).stdout)
+    sub = json.loads(
+        jobq("id", '{"url": "u", "n": 1}', "--dedup-keys", "url", "--json", check=True).stdout
+    )
     assert sub["hashed"] == '{"url":"u"}'
     pushed = jobq("push", "-c", "echo hello", check=True).stdout.split()[0]
     assert pushed == "39efe3ac3ce0f83aa90079cc18e125fd"
@@ -162,15 +182,32 @@ def test_worker_finds_proc_module_in_working_directory(local_dir, tmp_path):
 
     from conftest import ROOT
 
-    (tmp_path / "userjobs.py").write_text(
-        "def greet(name):\n    open(name, 'w').write('done')\n")
+    (tmp_path / "userjobs.py").write_text("def greet(name):\n    open(name, 'w').write('done')\n")
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-m", "ai4s_jobq_cli", "push"], input='{"name": "out.txt"}\n',
-                   text=True, cwd=tmp_path, env=env, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "ai4s_jobq_cli", "push"],
+        input='{"name": "out.txt"}\n',
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     result = subprocess.run(
-        [sys.executable, "-c",
-         "import sys; sys.path.pop(0); from ai4s_jobq_cli.main import main; main()",
-         "worker", "--proc", "userjobs:greet", "--idle-timeout", "0.3"],
-        text=True, cwd=tmp_path, env=env, capture_output=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.pop(0); from ai4s_jobq_cli.main import main; main()",
+            "worker",
+            "--proc",
+            "userjobs:greet",
+            "--idle-timeout",
+            "0.3",
+        ],
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out.txt").read_text() == "done"

@@ -35,10 +35,12 @@ def sb(sb_emulator_shared):
 def test_create_get_update_list_delete_queue(sb):
     with sb.admin() as admin:
         created = admin.create_queue(
-            "admin-q", lock_duration=datetime.timedelta(seconds=45),
+            "admin-q",
+            lock_duration=datetime.timedelta(seconds=45),
             requires_duplicate_detection=True,
             duplicate_detection_history_time_window=datetime.timedelta(minutes=2),
-            max_delivery_count=6, default_message_time_to_live=datetime.timedelta(hours=3),
+            max_delivery_count=6,
+            default_message_time_to_live=datetime.timedelta(hours=3),
             max_message_size_in_kilobytes=512,
         )
         fetched = admin.get_queue("admin-q")
@@ -57,7 +59,9 @@ def test_create_get_update_list_delete_queue(sb):
         admin.update_queue(fetched)
         updated = admin.get_queue("admin-q")
         assert (updated.lock_duration, updated.max_delivery_count) == (
-            datetime.timedelta(seconds=20), 2)
+            datetime.timedelta(seconds=20),
+            2,
+        )
 
         with pytest.raises(ResourceExistsError):
             admin.create_queue("admin-q")
@@ -138,12 +142,13 @@ def test_wrong_key_gets_authentication_error(sb):
 
 
 def test_connection_string_rule():
-    azure = ("Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=k;"
-             "SharedAccessKey=abc=")
+    azure = "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=k;SharedAccessKey=abc="
     assert admin_client_kwargs(azure) == {}
     assert not is_emulator_connection_string(azure)
-    local = ("Endpoint=sb://127.0.0.1:1;SharedAccessKeyName=k;SharedAccessKey=abc=;"
-             "UseDevelopmentEmulator=true")
+    local = (
+        "Endpoint=sb://127.0.0.1:1;SharedAccessKeyName=k;SharedAccessKey=abc=;"
+        "UseDevelopmentEmulator=true"
+    )
     assert emulator_endpoint(local) == ("127.0.0.1", 1)
     assert is_emulator_connection_string(local)
     if not ca_path_for("127.0.0.1", 1).exists():
@@ -183,10 +188,18 @@ def test_jobq_emulator_command_prints_the_connection_string(tmp_path):
     import sys
 
     proc = subprocess.Popen(
-        [sys.executable, "-c",
-         "from ai4s_jobq_cli.emulator_cmd import emulator; emulator()",
-         "--port", "0", "--data", str(tmp_path / "data")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "from ai4s_jobq_cli.emulator_cmd import emulator; emulator()",
+            "--port",
+            "0",
+            "--data",
+            str(tmp_path / "data"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = proc.stdout.readline()

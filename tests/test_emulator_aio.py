@@ -35,9 +35,11 @@ async def test_aio_admin_and_messaging_round_trip(sb):
     cs = sb.connection_string
     async with _admin(cs) as admin:
         created = await admin.create_queue(
-            "aio-jobs", requires_duplicate_detection=True,
+            "aio-jobs",
+            requires_duplicate_detection=True,
             duplicate_detection_history_time_window=datetime.timedelta(minutes=10),
-            lock_duration=datetime.timedelta(seconds=30), max_delivery_count=4,
+            lock_duration=datetime.timedelta(seconds=30),
+            max_delivery_count=4,
         )
         assert created.requires_duplicate_detection is True
         assert created.duplicate_detection_history_time_window == datetime.timedelta(minutes=10)
@@ -46,8 +48,9 @@ async def test_aio_admin_and_messaging_round_trip(sb):
             await admin.create_queue("aio-jobs")
     async with ServiceBusClient.from_connection_string(cs) as client:
         async with client.get_queue_sender("aio-jobs") as sender:
-            await sender.send_messages(ServiceBusMessage("a", message_id="one",
-                                                         application_properties={"n": 1}))
+            await sender.send_messages(
+                ServiceBusMessage("a", message_id="one", application_properties={"n": 1})
+            )
             await sender.send_messages(ServiceBusMessage("again", message_id="one"))  # duplicate
             batch = await sender.create_message_batch()
             batch.add_message(ServiceBusMessage("b", message_id="two"))
@@ -90,8 +93,10 @@ async def test_aio_admin_and_messaging_round_trip(sb):
 async def test_aio_lock_expiry_and_scheduled_messages(sb):
     queue = sb.create_queue(lock_duration=1)
     async with ServiceBusClient.from_connection_string(sb.connection_string) as client:
-        async with client.get_queue_sender(queue) as sender, \
-                client.get_queue_receiver(queue) as receiver:
+        async with (
+            client.get_queue_sender(queue) as sender,
+            client.get_queue_receiver(queue) as receiver,
+        ):
             due = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=1)
             [number] = await sender.schedule_messages(ServiceBusMessage("s", message_id="s"), due)
             assert await receiver.receive_messages(max_wait_time=0.3) == []

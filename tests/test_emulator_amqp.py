@@ -45,8 +45,10 @@ def _receive_all(client, queue, expected, *, sub_queue=None, wait=5.0, **kwargs)
     deadline = time.monotonic() + wait
     with client.get_queue_receiver(queue, sub_queue=sub_queue, **kwargs) as receiver:
         while len(got) < expected and time.monotonic() < deadline:
-            got += receiver.receive_messages(max_message_count=expected - len(got),
-                                             max_wait_time=max(deadline - time.monotonic(), 0.1))
+            got += receiver.receive_messages(
+                max_message_count=expected - len(got),
+                max_wait_time=max(deadline - time.monotonic(), 0.1),
+            )
             for message in got[-expected:]:
                 if kwargs.get("receive_mode") != ServiceBusReceiveMode.RECEIVE_AND_DELETE:
                     receiver.complete_message(message)
@@ -58,11 +60,17 @@ def test_round_trip_carries_properties_and_broker_annotations(sb):
     before = _utc_now()
     with _client(sb) as client:
         with client.get_queue_sender(queue) as sender:
-            sender.send_messages(ServiceBusMessage(
-                b"payload", message_id="m-1", application_properties={"attempt": 3, "kind": "x"},
-                content_type="application/json", correlation_id="corr", subject="subj",
-                time_to_live=datetime.timedelta(minutes=5),
-            ))
+            sender.send_messages(
+                ServiceBusMessage(
+                    b"payload",
+                    message_id="m-1",
+                    application_properties={"attempt": 3, "kind": "x"},
+                    content_type="application/json",
+                    correlation_id="corr",
+                    subject="subj",
+                    time_to_live=datetime.timedelta(minutes=5),
+                )
+            )
         with client.get_queue_receiver(queue, max_wait_time=5) as receiver:
             [message] = receiver.receive_messages(max_message_count=1, max_wait_time=5)
             assert message.message_id == "m-1"
@@ -99,8 +107,9 @@ def test_batch_send_delivers_every_message_in_order(sb):
 
 
 def test_duplicate_detection_inside_and_outside_the_window(sb):
-    queue = sb.create_queue(requires_duplicate_detection=True,
-                            duplicate_detection_history_time_window=2)
+    queue = sb.create_queue(
+        requires_duplicate_detection=True, duplicate_detection_history_time_window=2
+    )
     with _client(sb) as client:
         with client.get_queue_sender(queue) as sender:
             sender.send_messages(ServiceBusMessage("first", message_id="same"))
@@ -124,8 +133,10 @@ def test_renew_lock_extends_it_beyond_the_lock_duration(sb):
             sender.send_messages(ServiceBusMessage("x"))
         # the competing receiver is attached up front so that its receive below
         # happens at a known time (opening a link takes a few hundred ms)
-        with client.get_queue_receiver(queue) as receiver, \
-                client.get_queue_receiver(queue) as other:
+        with (
+            client.get_queue_receiver(queue) as receiver,
+            client.get_queue_receiver(queue) as other,
+        ):
             [message] = receiver.receive_messages(max_wait_time=5)
             first_until = message.locked_until_utc
             time.sleep(1.2)
@@ -161,12 +172,14 @@ def test_dead_letter_with_reason_then_receive_from_the_dlq(sb):
     queue = sb.create_queue()
     with _client(sb) as client:
         with client.get_queue_sender(queue) as sender:
-            sender.send_messages(ServiceBusMessage("poison", message_id="p1",
-                                                   application_properties={"k": "v"}))
+            sender.send_messages(
+                ServiceBusMessage("poison", message_id="p1", application_properties={"k": "v"})
+            )
         with client.get_queue_receiver(queue) as receiver:
             [message] = receiver.receive_messages(max_wait_time=5)
-            receiver.dead_letter_message(message, reason="BadInput",
-                                         error_description="field x is missing")
+            receiver.dead_letter_message(
+                message, reason="BadInput", error_description="field x is missing"
+            )
             assert receiver.receive_messages(max_wait_time=0.3) == []
         with client.get_queue_receiver(queue, sub_queue=ServiceBusSubQueue.DEAD_LETTER) as dlq:
             [dead] = dlq.receive_messages(max_wait_time=5)
@@ -221,8 +234,9 @@ def test_peek_does_not_lock_and_starts_from_a_sequence_number(sb):
         with client.get_queue_receiver(queue) as receiver:
             peeked = receiver.peek_messages(max_message_count=10)
             assert [m.message_id for m in peeked] == ["m0", "m1", "m2", "m3"]
-            later = receiver.peek_messages(max_message_count=10,
-                                           sequence_number=peeked[2].sequence_number)
+            later = receiver.peek_messages(
+                max_message_count=10, sequence_number=peeked[2].sequence_number
+            )
             assert [m.message_id for m in later] == ["m2", "m3"]
             with pytest.raises(ValueError):
                 receiver.complete_message(peeked[0])  # peeked messages carry no lock
@@ -233,8 +247,7 @@ def test_scheduled_message_appears_on_time_and_can_be_cancelled(sb):
     queue = sb.create_queue()
     with _client(sb) as client:
         # both links open before the clock starts: opening one takes a few hundred ms
-        with client.get_queue_sender(queue) as sender, \
-                client.get_queue_receiver(queue) as receiver:
+        with client.get_queue_sender(queue) as sender, client.get_queue_receiver(queue) as receiver:
             due = _utc_now() + datetime.timedelta(seconds=3)  # slack for a loaded machine
             [kept] = sender.schedule_messages(ServiceBusMessage("later", message_id="s1"), due)
             [cancelled] = sender.schedule_messages(ServiceBusMessage("never"), due)
@@ -352,8 +365,9 @@ def test_garbage_and_unknown_operations_only_affect_that_client(sb):
 
 
 def test_restart_with_the_same_data_dir_keeps_messages(sb_emulator):
-    queue = sb_emulator.create_queue(requires_duplicate_detection=True,
-                                     duplicate_detection_history_time_window=300)
+    queue = sb_emulator.create_queue(
+        requires_duplicate_detection=True, duplicate_detection_history_time_window=300
+    )
     connection_string = sb_emulator.connection_string
     with ServiceBusClient.from_connection_string(connection_string) as client:
         with client.get_queue_sender(queue) as sender:

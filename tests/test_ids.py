@@ -35,14 +35,20 @@ GOLDEN = [
         "0a506abf45645b29fc4337985a494086",
     ),
     (
-        {"when": datetime(2024, 1, 2, 3, 4, 5, 600000, tzinfo=timezone(timedelta(hours=2))),
-         "day": date(2024, 2, 29)},
+        {
+            "when": datetime(2024, 1, 2, 3, 4, 5, 600000, tzinfo=timezone(timedelta(hours=2))),
+            "day": date(2024, 2, 29),
+        },
         '{"day":"2024-02-29","when":"2024-01-02T01:04:05.600000Z"}',
         "52b72c3f0566d1c6a9acdd55ce24e86e",
     ),
     (
-        {"u": uuid.UUID("12345678-1234-5678-1234-567812345678"), "d": Decimal("1.50"),
-         "t": (1, 2), "s": {3, 1, 2}},
+        {
+            "u": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+            "d": Decimal("1.50"),
+            "t": (1, 2),
+            "s": {3, 1, 2},
+        },
         '{"d":"1.5","s":[1,2,3],"t":[1,2],"u":"12345678-1234-5678-1234-567812345678"}',
         "fda83195c363c96b9a12c782a4d7fdb2",
     ),
@@ -67,8 +73,7 @@ def test_key_order_does_not_matter():
 def test_different_content_different_id():
     assert identify({"x": 1}, deterministic=True).id != identify({"x": 2}, deterministic=True).id
     # Types matter: the integer 1 and the string "1" are different work.
-    assert identify({"x": 1}, deterministic=True).id != identify({"x": "1"},
-                                                                   deterministic=True).id
+    assert identify({"x": 1}, deterministic=True).id != identify({"x": "1"}, deterministic=True).id
 
 
 def test_same_id_in_another_process_with_other_hash_seed():
@@ -81,7 +86,9 @@ def test_same_id_in_another_process_with_other_hash_seed():
     for seed in ("1", "2", "random"):
         out = subprocess.run(
             [sys.executable, "-c", code, json.dumps(args)],
-            env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
             check=True,
         )
         ids.add(out.stdout.strip())
@@ -91,14 +98,16 @@ def test_same_id_in_another_process_with_other_hash_seed():
 def test_set_order_is_canonical():
     many = {f"item-{i}" for i in range(50)}
     assert identify({"s": many}, deterministic=True).hashed == json.dumps(
-        {"s": sorted(many)}, separators=(",", ":"))
+        {"s": sorted(many)}, separators=(",", ":")
+    )
 
 
 def test_datetime_same_instant_same_id():
     utc = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
     paris = utc.astimezone(timezone(timedelta(hours=2)))
-    assert identify({"t": utc}, deterministic=True).id == identify({"t": paris},
-                                                                     deterministic=True).id
+    assert (
+        identify({"t": utc}, deterministic=True).id == identify({"t": paris}, deterministic=True).id
+    )
 
 
 def test_decimal_normalization():
@@ -123,10 +132,20 @@ def test_values_without_deterministic_encoding_are_rejected(args, fragment):
     assert fragment in str(info.value)
 
 
-@pytest.mark.parametrize("value, expected", [
-    (None, True), ("", True), ("1", True), ("TRUE", True), ("Yes", True), ("0", False),
-    ("false", False), ("NO", False), ("off", False),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (None, True),
+        ("", True),
+        ("1", True),
+        ("TRUE", True),
+        ("Yes", True),
+        ("0", False),
+        ("false", False),
+        ("NO", False),
+        ("off", False),
+    ],
+)
 def test_env_toggle_values(value, expected):
     environ = {} if value is None else {"JOBQ_DETERMINISTIC_IDS": value}
     assert deterministic_ids_enabled(environ) is expected

@@ -50,8 +50,9 @@ asyncio.run(main())
 
 async def fill_plain_queue(cs: str, name: str, count: int) -> set[str]:
     """A queue made without duplicate detection (as many existing queues are)."""
-    await create_queue(cs, name, requires_duplicate_detection=False,
-                       lock_duration=timedelta(seconds=3))
+    await create_queue(
+        cs, name, requires_duplicate_detection=False, lock_duration=timedelta(seconds=3)
+    )
     async with JobQ.open(spec(name), connection_string=cs, check=False, create=False) as q:
         summary = await q.push_many({"n": n} for n in range(count))
         assert not summary.failures
@@ -71,15 +72,19 @@ def test_interrupted_migration_rerun_moves_every_message_exactly_once(sb_cs, sb_
 
     crashed = subprocess.run(
         [sys.executable, "-c", CRASHING_MIGRATION, spec(source), spec(destination), "2"],
-        env=sb_env(sb_cs, source), cwd=ROOT, capture_output=True, text=True, timeout=120)
+        env=sb_env(sb_cs, source),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert crashed.returncode == -9, crashed.stderr
     # Two batches reached the destination; only the first was completed in the source:
     # ten messages are now in both queues (the second batch, still locked in the source).
     assert run_counts(sb_cs, destination) == (20, 0)
     assert run_counts(sb_cs, source) == (40, 0)
 
-    rerun = jobq_sb(sb_cs, source, "migrate", "--to", spec(destination), "--wait", "6",
-                    "--json")
+    rerun = jobq_sb(sb_cs, source, "migrate", "--to", spec(destination), "--wait", "6", "--json")
     assert rerun.returncode == 0, rerun.stderr
     report = json.loads(rerun.stdout)
     assert report["moved"] == 40 and report["failed"] == []
@@ -103,8 +108,9 @@ def test_migrate_dead_letters_into_the_destination(sb_cs, sb_queue):
                 await q.backend.dead_letter(message, "Failed", "three attempts")
 
     asyncio.run(dead_letter_three())
-    result = jobq_sb(sb_cs, source, "migrate", "--to", spec(destination), "--dead-letter",
-                     "--wait", "1")
+    result = jobq_sb(
+        sb_cs, source, "migrate", "--to", spec(destination), "--dead-letter", "--wait", "1"
+    )
     assert result.returncode == 0, result.stderr
     assert "moved 3 message(s)" in result.stdout
     assert run_counts(sb_cs, source) == (2, 0)
@@ -115,8 +121,10 @@ async def test_migrate_refuses_a_destination_without_dedup_and_the_same_queue(sb
     source, plain = f"{sb_queue}-a", f"{sb_queue}-plain"
     await fill_plain_queue(sb_cs, source, 3)
     await create_queue(sb_cs, plain, requires_duplicate_detection=False)
-    async with JobQ.open(spec(source), connection_string=sb_cs, check=False) as src, \
-            JobQ.open(spec(plain), connection_string=sb_cs, check=False) as dst:
+    async with (
+        JobQ.open(spec(source), connection_string=sb_cs, check=False) as src,
+        JobQ.open(spec(plain), connection_string=sb_cs, check=False) as dst,
+    ):
         with pytest.raises(MigrationError, match="has no duplicate detection"):
             await migrate(src.backend, dst.backend, idle_timeout=0.5)
         with pytest.raises(MigrationError, match="same queue"):
@@ -137,10 +145,15 @@ def test_cli_migrate_refusal_is_a_clear_error(sb_cs, sb_queue):
 
 
 def test_migrate_between_local_queues(local_dir, jobq):
-    assert jobq("--queue", "local://old", "push", "-c", "echo a", "-c", "echo b",
-                check=True).returncode == 0
-    result = jobq("--queue", "local://old", "migrate", "--to", "local://new", "--wait", "0.5",
-                  check=True)
+    assert (
+        jobq(
+            "--queue", "local://old", "push", "-c", "echo a", "-c", "echo b", check=True
+        ).returncode
+        == 0
+    )
+    result = jobq(
+        "--queue", "local://old", "migrate", "--to", "local://new", "--wait", "0.5", check=True
+    )
     assert "moved 2 message(s)" in result.stdout
     size = json.loads(jobq("--queue", "local://new", "size", "--json", check=True).stdout)
     assert size["active"] == 2

@@ -58,8 +58,11 @@ def test_push_many_streams_and_reports_failures(local_dir):
 
     results = []
     summary = ai4s_jobq.push_many(
-        tasks(), queue="local://many", batch_size=100,
-        on_result=lambda index, task_id, outcome: results.append(index))
+        tasks(),
+        queue="local://many",
+        batch_size=100,
+        on_result=lambda index, task_id, outcome: results.append(index),
+    )
     # {"i": 7} is first pushed at index 2007, so 2000 distinct tasks get in.
     assert summary.pushed == 2000 and summary.duplicates == 499
     assert [(f.index, f.id) for f in summary.failures] == [(7, None)]
@@ -88,8 +91,9 @@ def test_push_many_is_lazy(local_dir):
 
 
 def test_oversize_task_is_a_clear_error_and_others_still_pushed(local_dir):
-    summary = ai4s_jobq.push_many([{"x": "a"}, {"x": "y" * 300_000}, {"x": "b"}],
-                                  queue="local://big")
+    summary = ai4s_jobq.push_many(
+        [{"x": "a"}, {"x": "y" * 300_000}, {"x": "b"}], queue="local://big"
+    )
     assert summary.pushed == 2
     (failure,) = summary.failures
     assert failure.index == 1 and "bytes" in failure.error and failure.id in failure.error

@@ -71,7 +71,8 @@ def accepted(emulator, plane: str) -> int:
 
 
 async def test_push_and_worker_drain_with_default_azure_credential(
-        aad, sb_emulator_aad, tmp_path: Path):
+    aad, sb_emulator_aad, tmp_path: Path
+):
     from azure.identity.aio import DefaultAzureCredential
 
     queue, log = queue_name(), tmp_path / "log"
@@ -115,33 +116,55 @@ async def test_startup_checker_reads_queue_properties_with_the_token(aad, sb_emu
 
 
 def test_wrong_key_token_cli_exits_4_with_actionable_message(
-        aad, sb_emulator_aad, caplog: pytest.LogCaptureFixture):
+    aad, sb_emulator_aad, caplog: pytest.LogCaptureFixture
+):
     aad.mode = "wrong_key"
     queue = sb_emulator_aad.create_queue()
     env = scrubbed_environ(os.environ, aad)
-    env.update({"JOBQ_SERVICEBUS_ENDPOINT": os.environ["JOBQ_SERVICEBUS_ENDPOINT"],
-                "JOBQ_SERVICEBUS_CA": os.environ["JOBQ_SERVICEBUS_CA"]})
+    env.update(
+        {
+            "JOBQ_SERVICEBUS_ENDPOINT": os.environ["JOBQ_SERVICEBUS_ENDPOINT"],
+            "JOBQ_SERVICEBUS_CA": os.environ["JOBQ_SERVICEBUS_CA"],
+        }
+    )
     with caplog.at_level(logging.DEBUG):
         result = subprocess.run(
-            [sys.executable, "-m", "ai4s_jobq_cli", "-v", "--queue", f"sb://{NAMESPACE}/{queue}",
-             "size"],
-            env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+            [
+                sys.executable,
+                "-m",
+                "ai4s_jobq_cli",
+                "-v",
+                "--queue",
+                f"sb://{NAMESPACE}/{queue}",
+                "size",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
     assert result.returncode == 4, result.stderr
     error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith("error: could not read the counts of "
-                            f"sb://{NAMESPACE}.servicebus.windows.net/{queue}")
+    assert error.startswith(
+        f"error: could not read the counts of sb://{NAMESPACE}.servicebus.windows.net/{queue}"
+    )
     assert "signature does not match the emulator's AAD trust key" in error
     assert "Traceback" not in result.stderr
     assert aad.request_count > 0 and accepted(sb_emulator_aad, "https") == 0
     assert_no_token_in(result.stdout + result.stderr + caplog.text, aad)
 
 
-@pytest.mark.parametrize(("mode", "reason"), [
-    ("wrong_key", "signature does not match the emulator's AAD trust key"),
-    ("expired", "the Azure AD token has expired"),
-])
+@pytest.mark.parametrize(
+    ("mode", "reason"),
+    [
+        ("wrong_key", "signature does not match the emulator's AAD trust key"),
+        ("expired", "the Azure AD token has expired"),
+    ],
+)
 async def test_refused_token_fails_both_planes_with_the_reason(
-        aad, sb_emulator_aad, caplog: pytest.LogCaptureFixture, mode: str, reason: str):
+    aad, sb_emulator_aad, caplog: pytest.LogCaptureFixture, mode: str, reason: str
+):
     aad.mode = mode
     queue = sb_emulator_aad.create_queue()
     with caplog.at_level(logging.DEBUG):

@@ -32,8 +32,12 @@ sb_process, sb_cs, sb_queue = support.sb_process, support.sb_cs, support.sb_queu
 
 
 async def test_created_queue_has_dedup_with_requested_window(sb_cs, sb_queue):
-    async with JobQ.open(spec(sb_queue), connection_string=sb_cs, dedup_window="2h",
-                         lock_duration=timedelta(seconds=45)) as q:
+    async with JobQ.open(
+        spec(sb_queue),
+        connection_string=sb_cs,
+        dedup_window="2h",
+        lock_duration=timedelta(seconds=45),
+    ) as q:
         assert q.backend.kind == "servicebus"
     props = await queue_properties(sb_cs, sb_queue)
     assert props.requires_duplicate_detection is True
@@ -51,8 +55,9 @@ async def test_default_window_is_seven_days_and_existing_queue_is_left_alone(sb_
     assert props.duplicate_detection_history_time_window == timedelta(days=7)
 
 
-@pytest.mark.parametrize("window", [timedelta(seconds=19), timedelta(days=7, seconds=1),
-                                    timedelta(days=30)])
+@pytest.mark.parametrize(
+    "window", [timedelta(seconds=19), timedelta(days=7, seconds=1), timedelta(days=30)]
+)
 async def test_window_outside_azure_limits_is_an_error_before_any_call(window):
     # An endpoint nobody listens on: a network call would fail differently (and slowly).
     cs = "Endpoint=sb://127.0.0.1:9;SharedAccessKeyName=k;SharedAccessKey=secretkey"
@@ -146,7 +151,9 @@ async def test_receive_renew_abandon_dead_letter_and_delivery_count(sb_cs, sb_qu
         dead = await backend.receive(1, 5.0, dead_letter=True)
         assert dead[0].message_id == got[2].message_id
         assert (dead[0].dead_letter_reason, dead[0].dead_letter_description) == (
-            "Reason", "the description")
+            "Reason",
+            "the description",
+        )
         await backend.abandon(dead[0])
         counts = await q.counts()
         assert (counts.active, counts.dead_letter, counts.scheduled) == (0, 1, 0)
@@ -183,8 +190,9 @@ async def test_dlq_list_requeue_purge(sb_cs, sb_queue):
         # A fresh MessageId, so duplicate detection does not drop the requeued task.
         assert requeued.message_id != target.task.id
         assert requeued.task.id == target.task.id
-        assert requeued.message_id == requeue_message_id(target.task.id,
-                                                         f"seq:{target_seq(received, target)}")
+        assert requeued.message_id == requeue_message_id(
+            target.task.id, f"seq:{target_seq(received, target)}"
+        )
         assert await q.dlq_purge() == 3
         counts = await q.counts()
         assert (counts.active, counts.dead_letter) == (1, 0)
@@ -209,8 +217,7 @@ def test_cli_size_peek_and_dlq_on_servicebus(sb_cs, sb_queue):
     assert purge.returncode == 0 and "purged 0" in purge.stdout
 
 
-async def test_queue_created_without_rights_or_with_wrong_key_does_not_crash_check(sb_cs,
-                                                                                   sb_queue):
+async def test_queue_created_without_rights_or_with_wrong_key_does_not_crash_check(sb_cs, sb_queue):
     await create_queue(sb_cs, sb_queue, requires_duplicate_detection=True)
     wrong = sb_cs.replace("SharedAccessKey=", "SharedAccessKey=x")
     backend = ServiceBusBackend.from_spec(None, sb_queue, wrong)

@@ -20,8 +20,11 @@ MISMATCH = "was configured: the queue's window applies"
 
 
 def checker_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name == "ai4s_jobq.checker" and r.levelno == logging.WARNING]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "ai4s_jobq.checker" and r.levelno == logging.WARNING
+    ]
 
 
 async def open_and_collect(caplog, queue, cs, **options) -> list[str]:
@@ -46,16 +49,21 @@ async def test_queue_without_dedup_warns_once_with_fix(sb_cs, sb_queue, caplog):
     assert RANDOM_IDS not in warnings[0] and MISMATCH not in warnings[0]
 
 
-async def test_queue_without_dedup_and_random_ids_is_consistent(sb_cs, sb_queue, caplog,
-                                                                monkeypatch):
+async def test_queue_without_dedup_and_random_ids_is_consistent(
+    sb_cs, sb_queue, caplog, monkeypatch
+):
     await create_queue(sb_cs, sb_queue, requires_duplicate_detection=False)
     monkeypatch.setenv("JOBQ_DETERMINISTIC_IDS", "false")
     assert await open_and_collect(caplog, sb_queue, sb_cs) == []
 
 
 async def test_window_mismatch_warns_only_when_a_window_is_configured(sb_cs, sb_queue, caplog):
-    await create_queue(sb_cs, sb_queue, requires_duplicate_detection=True,
-                       duplicate_detection_history_time_window=timedelta(hours=1))
+    await create_queue(
+        sb_cs,
+        sb_queue,
+        requires_duplicate_detection=True,
+        duplicate_detection_history_time_window=timedelta(hours=1),
+    )
     warnings = await open_and_collect(caplog, sb_queue, sb_cs, dedup_window="2h")
     assert len(warnings) == 1 and MISMATCH in warnings[0]
     assert "1h" in warnings[0] and "2h" in warnings[0]
@@ -64,8 +72,12 @@ async def test_window_mismatch_warns_only_when_a_window_is_configured(sb_cs, sb_
 
 
 async def test_window_from_env_counts_as_configured(sb_cs, sb_queue, caplog, monkeypatch):
-    await create_queue(sb_cs, sb_queue, requires_duplicate_detection=True,
-                       duplicate_detection_history_time_window=timedelta(hours=1))
+    await create_queue(
+        sb_cs,
+        sb_queue,
+        requires_duplicate_detection=True,
+        duplicate_detection_history_time_window=timedelta(hours=1),
+    )
     monkeypatch.setenv("JOBQ_DEDUP_WINDOW", "3h")
     warnings = await open_and_collect(caplog, sb_queue, sb_cs)
     assert len(warnings) == 1 and MISMATCH in warnings[0]
@@ -89,8 +101,11 @@ async def test_unreadable_settings_are_a_debug_note_not_a_crash(sb_cs, sb_queue,
     assert warnings == []
     notes = [r.getMessage() for r in caplog.records if r.name == "ai4s_jobq.checker"]
     assert any("could not read the duplicate-detection settings" in n for n in notes)
-    assert all(r.levelno < logging.WARNING for r in caplog.records
-               if r.name.startswith("ai4s_jobq.checker"))
+    assert all(
+        r.levelno < logging.WARNING
+        for r in caplog.records
+        if r.name.startswith("ai4s_jobq.checker")
+    )
     assert not any("AAAA" in r.getMessage() for r in caplog.records)
 
 
@@ -103,8 +118,7 @@ def test_jobq_check_strict_exit_codes(sb_cs, sb_queue):
     assert consistent.returncode == 0, consistent.stdout + consistent.stderr
     assert consistent.stdout.startswith("OK")
 
-    random_ids = jobq_sb(sb_cs, sb_queue, "check", "--strict", "--json",
-                         JOBQ_DETERMINISTIC_IDS="0")
+    random_ids = jobq_sb(sb_cs, sb_queue, "check", "--strict", "--json", JOBQ_DETERMINISTIC_IDS="0")
     assert random_ids.returncode == 1
     report = json.loads(random_ids.stdout)
     assert report["consistent"] is False

@@ -43,8 +43,9 @@ async def test_lock_renewal_keeps_a_task_longer_than_the_lock(sb_cs, sb_queue, t
     async with JobQ.open(spec(sb_queue), connection_string=sb_cs) as q:
         await q.push({"log": str(log), "name": "long", "seconds": 6.0})
         with caplog.at_level(logging.INFO, logger="ai4s_jobq.worker"):
-            stats = await Worker(q.backend, CallableProcessor(sample_tasks.async_record),
-                                 policy(idle_timeout=1.0)).run()
+            stats = await Worker(
+                q.backend, CallableProcessor(sample_tasks.async_record), policy(idle_timeout=1.0)
+            ).run()
         assert (stats.succeeded, stats.failed, stats.lost_locks) == (1, 0, 0)
         lines = log.read_text().splitlines()
         assert [line.split()[0] for line in lines] == ["start", "end"]
@@ -59,20 +60,31 @@ def test_sigkilled_worker_task_is_redelivered_and_completed(sb_cs, sb_queue, tmp
     marker, log = tmp_path / "marker", tmp_path / "log"
     short_lock_queue(sb_cs, sb_queue, 3)
     push = subprocess.run(
-        [sys.executable, "-c", "import ai4s_jobq, sys; "
-         f"ai4s_jobq.push({{'marker': {str(marker)!r}, 'log': {str(log)!r}}})"],
-        env=sb_env(sb_cs, sb_queue), cwd=ROOT, capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-c",
+            "import ai4s_jobq, sys; "
+            f"ai4s_jobq.push({{'marker': {str(marker)!r}, 'log': {str(log)!r}}})",
+        ],
+        env=sb_env(sb_cs, sb_queue),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert push.returncode == 0, push.stderr
-    first = start_worker(sb_cs, sb_queue, "--proc", "sample_tasks:hang_first_time",
-                         "--idle-timeout", "0")
+    first = start_worker(
+        sb_cs, sb_queue, "--proc", "sample_tasks:hang_first_time", "--idle-timeout", "0"
+    )
     try:
         wait_for(marker.exists, timeout=60, what="the first attempt to start")
     finally:
         first.kill()
         first.communicate(timeout=10)
     killed_at = time.monotonic()
-    second = start_worker(sb_cs, sb_queue, "--proc", "sample_tasks:hang_first_time",
-                          "--idle-timeout", "3")
+    second = start_worker(
+        sb_cs, sb_queue, "--proc", "sample_tasks:hang_first_time", "--idle-timeout", "3"
+    )
     _, err = second.communicate(timeout=90)
     assert second.returncode == 0, err
     assert log.read_text().count("attempt") == 2
@@ -93,15 +105,20 @@ def test_broker_restart_mid_drain_loses_nothing(tmp_path):
         async def push() -> None:
             async with JobQ.open(spec(queue), connection_string=cs) as q:
                 summary = await q.push_many(
-                    {"log": str(log), "name": n, "seconds": 0.15} for n in names)
+                    {"log": str(log), "name": n, "seconds": 0.15} for n in names
+                )
                 assert not summary.failures
 
         asyncio.run(push())
-        worker = start_worker(cs, queue, "--proc", "sample_tasks:record", "-n", "2",
-                              "--idle-timeout", "5")
+        worker = start_worker(
+            cs, queue, "--proc", "sample_tasks:record", "-n", "2", "--idle-timeout", "5"
+        )
         try:
-            wait_for(lambda: log.exists() and log.read_text().count("end ") >= 8,
-                     timeout=60, what="the worker to finish some tasks")
+            wait_for(
+                lambda: log.exists() and log.read_text().count("end ") >= 8,
+                timeout=60,
+                what="the worker to finish some tasks",
+            )
             emulator.kill()
             done_before = log.read_text().count("end ")
             emulator.start()
@@ -112,13 +129,15 @@ def test_broker_restart_mid_drain_loses_nothing(tmp_path):
                 worker.kill()
                 worker.communicate()
         assert worker.returncode == 0, err
-        done = {line.split()[1] for line in log.read_text().splitlines()
-                if line.startswith("end ")}
+        done = {line.split()[1] for line in log.read_text().splitlines() if line.startswith("end ")}
         assert done == set(names), f"missing: {set(names) - done}\n{err[-3000:]}"
         # The worker carried on through the outage: tasks finished after the restart.
         assert done_before < len(names)
-        assert any(float(line.split()[3]) > restarted_at for line in log.read_text().splitlines()
-                   if line.startswith("end "))
+        assert any(
+            float(line.split()[3]) > restarted_at
+            for line in log.read_text().splitlines()
+            if line.startswith("end ")
+        )
         assert run_counts(cs, queue) == (0, 0)
 
 
@@ -127,13 +146,26 @@ def test_sixteen_concurrent_producers_push_the_same_tasks_once(sb_cs, sb_queue, 
     tasks.write_text("".join(f"echo task {i}\n" for i in range(500)))
     env = sb_env(sb_cs, sb_queue)
     # Create the queue first so that all producers race on pushing, not on creating.
-    first = subprocess.run([sys.executable, "-m", "ai4s_jobq_cli", "push", "-c", "echo task 0"],
-                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    first = subprocess.run(
+        [sys.executable, "-m", "ai4s_jobq_cli", "push", "-c", "echo task 0"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert first.returncode == 0, first.stderr
-    producers = [subprocess.Popen([sys.executable, "-m", "ai4s_jobq_cli", "push", str(tasks)],
-                                  env=env,
-                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for _ in range(16)]
+    producers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "ai4s_jobq_cli", "push", str(tasks)],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(16)
+    ]
     for producer in producers:
         _, err = producer.communicate(timeout=150)
         assert producer.returncode == 0, err

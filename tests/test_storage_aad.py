@@ -95,7 +95,8 @@ def oauth_azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OAuthAzu
     tls = ensure_tls_files(workdir / "tls", "127.0.0.1")
     debug_log = workdir / "debug.log"
     process, azurite, _ = start_azurite(
-        workdir, oauth_cert=(tls.server_cert, tls.server_key), debug_log=debug_log)
+        workdir, oauth_cert=(tls.server_cert, tls.server_key), debug_log=debug_log
+    )
     try:
         yield OAuthAzurite(azurite, tls.ca_cert, debug_log)
     finally:
@@ -104,8 +105,9 @@ def oauth_azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OAuthAzu
 
 
 @pytest.fixture
-def aad(oauth_azurite: OAuthAzurite,
-        monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeTokenEndpoint]:
+def aad(
+    oauth_azurite: OAuthAzurite, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FakeTokenEndpoint]:
     """The fake token endpoint, which this process's DefaultAzureCredential uses; the
     endpoint override points ``devstoreaccount1`` at the HTTPS Azurite.  No
     connection string anywhere."""
@@ -114,8 +116,9 @@ def aad(oauth_azurite: OAuthAzurite,
     azurite = oauth_azurite.azurite
     monkeypatch.setenv("JOBQ_DETERMINISTIC_IDS", "true")
     # one with the {account} placeholder, one spelled out: both forms are in use
-    monkeypatch.setenv("JOBQ_STORAGE_QUEUE_ENDPOINT",
-                       azurite.service_url("queue").replace(ACCOUNT, "{account}"))
+    monkeypatch.setenv(
+        "JOBQ_STORAGE_QUEUE_ENDPOINT", azurite.service_url("queue").replace(ACCOUNT, "{account}")
+    )
     monkeypatch.setenv("JOBQ_STORAGE_TABLE_ENDPOINT", azurite.service_url("table"))
     monkeypatch.setenv("JOBQ_STORAGE_CA", str(oauth_azurite.ca_path))
     with fake_token_endpoint() as endpoint:
@@ -135,8 +138,10 @@ async def with_account_key(oauth_azurite: OAuthAzurite) -> AsyncIterator[tuple]:
     from azure.storage.queue.aio import QueueServiceClient
 
     cs, ca = oauth_azurite.azurite.connection_string, str(oauth_azurite.ca_path)
-    async with QueueServiceClient.from_connection_string(cs, connection_verify=ca) as queues, \
-            TableServiceClient.from_connection_string(cs, connection_verify=ca) as tables:
+    async with (
+        QueueServiceClient.from_connection_string(cs, connection_verify=ca) as queues,
+        TableServiceClient.from_connection_string(cs, connection_verify=ca) as tables,
+    ):
         yield queues, tables
 
 
@@ -156,13 +161,19 @@ class SeenRequest:
     verdict: str | None = None  # Azurite's token check: TOKEN_OK or its refusal
 
 
-_REQUEST = re.compile(r"^\S+ (\S+) info: (Queue|Table)StorageContextMiddleware: "
-                      r"RequestMethod=(\S+) RequestURL=\S+?://[^/]+(\S*) RequestHeaders:")
-_VERDICT = re.compile(r"^\S+ (\S+) \w+: (?:Queue|Table)TokenAuthenticator:"
-                      r"authenticateBasic\(\) (.*)$")
+_REQUEST = re.compile(
+    r"^\S+ (\S+) info: (Queue|Table)StorageContextMiddleware: "
+    r"RequestMethod=(\S+) RequestURL=\S+?://[^/]+(\S*) RequestHeaders:"
+)
+_VERDICT = re.compile(
+    r"^\S+ (\S+) \w+: (?:Queue|Table)TokenAuthenticator:"
+    r"authenticateBasic\(\) (.*)$"
+)
 # the refusal's reason, in the error body Azurite logs (XML for queue, JSON for table)
-_REFUSAL = re.compile(r"^\S+ (\S+) error: ErrorMiddleware: Set HTTP body: .*?"
-                      r"AuthenticationErrorDetail[>\\\":\s]+([^<\\\"]+)")
+_REFUSAL = re.compile(
+    r"^\S+ (\S+) error: ErrorMiddleware: Set HTTP body: .*?"
+    r"AuthenticationErrorDetail[>\\\":\s]+([^<\\\"]+)"
+)
 
 
 def seen_requests(debug_log: Path, endpoint: FakeTokenEndpoint) -> list[SeenRequest]:
@@ -178,10 +189,16 @@ def seen_requests(debug_log: Path, endpoint: FakeTokenEndpoint) -> list[SeenRequ
             except ValueError:
                 continue  # a line still being written: complete at the next read
             auth = headers.get("authorization", "")
-            token = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
+            token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else None
             if token is not None and token in issued:
-                requests[context] = SeenRequest(context, service.lower(), method, path,
-                                                headers.get("user-agent"), jwt_claims(token))
+                requests[context] = SeenRequest(
+                    context,
+                    service.lower(),
+                    method,
+                    path,
+                    headers.get("user-agent"),
+                    jwt_claims(token),
+                )
         elif (match := _VERDICT.match(line)) is not None:
             verdicts[match.group(1)] = match.group(2).strip()
         elif (match := _REFUSAL.match(line)) is not None:
@@ -191,8 +208,9 @@ def seen_requests(debug_log: Path, endpoint: FakeTokenEndpoint) -> list[SeenRequ
     return list(requests.values())
 
 
-def azurite_saw(debug_log: Path, endpoint: FakeTokenEndpoint, enough,
-                timeout: float = 10.0) -> list[SeenRequest]:
+def azurite_saw(
+    debug_log: Path, endpoint: FakeTokenEndpoint, enough, timeout: float = 10.0
+) -> list[SeenRequest]:
     """Azurite writes its log asynchronously: re-read it until every request seen has
     its verdict and ``enough(requests)`` holds (an event we cannot await), then
     return what it saw (the caller's asserts then say what is missing)."""
@@ -209,7 +227,8 @@ def azurite_saw(debug_log: Path, endpoint: FakeTokenEndpoint, enough,
 
 
 async def test_push_dedup_and_worker_drain_with_default_azure_credential(
-        aad, oauth_azurite, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    aad, oauth_azurite, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
     from azure.identity.aio import DefaultAzureCredential
 
     queue, log = queue_name(), tmp_path / "log"
@@ -240,11 +259,13 @@ async def test_push_dedup_and_worker_drain_with_default_azure_credential(
     # the token really came from the (fake) managed-identity endpoint, for storage
     assert_tokens_came_from(aad, STORAGE_RESOURCE)
     # ... and Azurite accepted it on both services (queue + the ledger's table)
-    seen = azurite_saw(oauth_azurite.debug_log, aad,
-                       lambda rs: {r.service for r in rs} == {"queue", "table"})
+    seen = azurite_saw(
+        oauth_azurite.debug_log, aad, lambda rs: {r.service for r in rs} == {"queue", "table"}
+    )
     assert {r.service for r in seen} == {"queue", "table"}
-    assert all(r.verdict == TOKEN_OK for r in seen), {(r.method, r.path, r.verdict)
-                                                      for r in seen if r.verdict != TOKEN_OK}
+    assert all(r.verdict == TOKEN_OK for r in seen), {
+        (r.method, r.path, r.verdict) for r in seen if r.verdict != TOKEN_OK
+    }
     assert_no_token_in(caplog.text, aad)
 
 
@@ -253,7 +274,8 @@ async def test_check_reads_queue_settings_with_the_token(aad, oauth_azurite):
     async with with_account_key(oauth_azurite) as (queues, _):
         # one day: not jobq's default, so only the queue's real metadata can say it
         await queues.get_queue_client(queue).create_queue(
-            metadata={"jobq_dedup_window_seconds": "86400"})
+            metadata={"jobq_dedup_window_seconds": "86400"}
+        )
 
     async with JobQ.open(f"{ACCOUNT}/{queue}", check=False, create=False) as q:
         findings = await q.check()
@@ -265,7 +287,12 @@ async def test_check_reads_queue_settings_with_the_token(aad, oauth_azurite):
     env = scrubbed_environ(os.environ, aad)
     result = subprocess.run(
         [sys.executable, "-m", "ai4s_jobq_cli", "--queue", f"{ACCOUNT}/{queue}", "check", "--json"],
-        env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["consistent"] is True
@@ -276,13 +303,14 @@ async def test_check_reads_queue_settings_with_the_token(aad, oauth_azurite):
     async with JobQ.open(f"{ACCOUNT}/{queue}", check=False, create=False) as q:
         findings = await q.check()
     assert [f.code for f in findings] == ["unreadable"], findings
-    assert ("refused the credentials (AuthenticationFailed: Invalid token audience.)"
-            in findings[0].message), findings[0].message
+    assert (
+        "refused the credentials (AuthenticationFailed: Invalid token audience.)"
+        in findings[0].message
+    ), findings[0].message
     assert_no_token_in(findings[0].message, aad)
 
 
-async def test_push_and_complete_go_through_the_rest_path_with_the_bearer_token(
-        aad, oauth_azurite):
+async def test_push_and_complete_go_through_the_rest_path_with_the_bearer_token(aad, oauth_azurite):
     """The fast path (storage_rest.StorageRest: Put Message, the ledger's $batch,
     Delete Message) signs with the token: seen from Azurite's side, those requests
     carried a storage-audience token from the fake endpoint, were not the SDK's
@@ -313,9 +341,16 @@ async def test_push_and_complete_go_through_the_rest_path_with_the_bearer_token(
                 kinds["delete"].append(r)
         return kinds
 
-    seen = azurite_saw(oauth_azurite.debug_log, aad, lambda rs: (
-        (k := rest(rs)) and len(k["put"]) == 3 and len(k["delete"]) == 3
-        and len(k["batch"]) >= 2))  # claim + mark sent
+    seen = azurite_saw(
+        oauth_azurite.debug_log,
+        aad,
+        lambda rs: (
+            (k := rest(rs))
+            and len(k["put"]) == 3
+            and len(k["delete"]) == 3
+            and len(k["batch"]) >= 2
+        ),
+    )  # claim + mark sent
     kinds = rest(seen)
     assert (len(kinds["put"]), len(kinds["delete"])) == (3, 3), kinds
     assert len(kinds["batch"]) >= 2, kinds
@@ -330,24 +365,35 @@ async def test_push_and_complete_go_through_the_rest_path_with_the_bearer_token(
 # ---------------------------------------------------------------------- refused tokens
 
 
-@pytest.mark.parametrize(("mode", "detail"), [
-    ("expired", "Lifetime validation failed. The token is expired."),
-    ("wrong_audience", "Invalid token audience."),
-])
+@pytest.mark.parametrize(
+    ("mode", "detail"),
+    [
+        ("expired", "Lifetime validation failed. The token is expired."),
+        ("wrong_audience", "Invalid token audience."),
+    ],
+)
 async def test_refused_token_cli_exits_4_with_actionable_message(
-        aad, oauth_azurite, caplog: pytest.LogCaptureFixture, mode: str, detail: str):
+    aad, oauth_azurite, caplog: pytest.LogCaptureFixture, mode: str, detail: str
+):
     aad.mode = mode
     queue = queue_name()
     env = scrubbed_environ(os.environ, aad)
     with caplog.at_level(logging.DEBUG):
         result = subprocess.run(
             [sys.executable, "-m", "ai4s_jobq_cli", "-v", "--queue", f"{ACCOUNT}/{queue}", "size"],
-            env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
     assert result.returncode == 4, result.stderr
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: "), error
-    assert (f"storage account '{ACCOUNT}' refused the credentials (AuthenticationFailed: "
-            f"{detail})" in error), error  # the service's own reason, word for word
+    assert (
+        f"storage account '{ACCOUNT}' refused the credentials (AuthenticationFailed: "
+        f"{detail})" in error
+    ), error  # the service's own reason, word for word
     assert "your Azure login" in error and "Storage Queue Data Contributor" in error, error
     assert "Traceback" not in result.stderr
     assert aad.request_count > 0 and aad.resources() == {STORAGE_RESOURCE}
@@ -381,19 +427,25 @@ def test_endpoint_override_parsing():
     assert default.table_url("acct") == "https://acct.table.core.windows.net"
     assert default.sdk_kwargs() == {} and default.ssl_context() is None
 
-    china = StorageEndpointOverride.from_env({
-        "JOBQ_STORAGE_QUEUE_ENDPOINT": "https://{account}.queue.core.chinacloudapi.cn/",
-        "JOBQ_STORAGE_TABLE_ENDPOINT": "https://{account}.table.core.chinacloudapi.cn"})
+    china = StorageEndpointOverride.from_env(
+        {
+            "JOBQ_STORAGE_QUEUE_ENDPOINT": "https://{account}.queue.core.chinacloudapi.cn/",
+            "JOBQ_STORAGE_TABLE_ENDPOINT": "https://{account}.table.core.chinacloudapi.cn",
+        }
+    )
     assert china.queue_url("acct") == "https://acct.queue.core.chinacloudapi.cn"
     assert china.rest_endpoints("acct").table_url == "https://acct.table.core.chinacloudapi.cn"
 
-    for bad, message in [("http://127.0.0.1:10001/{account}", "expected https://"),
-                         ("https://127.0.0.1:port/x", "invalid port"),
-                         ("https://h/x?sig=s3cret", "without user info, query string"),
-                         ("https://user:s3cret@h/x", "without user info, query string")]:
+    for bad, message in [
+        ("http://127.0.0.1:10001/{account}", "expected https://"),
+        ("https://127.0.0.1:port/x", "invalid port"),
+        ("https://h/x?sig=s3cret", "without user info, query string"),
+        ("https://user:s3cret@h/x", "without user info, query string"),
+    ]:
         with pytest.raises(QueueUnavailableError, match=re.escape(message)) as refused:
-            StorageEndpointOverride.from_env({"JOBQ_STORAGE_QUEUE_ENDPOINT": bad,
-                                              "JOBQ_STORAGE_TABLE_ENDPOINT": "https://t"})
+            StorageEndpointOverride.from_env(
+                {"JOBQ_STORAGE_QUEUE_ENDPOINT": bad, "JOBQ_STORAGE_TABLE_ENDPOINT": "https://t"}
+            )
         assert "s3cret" not in str(refused.value)
     with pytest.raises(QueueUnavailableError, match="JOBQ_STORAGE_CA=/nonexistent.pem"):
         StorageEndpointOverride.from_env({"JOBQ_STORAGE_CA": "/nonexistent.pem"})
@@ -406,13 +458,18 @@ def test_only_plain_word_reasons_reach_the_error():
     from ai4s_jobq.backends.storage.rest import auth_reason
 
     def body(detail: str) -> str:
-        return ("<?xml version=\"1.0\"?><Error><Code>AuthenticationFailed</Code><Message>"
-                f"Server failed</Message><AuthenticationErrorDetail>{detail}"
-                "</AuthenticationErrorDetail></Error>")
+        return (
+            '<?xml version="1.0"?><Error><Code>AuthenticationFailed</Code><Message>'
+            f"Server failed</Message><AuthenticationErrorDetail>{detail}"
+            "</AuthenticationErrorDetail></Error>"
+        )
 
     assert auth_reason(body("Lifetime validation failed. The token is expired.")) == (
-        "Lifetime validation failed. The token is expired.")
-    signed = ("The MAC signature found in the HTTP request 'q0Zx+Yk/abc=' is not the same "
-              "as any computed signature. Server used following string to sign: 'GET'")
+        "Lifetime validation failed. The token is expired."
+    )
+    signed = (
+        "The MAC signature found in the HTTP request 'q0Zx+Yk/abc=' is not the same "
+        "as any computed signature. Server used following string to sign: 'GET'"
+    )
     assert auth_reason(body(signed)) == ""
     assert auth_reason("<Error><Code>AuthenticationFailed</Code></Error>") == ""

@@ -48,15 +48,18 @@ async def drain_ids(backend: StorageQueueBackend) -> list[str]:
 # ---------------------------------------------------------------------- framing (no I/O)
 
 
-@pytest.mark.parametrize("body", [
-    b'{"v":1,"id":"x","args":{"cmd":"echo \\u00e9 \xc3\xa9"}}',
-    b"plain text, not JSON",
-    b"\xff\xfe\x00binary",
-    b"ctrl \x01 char",
-    b'{"a":\r\n1}',  # valid JSON, but XML would turn \r\n into \n
-    "\ufffe".encode(),
-    b"",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"v":1,"id":"x","args":{"cmd":"echo \\u00e9 \xc3\xa9"}}',
+        b"plain text, not JSON",
+        b"\xff\xfe\x00binary",
+        b"ctrl \x01 char",
+        b'{"a":\r\n1}',  # valid JSON, but XML would turn \r\n into \n
+        "\ufffe".encode(),
+        b"",
+    ],
+)
 def test_frame_round_trips_any_body_byte_for_byte(body: bytes) -> None:
     text = encode_text({"id": "abc"}, body)
     json.loads(text)  # always valid JSON, so the portal shows it readably
@@ -78,15 +81,20 @@ def _enc(body: bytes) -> dict[str, str]:
 
 
 def test_foreign_text_decodes_as_raw_body() -> None:
-    for text in ["hello", '{"jobq":{"id":"x"}', '{"jobq":1,"body":2}', '{"jobq":{"enc":"base64"},'
-                 '"body":"!!"}']:
+    for text in [
+        "hello",
+        '{"jobq":{"id":"x"}',
+        '{"jobq":1,"body":2}',
+        '{"jobq":{"enc":"base64"},"body":"!!"}',
+    ]:
         assert decode_text(text) == (None, text.encode())
 
 
 def test_invalid_queue_name_is_a_clear_error(azurite) -> None:
     with pytest.raises(QueueUnavailableError, match="not a valid Storage Queue name"):
-        StorageQueueBackend.from_spec(None, "Bad_Name", azurite.connection_string,
-                                      dedup_window=None)
+        StorageQueueBackend.from_spec(
+            None, "Bad_Name", azurite.connection_string, dedup_window=None
+        )
 
 
 # ---------------------------------------------------------------------- contract
@@ -108,7 +116,8 @@ async def test_round_trip(open_backend: OpenBackend) -> None:
 
 
 async def test_batch_receive_returns_up_to_32_and_never_more_than_asked(
-        open_backend: OpenBackend) -> None:
+    open_backend: OpenBackend,
+) -> None:
     async with open_backend() as backend:
         outcomes = await backend.push([task(n) for n in range(40)])
         assert all(o.ok for o in outcomes)
@@ -123,6 +132,7 @@ async def test_batch_receive_returns_up_to_32_and_never_more_than_asked(
 
 async def test_receive_waits_for_a_message_pushed_later(open_backend: OpenBackend) -> None:
     async with open_backend() as backend:
+
         async def push_soon() -> None:
             await asyncio.sleep(0.3)
             await backend.push([task(7)])
@@ -172,7 +182,8 @@ async def test_abandon_makes_the_message_available_at_once(open_backend: OpenBac
 
 
 async def test_dead_letter_moves_to_failed_queue_with_reason(
-        open_backend: OpenBackend, azurite, storage_queue_name: str) -> None:
+    open_backend: OpenBackend, azurite, storage_queue_name: str
+) -> None:
     async with open_backend() as backend:
         message = task(1)
         await backend.push([message])
@@ -188,7 +199,8 @@ async def test_dead_letter_moves_to_failed_queue_with_reason(
         assert peeked.delivery_count == 1
         # It really is the sibling queue QUEUE-failed, readable by any tool.
         async with QueueClient.from_connection_string(
-                azurite.connection_string, f"{storage_queue_name}-failed") as raw:
+            azurite.connection_string, f"{storage_queue_name}-failed"
+        ) as raw:
             props = await raw.get_queue_properties()
             assert props.approximate_message_count == 1
         (locked,) = await backend.receive(1, 1.0, dead_letter=True)
@@ -197,10 +209,12 @@ async def test_dead_letter_moves_to_failed_queue_with_reason(
 
 
 async def test_malformed_message_comes_out_of_receive_and_can_be_dead_lettered(
-        open_backend: OpenBackend, azurite, storage_queue_name: str) -> None:
+    open_backend: OpenBackend, azurite, storage_queue_name: str
+) -> None:
     async with open_backend() as backend:
         async with QueueClient.from_connection_string(
-                azurite.connection_string, storage_queue_name) as raw:
+            azurite.connection_string, storage_queue_name
+        ) as raw:
             await raw.send_message("this is not a task {{{")
             await raw.send_message('{"jobq":{"id":"x","enc":"base64"},"body":"***"}')
         await backend.push([task(1)])
@@ -229,7 +243,8 @@ async def test_max_delivery_count_dead_letters_on_receive(open_backend: OpenBack
 
 
 async def test_oversize_task_fails_by_name_and_the_others_are_sent(
-        open_backend: OpenBackend) -> None:
+    open_backend: OpenBackend,
+) -> None:
     async with open_backend() as backend:
         big = task(2, payload="x" * MESSAGE_TEXT_LIMIT)
         outcomes = await backend.push([task(1), big, task(3)])
@@ -257,7 +272,10 @@ async def test_dedup_drops_a_repeat_inside_the_window(open_backend: OpenBackend)
     async with open_backend() as backend:
         info = await backend.dedup_info()
         assert (info.duplicate_detection, info.window, info.mechanism) == (
-            True, timedelta(days=7), "application ledger")
+            True,
+            timedelta(days=7),
+            "application ledger",
+        )
         first = await backend.push([task(1), task(2)])
         again = await backend.push([task(1), task(3), task(3)])
         assert [o.duplicate for o in first] == [False, False]
@@ -276,12 +294,14 @@ async def test_dedup_accepts_a_repeat_after_the_window(open_backend: OpenBackend
         assert await drain_ids(backend) == ["task1", "task1"]
 
 
-async def test_window_is_the_queues_not_the_producers(open_backend: OpenBackend,
-                                                      azurite, storage_queue_name) -> None:
+async def test_window_is_the_queues_not_the_producers(
+    open_backend: OpenBackend, azurite, storage_queue_name
+) -> None:
     async with open_backend(window=timedelta(hours=12)):
         pass
-    other = StorageQueueBackend.from_spec(None, storage_queue_name, azurite.connection_string,
-                                          dedup_window=timedelta(minutes=1))
+    other = StorageQueueBackend.from_spec(
+        None, storage_queue_name, azurite.connection_string, dedup_window=timedelta(minutes=1)
+    )
     async with other:
         await other.ensure_queue(QueueSettings(dedup_window=timedelta(minutes=1)))
         assert (await other.dedup_info()).window == timedelta(hours=12)
@@ -297,33 +317,43 @@ async def test_dedup_off_sends_every_copy(open_backend: OpenBackend) -> None:
 
 
 async def test_foreign_queue_reports_no_dedup_until_a_window_is_given(
-        azurite, storage_queue_name) -> None:
+    azurite, storage_queue_name
+) -> None:
     async with QueueClient.from_connection_string(
-            azurite.connection_string, storage_queue_name) as raw:
+        azurite.connection_string, storage_queue_name
+    ) as raw:
         await raw.create_queue()
-    plain = StorageQueueBackend.from_spec(None, storage_queue_name, azurite.connection_string,
-                                          dedup_window=None)
+    plain = StorageQueueBackend.from_spec(
+        None, storage_queue_name, azurite.connection_string, dedup_window=None
+    )
     async with plain:
         await plain.ensure_queue(QueueSettings())
         info = await plain.dedup_info()
         assert info.duplicate_detection is False and "another tool" in (info.note or "")
-    explicit = StorageQueueBackend.from_spec(None, storage_queue_name, azurite.connection_string,
-                                             dedup_window=timedelta(hours=1))
+    explicit = StorageQueueBackend.from_spec(
+        None, storage_queue_name, azurite.connection_string, dedup_window=timedelta(hours=1)
+    )
     async with explicit:
         await explicit.ensure_queue(QueueSettings(dedup_window=timedelta(hours=1)))
         assert (await explicit.dedup_info()).window == timedelta(hours=1)
 
 
 async def _ledger_entity(azurite, queue: str, task_id: str, state: str, age: float) -> None:
-    async with TableClient.from_connection_string(azurite.connection_string,
-                                                  LEDGER_TABLE) as table:
-        await table.upsert_entity({"PartitionKey": queue, "RowKey": row_key(task_id),
-                                   "state": state, "accepted_at": time.time() - age,
-                                   "producer": "test"})
+    async with TableClient.from_connection_string(azurite.connection_string, LEDGER_TABLE) as table:
+        await table.upsert_entity(
+            {
+                "PartitionKey": queue,
+                "RowKey": row_key(task_id),
+                "state": state,
+                "accepted_at": time.time() - age,
+                "producer": "test",
+            }
+        )
 
 
 async def test_stale_pending_claim_is_taken_over_and_sent(
-        open_backend: OpenBackend, azurite, storage_queue_name) -> None:
+    open_backend: OpenBackend, azurite, storage_queue_name
+) -> None:
     """A producer that died between claiming and sending must not lose the task."""
     async with open_backend() as backend:
         await _ledger_entity(azurite, storage_queue_name, "task1", "pending", age=3600)
@@ -332,7 +362,8 @@ async def test_stale_pending_claim_is_taken_over_and_sent(
 
 
 async def test_fresh_pending_claim_waits_for_its_owner(
-        open_backend: OpenBackend, azurite, storage_queue_name) -> None:
+    open_backend: OpenBackend, azurite, storage_queue_name
+) -> None:
     async with open_backend() as backend:
         await _ledger_entity(azurite, storage_queue_name, "task1", "pending", age=0)
 
@@ -378,11 +409,20 @@ asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
 
 @pytest.mark.slow
 async def test_16_racing_producers_push_exactly_one_message_per_task(
-        azurite, storage_queue_name, open_backend: OpenBackend) -> None:
+    azurite, storage_queue_name, open_backend: OpenBackend
+) -> None:
     producers = [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-c", PRODUCER, azurite.connection_string, storage_queue_name,
-            "500", cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            sys.executable,
+            "-c",
+            PRODUCER,
+            azurite.connection_string,
+            storage_queue_name,
+            "500",
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         for _ in range(16)
     ]
     results = [await p.communicate() for p in producers]
@@ -399,20 +439,26 @@ async def test_16_racing_producers_push_exactly_one_message_per_task(
 
 
 async def test_wrong_account_key_is_a_clear_error_without_the_key(
-        azurite, storage_queue_name, caplog: pytest.LogCaptureFixture) -> None:
+    azurite, storage_queue_name, caplog: pytest.LogCaptureFixture
+) -> None:
     wrong_key = "V3JvbmdLZXlXcm9uZ0tleVdyb25nS2V5V3JvbmdLZXk=" * 2
     caplog.set_level(logging.DEBUG)
     backend = StorageQueueBackend.from_spec(
-        None, storage_queue_name, azurite.connection_string_with_key(wrong_key),
-        dedup_window=None)
+        None, storage_queue_name, azurite.connection_string_with_key(wrong_key), dedup_window=None
+    )
     async with backend:
         with pytest.raises(BackendError) as caught:
             await backend.ensure_queue(QueueSettings())
     message = str(caught.value)
     assert "refused the credentials" in message and "devstoreaccount1" in message
     assert "account key" in message
-    for text in (message, repr(caught.value), str(caught.value.__cause__),
-                 str(caught.value.__context__), caplog.text):
+    for text in (
+        message,
+        repr(caught.value),
+        str(caught.value.__cause__),
+        str(caught.value.__context__),
+        caplog.text,
+    ):
         assert wrong_key not in text and wrong_key[:20] not in text
 
 
@@ -421,7 +467,8 @@ async def test_unreachable_endpoint_is_a_clear_error(storage_queue_name) -> None
 
     port = free_port()
     backend = StorageQueueBackend.from_spec(
-        None, storage_queue_name, connection_string(port, port, port), dedup_window=None)
+        None, storage_queue_name, connection_string(port, port, port), dedup_window=None
+    )
     async with backend:
         with pytest.raises(BackendError, match="cannot reach storage account"):
             await backend.counts()
@@ -430,14 +477,15 @@ async def test_unreachable_endpoint_is_a_clear_error(storage_queue_name) -> None
 # ---------------------------------------------------------------------- the fast REST path
 
 
-async def test_xml_special_characters_survive_the_fast_send_path(
-        open_backend: OpenBackend) -> None:
+async def test_xml_special_characters_survive_the_fast_send_path(open_backend: OpenBackend) -> None:
     async with open_backend() as backend:
         assert backend._rest is not None  # the signed-REST path is the one under test
         body = json.dumps({"cmd": "a < b && c > d; echo '\"x\"' \u00e9 \U0001f600"}).encode()
-        messages = [OutgoingMessage("special", body),
-                    OutgoingMessage("crlf", b'{"a":\r\n1}'),
-                    OutgoingMessage("binary", b"\x00\xff")]
+        messages = [
+            OutgoingMessage("special", body),
+            OutgoingMessage("crlf", b'{"a":\r\n1}'),
+            OutgoingMessage("binary", b"\x00\xff"),
+        ]
         assert all(o.ok for o in await backend.push(messages))
         received = {m.message_id: m.body for m in await backend.receive(32, 2.0)}
         assert received == {m.message_id: m.body for m in messages}
@@ -451,13 +499,18 @@ def test_connection_string_parsing() -> None:
     assert dev.queue_url == "http://127.0.0.1:10001/devstoreaccount1"
     cloud = parse_connection_string(
         "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=a2V5;"
-        "EndpointSuffix=core.windows.net")
+        "EndpointSuffix=core.windows.net"
+    )
     assert cloud is not None
     assert (cloud.queue_url, cloud.table_url, cloud.key) == (
-        "https://acct.queue.core.windows.net", "https://acct.table.core.windows.net", b"key")
+        "https://acct.queue.core.windows.net",
+        "https://acct.table.core.windows.net",
+        b"key",
+    )
     sas = parse_connection_string(
         "QueueEndpoint=https://acct.queue.core.windows.net;"
-        "TableEndpoint=https://acct.table.core.windows.net;SharedAccessSignature=?sv=1&sig=x")
+        "TableEndpoint=https://acct.table.core.windows.net;SharedAccessSignature=?sv=1&sig=x"
+    )
     assert sas is not None and sas.sas == "sv=1&sig=x" and sas.key is None
     assert parse_connection_string("AccountName=acct") is None  # no credential: SDK path
 
@@ -473,15 +526,27 @@ async def test_sas_connection_string_works(azurite, storage_queue_name) -> None:
     from azurite_fixtures import ACCOUNT, ACCOUNT_KEY
 
     sas = generate_account_sas(
-        ACCOUNT, ACCOUNT_KEY, ResourceTypes(service=True, container=True, object=True),
-        AccountSasPermissions(read=True, write=True, delete=True, list=True, add=True,
-                              create=True, update=True, process=True),
-        expiry=datetime.now(timezone.utc) + timedelta(hours=1))
-    connection = (f"QueueEndpoint=http://127.0.0.1:{azurite.queue_port}/{ACCOUNT};"
-                  f"TableEndpoint=http://127.0.0.1:{azurite.table_port}/{ACCOUNT};"
-                  f"SharedAccessSignature={sas}")
-    backend = StorageQueueBackend.from_spec(None, storage_queue_name, connection,
-                                            dedup_window=None)
+        ACCOUNT,
+        ACCOUNT_KEY,
+        ResourceTypes(service=True, container=True, object=True),
+        AccountSasPermissions(
+            read=True,
+            write=True,
+            delete=True,
+            list=True,
+            add=True,
+            create=True,
+            update=True,
+            process=True,
+        ),
+        expiry=datetime.now(timezone.utc) + timedelta(hours=1),
+    )
+    connection = (
+        f"QueueEndpoint=http://127.0.0.1:{azurite.queue_port}/{ACCOUNT};"
+        f"TableEndpoint=http://127.0.0.1:{azurite.table_port}/{ACCOUNT};"
+        f"SharedAccessSignature={sas}"
+    )
+    backend = StorageQueueBackend.from_spec(None, storage_queue_name, connection, dedup_window=None)
     async with backend:
         assert backend._rest is not None and backend._rest.endpoints.sas
         await backend.ensure_queue(QueueSettings(duplicate_detection=False))

@@ -22,8 +22,7 @@ from ai4s_jobq.backends.storage.prefetch import PollBackoff, ReadAhead
 
 
 def tasks(count: int) -> list[OutgoingMessage]:
-    return [OutgoingMessage(f"t{n}", json.dumps({"args": {"n": n}}).encode())
-            for n in range(count)]
+    return [OutgoingMessage(f"t{n}", json.dumps({"args": {"n": n}}).encode()) for n in range(count)]
 
 
 async def receive_all(backend, wait: float = 0.3) -> list:
@@ -88,7 +87,8 @@ def test_poll_backoff_doubles_after_empty_polls_and_resets_on_messages() -> None
 
 
 async def test_short_receives_on_an_empty_queue_share_one_backoff(
-        open_backend: OpenBackend) -> None:
+    open_backend: OpenBackend,
+) -> None:
     """A worker with a short idle timeout receives with short waits, often; the
     pause between empty polls carries over from call to call, so it polls about
     as rarely as one long wait would (0, 0.05, 0.15, 0.35, 0.75 s, ...), not at
@@ -122,7 +122,8 @@ async def test_no_read_ahead_without_throughput(open_backend: OpenBackend) -> No
 
 
 async def test_read_ahead_serves_later_receives_and_stays_bounded(
-        open_backend: OpenBackend) -> None:
+    open_backend: OpenBackend,
+) -> None:
     async with open_backend(window=None) as worker, open_backend(create=False) as other:
         await worker.push(tasks(40))
         first = await worker.receive(10, 1.0)
@@ -145,7 +146,8 @@ async def test_read_ahead_serves_later_receives_and_stays_bounded(
 
 
 async def test_a_stale_buffered_message_is_renewed_before_hand_out(
-        open_backend: OpenBackend) -> None:
+    open_backend: OpenBackend,
+) -> None:
     async with open_backend(window=None, lock=300) as worker:
         await worker.push(tasks(3))
         worker._read_ahead.finished()
@@ -163,7 +165,8 @@ async def test_a_stale_buffered_message_is_renewed_before_hand_out(
 
 
 async def test_a_buffered_message_whose_lock_is_gone_is_dropped(
-        open_backend: OpenBackend, azurite, storage_queue_name: str) -> None:
+    open_backend: OpenBackend, azurite, storage_queue_name: str
+) -> None:
     async with open_backend(window=None) as worker, open_backend(create=False) as other:
         await worker.push(tasks(3))
         for _ in range(4):
@@ -172,10 +175,12 @@ async def test_a_buffered_message_whose_lock_is_gone_is_dropped(
         assert len(worker._read_ahead) == 2
         lost, ok = worker._read_ahead._buffer
         # Its visibility ends early and another worker takes it: our receipt is stale.
-        async with QueueClient.from_connection_string(azurite.connection_string,
-                                                      storage_queue_name) as raw:
-            await raw.update_message(lost.handle.azure_id, pop_receipt=lost.handle.pop_receipt,
-                                     visibility_timeout=0)
+        async with QueueClient.from_connection_string(
+            azurite.connection_string, storage_queue_name
+        ) as raw:
+            await raw.update_message(
+                lost.handle.azure_id, pop_receipt=lost.handle.pop_receipt, visibility_timeout=0
+            )
         (stolen,) = await other.receive(1, 1.0)
         assert stolen.message_id == lost.message_id
         lost.locked_until = time.time()  # stale: the worker tries to renew it
@@ -194,7 +199,8 @@ def fast_worker(worker, per_second: int = 20) -> None:
 
 
 async def test_a_fast_worker_refills_its_buffer_in_the_background(
-        open_backend: OpenBackend) -> None:
+    open_backend: OpenBackend,
+) -> None:
     async with open_backend(window=None) as worker:
         await worker.push(tasks(60))
         fast_worker(worker)
@@ -212,15 +218,17 @@ async def test_a_fast_worker_refills_its_buffer_in_the_background(
 
 
 async def test_close_waits_for_a_refill_in_flight_and_releases_its_messages(
-        open_backend: OpenBackend, azurite, storage_queue_name: str) -> None:
+    open_backend: OpenBackend, azurite, storage_queue_name: str
+) -> None:
     async with open_backend(window=None) as worker:
         await worker.push(tasks(60))
         fast_worker(worker)
         started = [*await worker.receive(1, 1.0), *await worker.receive(12, 0.0)]
         assert worker._read_ahead._refill is not None
     # closed while the refill was in flight: its 20 were released with the other 8
-    async with QueueClient.from_connection_string(azurite.connection_string,
-                                                  storage_queue_name) as raw:
+    async with QueueClient.from_connection_string(
+        azurite.connection_string, storage_queue_name
+    ) as raw:
         for message in started:  # these 13 "ran"
             await raw.delete_message(message.handle.azure_id, message.handle.pop_receipt)
 
@@ -231,7 +239,8 @@ async def test_close_waits_for_a_refill_in_flight_and_releases_its_messages(
 
 
 async def test_close_releases_unstarted_messages_without_costing_an_attempt(
-        open_backend: OpenBackend, azurite, storage_queue_name: str) -> None:
+    open_backend: OpenBackend, azurite, storage_queue_name: str
+) -> None:
     async with open_backend(window=None) as worker:
         await worker.push(tasks(6))
         for _ in range(10):
@@ -245,12 +254,15 @@ async def test_close_releases_unstarted_messages_without_costing_an_attempt(
         again = await receive_all(other)
         assert len(again) == 5
         assert {m.delivery_count for m in again} == {1}  # not charged for the read-ahead
-        async with QueueClient.from_connection_string(azurite.connection_string,
-                                                      storage_queue_name) as raw:
+        async with QueueClient.from_connection_string(
+            azurite.connection_string, storage_queue_name
+        ) as raw:
             for message in again:  # Azure itself did count the reception
-                await raw.update_message(message.handle.azure_id,
-                                         pop_receipt=message.handle.pop_receipt,
-                                         visibility_timeout=0)
+                await raw.update_message(
+                    message.handle.azure_id,
+                    pop_receipt=message.handle.pop_receipt,
+                    visibility_timeout=0,
+                )
             peeked = [m async for m in raw.receive_messages(max_messages=32)]
         assert {m.dequeue_count for m in peeked} == {3}
         assert all('"unstarted":1' in m.content for m in peeked)

@@ -30,8 +30,12 @@ def spec(storage_queue_name: str) -> str:
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("JOBQ_QUEUE", "JOBQ_DEDUP_WINDOW", "JOBQ_DETERMINISTIC_IDS",
-                 "JOBQ_CONNECTION_STRING"):
+    for name in (
+        "JOBQ_QUEUE",
+        "JOBQ_DEDUP_WINDOW",
+        "JOBQ_DETERMINISTIC_IDS",
+        "JOBQ_CONNECTION_STRING",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -40,24 +44,26 @@ def policy(**kwargs) -> WorkerPolicy:
 
 
 def cli(azurite, *args: str, **kwargs) -> subprocess.CompletedProcess[str]:
-    return jobq_cli(*args, env={"JOBQ_CONNECTION_STRING": azurite.connection_string},
-                    **kwargs)
+    return jobq_cli(*args, env={"JOBQ_CONNECTION_STRING": azurite.connection_string}, **kwargs)
 
 
 async def test_success_retry_and_dead_letter_to_failed_queue(azurite, spec, storage_queue_name):
     async with JobQ.open(spec, connection_string=azurite.connection_string) as q:
         await worker_scenarios.success_retry_then_dead_letter(q, policy(slots=2))
     async with QueueClient.from_connection_string(
-            azurite.connection_string, f"{storage_queue_name}-failed") as raw:
+        azurite.connection_string, f"{storage_queue_name}-failed"
+    ) as raw:
         assert (await raw.get_queue_properties()).approximate_message_count == 1
 
 
 async def test_malformed_message_dead_lettered_and_worker_continues(
-        azurite, spec, storage_queue_name, tmp_path):
+    azurite, spec, storage_queue_name, tmp_path
+):
     log = tmp_path / "log"
     async with JobQ.open(spec, connection_string=azurite.connection_string) as q:
         async with QueueClient.from_connection_string(
-                azurite.connection_string, storage_queue_name) as raw:
+            azurite.connection_string, storage_queue_name
+        ) as raw:
             await raw.send_message("definitely not a task")
         await q.backend.push([OutgoingMessage("junk-2", b'{"id": "x"}')])
         await q.push({"log": str(log), "name": "after"})
@@ -73,16 +79,21 @@ async def test_malformed_message_dead_lettered_and_worker_continues(
         assert (counts.active, counts.dead_letter) == (0, 2)
 
 
-async def test_heartbeat_keeps_a_long_task_invisible_to_other_workers(
-        azurite, spec, tmp_path):
+async def test_heartbeat_keeps_a_long_task_invisible_to_other_workers(azurite, spec, tmp_path):
     """Lock (visibility timeout) 2 s, task 5 s, two workers: it runs exactly once."""
     log = tmp_path / "log"
-    opened = [JobQ.open(spec, connection_string=azurite.connection_string,
-                        lock_duration=timedelta(seconds=2)) for _ in range(2)]
+    opened = [
+        JobQ.open(
+            spec, connection_string=azurite.connection_string, lock_duration=timedelta(seconds=2)
+        )
+        for _ in range(2)
+    ]
     async with opened[0] as first, opened[1] as second:
         await first.push({"log": str(log), "name": "long", "seconds": 5.0})
-        workers = [Worker(q.backend, CallableProcessor(sample_tasks.record),
-                          policy(idle_timeout=7.0)) for q in (first, second)]
+        workers = [
+            Worker(q.backend, CallableProcessor(sample_tasks.record), policy(idle_timeout=7.0))
+            for q in (first, second)
+        ]
         stats = await asyncio.gather(*(w.run() for w in workers))
         assert sum(s.succeeded for s in stats) == 1
         assert log.read_text().count("start long") == 1
@@ -90,23 +101,42 @@ async def test_heartbeat_keeps_a_long_task_invisible_to_other_workers(
 
 
 def test_sigkilled_worker_task_reappears_after_visibility_timeout(
-        azurite, spec, tmp_path, local_dir):
+    azurite, spec, tmp_path, local_dir
+):
     marker, log = tmp_path / "marker", tmp_path / "log"
 
     async def setup() -> None:
-        async with JobQ.open(spec, connection_string=azurite.connection_string,
-                             lock_duration=timedelta(seconds=2)) as q:
+        async with JobQ.open(
+            spec, connection_string=azurite.connection_string, lock_duration=timedelta(seconds=2)
+        ) as q:
             await q.push({"marker": str(marker), "log": str(log)})
 
     asyncio.run(setup())
-    env = {**os.environ, **worker_env(local_dir),
-           "JOBQ_CONNECTION_STRING": azurite.connection_string}
+    env = {
+        **os.environ,
+        **worker_env(local_dir),
+        "JOBQ_CONNECTION_STRING": azurite.connection_string,
+    }
 
     def start(*args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [sys.executable, "-m", "ai4s_jobq_cli", "--queue", spec, "worker",
-             "--proc", "sample_tasks:hang_first_time", *args],
-            env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            [
+                sys.executable,
+                "-m",
+                "ai4s_jobq_cli",
+                "--queue",
+                spec,
+                "worker",
+                "--proc",
+                "sample_tasks:hang_first_time",
+                *args,
+            ],
+            env=env,
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
 
     first = start("--idle-timeout", "0")
     try:
@@ -127,14 +157,24 @@ def test_sigkilled_worker_task_reappears_after_visibility_timeout(
 
 
 def test_cli_push_worker_dlq_round_trip(azurite, spec):
-    pushed = cli(azurite, "--queue", spec, "push", "-c", "echo ok", "-c", "exit 4",
-                 "--num-retries", "0", check=True)
+    pushed = cli(
+        azurite,
+        "--queue",
+        spec,
+        "push",
+        "-c",
+        "echo ok",
+        "-c",
+        "exit 4",
+        "--num-retries",
+        "0",
+        check=True,
+    )
     assert "pushed 2 new" in pushed.stdout + pushed.stderr
     again = cli(azurite, "--queue", spec, "push", "-c", "echo ok", check=True)
     assert "dropped 1 duplicate" in again.stdout + again.stderr
     cli(azurite, "--queue", spec, "worker", "--idle-timeout", "1s", check=True)
-    listed = json.loads(cli(azurite, "--queue", spec, "dlq", "list", "--json",
-                            check=True).stdout)
+    listed = json.loads(cli(azurite, "--queue", spec, "dlq", "list", "--json", check=True).stdout)
     entries = listed if isinstance(listed, list) else listed.get("tasks", listed)
     assert len(entries) == 1
     assert entries[0]["reason"] == "NonZeroExit" and "exit code 4" in entries[0]["description"]
@@ -148,7 +188,8 @@ def test_cli_push_worker_dlq_round_trip(azurite, spec):
 
 
 def test_check_reports_the_ledger_and_warns_on_a_queue_without_dedup(
-        azurite, spec, storage_queue_name):
+    azurite, spec, storage_queue_name
+):
     cli(azurite, "--queue", spec, "push", "-c", "true", "--dedup-window", "12h", check=True)
     ok = cli(azurite, "--queue", spec, "check", check=True)
     assert "application ledger" in ok.stdout and "12h" in ok.stdout, ok.stdout
@@ -156,8 +197,7 @@ def test_check_reports_the_ledger_and_warns_on_a_queue_without_dedup(
     foreign = f"{storage_queue_name}x"
 
     async def create_foreign() -> None:
-        async with QueueClient.from_connection_string(azurite.connection_string,
-                                                      foreign) as raw:
+        async with QueueClient.from_connection_string(azurite.connection_string, foreign) as raw:
             await raw.create_queue()
 
     asyncio.run(create_foreign())

@@ -44,8 +44,9 @@ async def test_lock_is_renewed_while_a_long_task_runs(local_dir, tmp_path):
         await q.push({"log": str(log), "name": "long", "seconds": 3.0})
         # A second worker polls the same queue the whole time: it must never get the task.
         first = Worker(q.backend, CallableProcessor(sample_tasks.async_record), policy())
-        rival = Worker(q.backend, CallableProcessor(sample_tasks.async_record),
-                       policy(idle_timeout=4.0))
+        rival = Worker(
+            q.backend, CallableProcessor(sample_tasks.async_record), policy(idle_timeout=4.0)
+        )
         stats = await asyncio.gather(first.run(), rival.run())
     assert sum(s.succeeded for s in stats) == 1
     assert log.read_text().count("start long") == 1
@@ -73,8 +74,9 @@ async def test_max_consecutive_failures_stops_with_code_3(local_dir):
     async with JobQ.open("local://f") as q:
         for i in range(5):
             await q.push({"message": str(i)}, num_retries=0)
-        stats = await Worker(q.backend, CallableProcessor(sample_tasks.fail),
-                             policy(max_consecutive_failures=2)).run()
+        stats = await Worker(
+            q.backend, CallableProcessor(sample_tasks.fail), policy(max_consecutive_failures=2)
+        ).run()
         assert stats.exit_code == ExitCode.TOO_MANY_FAILURES == 3
         assert stats.failed == 2
         assert (await q.counts()).active == 3
@@ -85,8 +87,9 @@ async def test_time_limit_stops_taking_tasks(local_dir, tmp_path):
     async with JobQ.open("local://tl") as q:
         for i in range(4):
             await q.push({"log": str(log), "name": str(i), "seconds": 0.4})
-        stats = await Worker(q.backend, CallableProcessor(sample_tasks.async_record),
-                             policy(time_limit=0.2)).run()
+        stats = await Worker(
+            q.backend, CallableProcessor(sample_tasks.async_record), policy(time_limit=0.2)
+        ).run()
         assert stats.stop_reason == "time limit" and stats.succeeded == 1
         assert (await q.counts()).active == 3
 
@@ -95,8 +98,9 @@ async def test_pull_runs_exactly_one(local_dir):
     async with JobQ.open("local://p") as q:
         await q.push({"x": 1})
         await q.push({"x": 2})
-        stats = await Worker(q.backend, CallableProcessor(sample_tasks.noop),
-                             policy(max_tasks=1)).run()
+        stats = await Worker(
+            q.backend, CallableProcessor(sample_tasks.noop), policy(max_tasks=1)
+        ).run()
         assert stats.succeeded == 1 and stats.exit_code == 0
         assert (await q.counts()).active == 1
 
@@ -135,7 +139,8 @@ async def test_a_slot_takes_the_next_task_while_the_last_one_settles(local_dir):
 
         q.backend.complete = slow_complete  # type: ignore[method-assign]
         worker = asyncio.ensure_future(
-            Worker(q.backend, CallableProcessor(run), policy(slots=1)).run())
+            Worker(q.backend, CallableProcessor(run), policy(slots=1)).run()
+        )
         await asyncio.wait_for(second_started.wait(), 10)
         assert held and not worker.done()  # the first settle is still in flight
         release.set()
@@ -168,7 +173,8 @@ async def test_settles_in_flight_are_bounded_by_the_slots(local_dir):
 
         q.backend.complete = stuck_complete  # type: ignore[method-assign]
         worker = asyncio.ensure_future(
-            Worker(q.backend, CallableProcessor(run), policy(slots=1)).run())
+            Worker(q.backend, CallableProcessor(run), policy(slots=1)).run()
+        )
         await asyncio.wait_for(two_held.wait(), 10)
         for _ in range(20):  # let the loop run: nothing more may start
             await asyncio.sleep(0)
@@ -209,8 +215,8 @@ async def test_with_an_idle_timeout_no_receive_waits_longer_than_it(local_dir):
         q.backend.receive = recording_receive  # type: ignore[method-assign]
         idle = 0.3
         stats = await asyncio.wait_for(
-            Worker(q.backend, CallableProcessor(run), policy(slots=2, idle_timeout=idle)).run(),
-            10)
+            Worker(q.backend, CallableProcessor(run), policy(slots=2, idle_timeout=idle)).run(), 10
+        )
         assert stats.succeeded == 1 and stats.stop_reason == "idle timeout"
         assert waits["running"] and max(waits["running"]) <= idle
         assert waits["settling"] and max(waits["settling"]) <= idle

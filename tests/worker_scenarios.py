@@ -34,8 +34,9 @@ async def success_retry_then_dead_letter(q: JobQ, policy: WorkerPolicy) -> None:
 async def malformed_messages_dead_lettered(q: JobQ, policy: WorkerPolicy, log: Path) -> None:
     """Two messages that are not tasks are dead-lettered as MalformedTask with what is
     wrong; the task behind them still runs."""
-    await q.backend.push([OutgoingMessage("junk-1", b"\xff\xfe not json"),
-                          OutgoingMessage("junk-2", b'{"id": "x"}')])
+    await q.backend.push(
+        [OutgoingMessage("junk-1", b"\xff\xfe not json"), OutgoingMessage("junk-2", b'{"id": "x"}')]
+    )
     await q.push({"log": str(log), "name": "after"})
     stats = await Worker(q.backend, CallableProcessor(sample_tasks.record), policy).run()
     assert (stats.malformed, stats.succeeded) == (2, 1)
@@ -48,11 +49,13 @@ async def malformed_messages_dead_lettered(q: JobQ, policy: WorkerPolicy, log: P
 async def drain_recorded(q: JobQ, log: Path, names: list[str]) -> None:
     """Run a worker over ``async_record`` tasks named ``names`` (already pushed): all
     succeed, the queue ends empty, and each ran to its end exactly once."""
-    stats = await Worker(q.backend, CallableProcessor(sample_tasks.async_record),
-                         WorkerPolicy(idle_timeout=0.5)).run()
+    stats = await Worker(
+        q.backend, CallableProcessor(sample_tasks.async_record), WorkerPolicy(idle_timeout=0.5)
+    ).run()
     assert (stats.succeeded, stats.failed) == (len(names), 0)
     counts = await q.counts()
     assert (counts.active, counts.dead_letter) == (0, 0)
-    ends = sorted(line.split()[1] for line in log.read_text().splitlines()
-                  if line.startswith("end"))
+    ends = sorted(
+        line.split()[1] for line in log.read_text().splitlines() if line.startswith("end")
+    )
     assert ends == sorted(names)

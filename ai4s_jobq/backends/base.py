@@ -162,8 +162,9 @@ class Backend(abc.ABC):
         """Make the message receivable again at once."""
 
     @abc.abstractmethod
-    async def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
-        ...
+    async def dead_letter(
+        self, message: ReceivedMessage, reason: str, description: str
+    ) -> None: ...
 
     @abc.abstractmethod
     async def peek(self, max_count: int, *, dead_letter: bool = False) -> list[ReceivedMessage]:

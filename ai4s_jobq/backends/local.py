@@ -170,7 +170,8 @@ class LocalBackend(Backend):
             return
         try:
             outcomes: list[Exception | None] = list(
-                self.core.complete_many([token for token, _ in batch]))
+                self.core.complete_many([token for token, _ in batch])
+            )
         except Exception as exc:  # the transaction failed: every caller sees why
             outcomes = [exc] * len(batch)
         for (_, future), error in zip(batch, outcomes):
@@ -209,8 +210,7 @@ class LocalBackend(Backend):
         try:
             props = self.core.get_queue(self.queue_name)
         except broker_core.QueueNotFound:
-            return DedupInfo(self.kind, False, None, None, "none",
-                             "the queue does not exist yet")
+            return DedupInfo(self.kind, False, None, None, "none", "the queue does not exist yet")
         return DedupInfo(
             backend=self.kind,
             queue_exists=True,

@@ -21,15 +21,22 @@ from .client import AAD_TRUST_KEY_ENV
 from .server import DEFAULT_PORT, EmulatorServer, load_settings
 
 
-def run(host: str, port: int | None, data_dir: str, key: str | None = None,
-        announce=print, aad_trust_key: str | None = None) -> None:
+def run(
+    host: str,
+    port: int | None,
+    data_dir: str,
+    key: str | None = None,
+    announce=print,
+    aad_trust_key: str | None = None,
+) -> None:
     """Start the server, announce the connection string, block until a signal.
     ``port=None`` reuses the port of the last run with this data dir, else 5672;
     ``aad_trust_key=None`` keeps the data dir's (if any)."""
     if port is None:
         port = load_settings(Path(data_dir)).port or DEFAULT_PORT
-    server = EmulatorServer(data_dir, host=host, port=port, key=key,
-                            aad_trust_key=aad_trust_key).start()
+    server = EmulatorServer(
+        data_dir, host=host, port=port, key=key, aad_trust_key=aad_trust_key
+    ).start()
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -50,13 +57,20 @@ def run(host: str, port: int | None, data_dir: str, key: str | None = None,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ai4s_jobq.emulator")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=None,
-                        help="default: the port of the last run with this data dir, else 5672")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="default: the port of the last run with this data dir, else 5672",
+    )
     parser.add_argument("--data", required=True, help="data directory (SQLite store, key, CA)")
     parser.add_argument("--log-level", default="WARNING")
-    parser.add_argument("--aad-trust-key", default=os.environ.get(AAD_TRUST_KEY_ENV),
-                        help="accept Azure AD tokens (JWT, HS256) signed with this key "
-                             f"(default: ${AAD_TRUST_KEY_ENV}, else the data dir's)")
+    parser.add_argument(
+        "--aad-trust-key",
+        default=os.environ.get(AAD_TRUST_KEY_ENV),
+        help="accept Azure AD tokens (JWT, HS256) signed with this key "
+        f"(default: ${AAD_TRUST_KEY_ENV}, else the data dir's)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
     run(args.host, args.port, args.data, aad_trust_key=args.aad_trust_key)

@@ -312,8 +312,10 @@ class AmqpConnection:
         if not role.queue:
             return ("amqp:not-found", "no entity address on the link")
         if not self.ctx.authority.covers(self.granted, role.node):
-            return ("amqp:unauthorized-access",
-                    f"no valid put-token covers {role.queue!r} on this connection")
+            return (
+                "amqp:unauthorized-access",
+                f"no valid put-token covers {role.queue!r} on this connection",
+            )
         if not self.ctx.core.queue_exists(role.queue):
             return ("amqp:not-found", f"the messaging entity {role.queue!r} could not be found")
         if role.kind == "queue" and link.is_receiver and role.sub_queue != ACTIVE:
@@ -322,7 +324,8 @@ class AmqpConnection:
 
     def _live_queue_senders(self) -> list[Link]:
         return [
-            link for link in self._queue_senders
+            link
+            for link in self._queue_senders
             if not link.state & (Endpoint.LOCAL_CLOSED | Endpoint.REMOTE_CLOSED)
         ]
 
@@ -348,8 +351,10 @@ class AmqpConnection:
         while link.credit > 0:
             try:
                 messages = core.receive(
-                    role.queue, min(link.credit, MAX_RECEIVE_BATCH),
-                    sub_queue=role.sub_queue, receive_and_delete=role.receive_and_delete,
+                    role.queue,
+                    min(link.credit, MAX_RECEIVE_BATCH),
+                    sub_queue=role.sub_queue,
+                    receive_and_delete=role.receive_and_delete,
                 )
             except QueueNotFound:
                 link.condition = _condition("amqp:not-found", f"{role.queue!r} was deleted")
@@ -576,5 +581,7 @@ def _dead_letter_details(condition: Condition | None) -> tuple[str | None, str |
     description = info.get("DeadLetterErrorDescription") if isinstance(info, dict) else None
     if description is None:
         description = condition.description
-    return (str(reason) if reason is not None else None,
-            str(description) if description is not None else None)
+    return (
+        str(reason) if reason is not None else None,
+        str(description) if description is not None else None,
+    )

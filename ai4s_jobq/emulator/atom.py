@@ -45,8 +45,7 @@ def parse_duration(text: str) -> float:
     if not match or text.strip() in ("P", "PT"):
         raise AtomError(f"{text!r} is not an ISO 8601 duration")
     parts = {k: float(v) if v else 0.0 for k, v in match.groupdict().items()}
-    return (parts["days"] * 86400 + parts["hours"] * 3600 + parts["minutes"] * 60
-            + parts["seconds"])
+    return parts["days"] * 86400 + parts["hours"] * 3600 + parts["minutes"] * 60 + parts["seconds"]
 
 
 def format_duration(seconds: float | None) -> str:
@@ -106,7 +105,8 @@ class QueueRequest:
             changes["default_message_ttl"] = self.default_message_ttl
         if self.dead_lettering_on_message_expiration is not None:
             changes["dead_lettering_on_message_expiration"] = (
-                self.dead_lettering_on_message_expiration)
+                self.dead_lettering_on_message_expiration
+            )
         if self.max_message_size_kb is not None:
             changes["max_message_size"] = self.max_message_size_kb * 1024
         return replace(base, **changes)
@@ -201,9 +201,13 @@ def queue_description(props: QueueProperties, counts: QueueCounts | None) -> ET.
     s("SupportOrdering", "true")
     details = _sub(qd, f"{{{SB}}}CountDetails")
     c = counts or QueueCounts(0, 0, 0, 0)
-    for name, value in (("ActiveMessageCount", c.active), ("DeadLetterMessageCount", c.dead_letter),
-                        ("ScheduledMessageCount", c.scheduled), ("TransferMessageCount", 0),
-                        ("TransferDeadLetterMessageCount", 0)):
+    for name, value in (
+        ("ActiveMessageCount", c.active),
+        ("DeadLetterMessageCount", c.dead_letter),
+        ("ScheduledMessageCount", c.scheduled),
+        ("TransferMessageCount", 0),
+        ("TransferDeadLetterMessageCount", 0),
+    ):
         _sub(details, f"{{{SB_COUNTS}}}{name}", str(value))
     s("AutoDeleteOnIdle", FOREVER)
     s("EnablePartitioning", "false")

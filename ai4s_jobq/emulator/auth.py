@@ -61,7 +61,7 @@ class SasAuthority:
         prefix = "SharedAccessSignature "
         if not token.startswith(prefix):
             raise AuthError("the token is not a SharedAccessSignature")
-        fields = parse_qs(token[len(prefix):], keep_blank_values=True)
+        fields = parse_qs(token[len(prefix) :], keep_blank_values=True)
         try:
             sr = fields["sr"][0]
             sig = fields["sig"][0]

@@ -43,8 +43,14 @@ DEAD_LETTER_REASON = "DeadLetterReason"
 DEAD_LETTER_DESCRIPTION = "DeadLetterErrorDescription"
 
 #: Annotations only the broker may set; a client-supplied value is dropped on send.
-_BROKER_ANNOTATIONS = {SEQUENCE_NUMBER, ENQUEUED_TIME, LOCKED_UNTIL, MESSAGE_STATE,
-                       symbol("x-opt-lock-token"), symbol("x-opt-enqueue-sequence-number")}
+_BROKER_ANNOTATIONS = {
+    SEQUENCE_NUMBER,
+    ENQUEUED_TIME,
+    LOCKED_UNTIL,
+    MESSAGE_STATE,
+    symbol("x-opt-lock-token"),
+    symbol("x-opt-enqueue-sequence-number"),
+}
 
 
 class MalformedMessage(ValueError):
@@ -60,8 +66,14 @@ class Section:
 
     __slots__ = ("code", "raw", "_value", "_value_at", "_fields")
 
-    def __init__(self, code: int, raw: bytes, value: Any = _UNDECODED, value_at: int = 0,
-                 fields: list[tuple[int, int]] | None = None):
+    def __init__(
+        self,
+        code: int,
+        raw: bytes,
+        value: Any = _UNDECODED,
+        value_at: int = 0,
+        fields: list[tuple[int, int]] | None = None,
+    ):
         self.code = code
         self.raw = raw
         self._value = value
@@ -216,7 +228,8 @@ def parse_message(payload: bytes) -> ParsedMessage:
         if fields is not None:
             fields = [(a - start, b - start) for a, b in fields]
         parsed.sections.append(
-            Section(code, bytes(payload[start:stop]), value, value_at - start, fields))
+            Section(code, bytes(payload[start:stop]), value, value_at - start, fields)
+        )
     return parsed
 
 
@@ -286,8 +299,9 @@ def split_batch(parsed: ParsedMessage) -> list[ParsedMessage] | None:
     if parsed.get(HEADER) is not None or parsed.get(APPLICATION_PROPERTIES) is not None:
         return None
     bodies = parsed.data_bodies()
-    if not bodies or any(s.code not in (PROPERTIES, MESSAGE_ANNOTATIONS, DATA)
-                         for s in parsed.sections):
+    if not bodies or any(
+        s.code not in (PROPERTIES, MESSAGE_ANNOTATIONS, DATA) for s in parsed.sections
+    ):
         return None
     inner: list[ParsedMessage] = []
     for body in bodies:
@@ -335,12 +349,17 @@ class DeliveryInfo:
 def render_for_delivery(stored: bytes, info: DeliveryInfo) -> bytes:
     """Rebuild a stored message with the broker's header and annotations."""
     parsed = parse_message(stored)
-    out = [_header_section(parsed.get(HEADER), info.delivery_count),
-           _annotations_section(parsed.get(MESSAGE_ANNOTATIONS), info)]
+    out = [
+        _header_section(parsed.get(HEADER), info.delivery_count),
+        _annotations_section(parsed.get(MESSAGE_ANNOTATIONS), info),
+    ]
 
     app_section = parsed.get(APPLICATION_PROPERTIES)
-    rewrite_app = bool(info.extra_properties) or info.dead_letter_reason is not None \
+    rewrite_app = (
+        bool(info.extra_properties)
+        or info.dead_letter_reason is not None
         or info.dead_letter_description is not None
+    )
     app_props: dict[str, Any] = {}
     if rewrite_app or (app_section is not None and not app_section.is_map()):
         # (a section that is not a map is decoded anyway: dict() then fails as it
@@ -374,8 +393,7 @@ def _header_section(header: Section | None, delivery_count: int) -> bytes:
     key = (header.raw if header is not None else None, delivery_count)
     encoded = _HEADER_CACHE.get(key)
     if encoded is None:
-        header_fields: list[Any] = list(header.value) if header is not None and header.value \
-            else []
+        header_fields: list[Any] = list(header.value) if header is not None and header.value else []
         header_fields += [None] * (5 - len(header_fields))
         header_fields[4] = _uint(delivery_count)
         encoded = _remember(_HEADER_CACHE, key, _encode_section(HEADER, header_fields))
@@ -395,8 +413,11 @@ def _annotations_section(section: Section | None, info: DeliveryInfo) -> bytes:
     parts = [entries]
     for key, value in _broker_annotations(info).items():
         parts.append(_SYMBOL_BYTES[key])
-        parts.append(_long_bytes(value) if key != ENQUEUED_TIME and key != LOCKED_UNTIL
-                     else b"\x83" + _I64.pack(value))
+        parts.append(
+            _long_bytes(value)
+            if key != ENQUEUED_TIME and key != LOCKED_UNTIL
+            else b"\x83" + _I64.pack(value)
+        )
         count += 2
     body = b"".join(parts)
     return _MAP_SECTION_PREFIX + _U32.pack(len(body) + 4) + _U32.pack(count) + body
@@ -427,8 +448,9 @@ def _stored_annotations(section: Section | None) -> tuple[bytes, int] | None:
     if not value or isinstance(value, dict):
         annotations = dict(value) if value else {}
         encoded = _encode_section(MESSAGE_ANNOTATIONS, annotations)
-        if encoded.startswith(_MAP_SECTION_PREFIX) and \
-                not any(key in annotations for key in _SYMBOL_BYTES):
+        if encoded.startswith(_MAP_SECTION_PREFIX) and not any(
+            key in annotations for key in _SYMBOL_BYTES
+        ):
             result = encoded[len(_MAP_SECTION_PREFIX) + 8 :], 2 * len(annotations)
     return _remember(_ANNOTATIONS_CACHE, key, result)
 
@@ -456,8 +478,10 @@ _MAP_SECTION_PREFIX = b"\x00\x53\x72\xd1"
 _U32 = struct.Struct(">I")
 _I64 = struct.Struct(">q")
 _I8 = struct.Struct(">b")
-_SYMBOL_BYTES = {key: b"\xa3" + bytes([len(key)]) + key.encode("ascii")
-                 for key in (SEQUENCE_NUMBER, ENQUEUED_TIME, LOCKED_UNTIL, MESSAGE_STATE)}
+_SYMBOL_BYTES = {
+    key: b"\xa3" + bytes([len(key)]) + key.encode("ascii")
+    for key in (SEQUENCE_NUMBER, ENQUEUED_TIME, LOCKED_UNTIL, MESSAGE_STATE)
+}
 
 
 def _uint(value: int) -> Any:
@@ -473,4 +497,3 @@ def _encode_section(code: int, value: Any) -> bytes:
 def lock_token_to_tag(lock_token: str) -> bytes:
     """The delivery tag for a lock token: the SDK reads ``UUID(bytes_le=tag)``."""
     return uuid.UUID(lock_token).bytes_le
-

@@ -35,15 +35,19 @@ from .auth import AuthError
 #: The audiences Azure AD issues for Service Bus.  The SDK asks for the scope
 #: ``https://servicebus.azure.net//.default`` (resource with a trailing slash);
 #: Azure AD itself writes the audience without it.
-SERVICEBUS_AUDIENCES = frozenset({
-    "https://servicebus.azure.net",
-    "https://servicebus.azure.net/",
-    "https://servicebus.azure.net//",
-})
+SERVICEBUS_AUDIENCES = frozenset(
+    {
+        "https://servicebus.azure.net",
+        "https://servicebus.azure.net/",
+        "https://servicebus.azure.net//",
+    }
+)
 #: Leeway for ``exp`` / ``nbf`` (Azure tolerates a few minutes of clock skew).
 CLOCK_SKEW = 300
-NO_TRUST_KEY = ("Azure AD tokens are not accepted: the emulator has no AAD trust key "
-                "(start it with --aad-trust-key KEY to accept tokens signed with KEY)")
+NO_TRUST_KEY = (
+    "Azure AD tokens are not accepted: the emulator has no AAD trust key "
+    "(start it with --aad-trust-key KEY to accept tokens signed with KEY)"
+)
 
 
 def _b64url_decode(part: str) -> bytes:
@@ -107,13 +111,17 @@ class JwtAuthority:
             raise AuthError("the Azure AD token is not a well-formed JWT")
         header, claims = _json_part(parts[0]), _json_part(parts[1])
         if header.get("alg") != "HS256":
-            raise AuthError("the Azure AD token is not signed with the emulator's algorithm "
-                            "(HS256 with the AAD trust key)")
-        expected = hmac.new(self.trust_key.encode("utf-8"),
-                            f"{parts[0]}.{parts[1]}".encode("ascii"), hashlib.sha256).digest()
+            raise AuthError(
+                "the Azure AD token is not signed with the emulator's algorithm "
+                "(HS256 with the AAD trust key)"
+            )
+        expected = hmac.new(
+            self.trust_key.encode("utf-8"), f"{parts[0]}.{parts[1]}".encode("ascii"), hashlib.sha256
+        ).digest()
         if not hmac.compare_digest(expected, _b64url_decode(parts[2])):
-            raise AuthError("the Azure AD token's signature does not match the emulator's "
-                            "AAD trust key")
+            raise AuthError(
+                "the Azure AD token's signature does not match the emulator's AAD trust key"
+            )
         current = time.time() if now is None else now
         expires = _number(claims, "exp")
         if expires is None:
@@ -124,8 +132,10 @@ class JwtAuthority:
         if not_before is not None and not_before - CLOCK_SKEW > current:
             raise AuthError("the Azure AD token is not valid yet ('nbf' is in the future)")
         if not any(a in self.audiences for a in _audiences(claims)):
-            raise AuthError("the Azure AD token's audience is not Service Bus "
-                            "(expected https://servicebus.azure.net)")
+            raise AuthError(
+                "the Azure AD token's audience is not Service Bus "
+                "(expected https://servicebus.azure.net)"
+            )
         with self._lock:
             self.accepted[plane] += 1
         return claims

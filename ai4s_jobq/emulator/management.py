@@ -80,8 +80,9 @@ class ManagementHandler(BaseHTTPRequestHandler):
         host = self.headers.get("Host") or "localhost"
         return f"https://{host}"
 
-    def _send(self, status: int, body: bytes = b"", content_type: str = "application/atom+xml"
-              ) -> None:
+    def _send(
+        self, status: int, body: bytes = b"", content_type: str = "application/atom+xml"
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", f"{content_type}; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
@@ -239,7 +240,8 @@ class ManagementHandler(BaseHTTPRequestHandler):
             raise InvalidOperation(f"LockDuration must be between {floor} seconds and 5 minutes")
         if props.duplicate_detection_window < floor or props.duplicate_detection_window > 7 * 86400:
             raise InvalidOperation(
-                f"DuplicateDetectionHistoryTimeWindow must be between {floor} seconds and 7 days")
+                f"DuplicateDetectionHistoryTimeWindow must be between {floor} seconds and 7 days"
+            )
         if props.max_delivery_count < 1:
             raise InvalidOperation("MaxDeliveryCount must be at least 1")
 
@@ -270,6 +272,7 @@ class ManagementHandler(BaseHTTPRequestHandler):
         next_link = None
         base = self._base_url()
         if skip + top < len(queues):
-            next_link = (f"{base}/$Resources/queues?$skip={skip + top}&$top={top}"
-                         "&api-version=2021-05")
+            next_link = (
+                f"{base}/$Resources/queues?$skip={skip + top}&$top={top}&api-version=2021-05"
+            )
         self._send(200, atom.feed_xml(base, items, next_link))

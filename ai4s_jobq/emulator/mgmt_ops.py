@@ -63,8 +63,11 @@ def handle(ctx: EmulatorContext, target: MgmtTarget, operation: str, body: Any) 
     """Run one management operation; never raises for a client's mistake."""
     op = _OPERATIONS.get(operation)
     if op is None:
-        return MgmtReply(501, f"operation {operation!r} is not supported by the emulator",
-                         condition=NOT_IMPLEMENTED)
+        return MgmtReply(
+            501,
+            f"operation {operation!r} is not supported by the emulator",
+            condition=NOT_IMPLEMENTED,
+        )
     if body is not None and not isinstance(body, dict):
         return MgmtReply(400, "the request body must be an AMQP map", condition=ARGUMENT_ERROR)
     try:
@@ -126,13 +129,14 @@ def _peek(ctx: EmulatorContext, target: MgmtTarget, body: dict) -> MgmtReply:
     count = int(body.get("message-count") or 1)
     if count < 1:
         raise BadRequest("message-count must be at least 1")
-    found = ctx.core.peek(target.queue, count, from_sequence_number=start,
-                          sub_queue=target.sub_queue)
+    found = ctx.core.peek(
+        target.queue, count, from_sequence_number=start, sub_queue=target.sub_queue
+    )
     if not found:
         return MgmtReply(204, "No messages")
-    return MgmtReply(200, "OK", {"messages": [
-        {"message": _encoded_for_client(m, peek=True)} for m in found
-    ]})
+    return MgmtReply(
+        200, "OK", {"messages": [{"message": _encoded_for_client(m, peek=True)} for m in found]}
+    )
 
 
 def new_message_from_parsed(parsed: codec.ParsedMessage) -> NewMessage:
@@ -194,15 +198,14 @@ def _update_disposition(ctx: EmulatorContext, target: MgmtTarget, body: dict) ->
     return MgmtReply(200, "OK")
 
 
-def _receive_by_sequence_number(
-    ctx: EmulatorContext, target: MgmtTarget, body: dict
-) -> MgmtReply:
+def _receive_by_sequence_number(ctx: EmulatorContext, target: MgmtTarget, body: dict) -> MgmtReply:
     numbers = [int(n) for n in _elements(body.get("sequence-numbers"), "sequence-numbers")]
     receive_and_delete = int(body.get("receiver-settle-mode") or 0) == 0
     found = ctx.core.receive_deferred(target.queue, numbers, sub_queue=target.sub_queue)
     if not found:
-        return MgmtReply(404, "no deferred message with those sequence numbers",
-                         condition=MESSAGE_NOT_FOUND)
+        return MgmtReply(
+            404, "no deferred message with those sequence numbers", condition=MESSAGE_NOT_FOUND
+        )
     items: list[dict[str, Any]] = []
     for message in found:
         encoded = _encoded_for_client(message, peek=False)

@@ -26,8 +26,13 @@ class EmulatorStartError(RuntimeError):
 
 
 class EmulatorProcess:
-    def __init__(self, data_dir: str | os.PathLike[str], port: int | None = None,
-                 host: str = "127.0.0.1", aad_trust_key: str | None = None):
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        aad_trust_key: str | None = None,
+    ):
         self.data_dir = Path(data_dir)
         #: passed through the environment, not argv, so it is not in process listings
         self.aad_trust_key = aad_trust_key
@@ -43,14 +48,29 @@ class EmulatorProcess:
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "emulator.log", "a")  # noqa: SIM115 - owned by the child
-        cmd = [sys.executable, "-m", "ai4s_jobq.emulator", "--data", str(self.data_dir),
-               "--host", self.host, "--port", str(self.port), "--log-level", "INFO"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "ai4s_jobq.emulator",
+            "--data",
+            str(self.data_dir),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--log-level",
+            "INFO",
+        ]
         env = dict(os.environ)
         env.pop(AAD_TRUST_KEY_ENV, None)
         if self.aad_trust_key is not None:
             env[AAD_TRUST_KEY_ENV] = self.aad_trust_key
         self._proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True,
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            text=True,
             env=env,
         )
         log.close()
@@ -58,7 +78,8 @@ class EmulatorProcess:
         if not line.startswith("Endpoint="):
             self.kill()
             raise EmulatorStartError(
-                f"the emulator did not start (see {self.data_dir / 'emulator.log'})")
+                f"the emulator did not start (see {self.data_dir / 'emulator.log'})"
+            )
         self.connection_string = line.strip()
         self.host, self.port = client.emulator_endpoint(self.connection_string)
         return self

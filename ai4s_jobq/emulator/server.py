@@ -120,13 +120,15 @@ class EmulatorServer:
 
     @property
     def connection_string(self) -> str:
-        return client.connection_string(self.host, self.port, self.settings.key_name,
-                                        self.settings.key)
+        return client.connection_string(
+            self.host, self.port, self.settings.key_name, self.settings.key
+        )
 
     def start(self) -> EmulatorServer:
         self.core = BrokerCore(self.data_dir / "broker.sqlite3")
         self.ctx = EmulatorContext(
-            core=self.core, authority=SasAuthority(self.settings.key_name, self.settings.key),
+            core=self.core,
+            authority=SasAuthority(self.settings.key_name, self.settings.key),
             aad=JwtAuthority(self.settings.aad_trust_key),
         )
         listener = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
@@ -201,7 +203,9 @@ class EmulatorServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = f"{address[0]}:{address[1]}"
             threading.Thread(
-                target=self._serve_client, args=(sock, peer), name=f"emulator-{peer}",
+                target=self._serve_client,
+                args=(sock, peer),
+                name=f"emulator-{peer}",
                 daemon=True,
             ).start()
 
@@ -243,8 +247,9 @@ class EmulatorServer:
             assert self.ctx is not None
             self._serve_amqp(AmqpConnection(sock, self.ctx, peer))
         else:
-            sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
-                         b"Connection: close\r\n\r\n")
+            sock.sendall(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
 
     def _serve_tls(self, sock: socket.socket, peer: str, context: ssl.SSLContext) -> None:
         accepted = accept_tls(sock, context, peer, SNIFF_TIMEOUT)
@@ -258,8 +263,9 @@ class EmulatorServer:
                 self._serve_amqp(TlsAmqpConnection(tls_sock, self.ctx, peer, first))
             else:
                 # the handler only uses the socket API PrefixedSocket forwards
-                serve_https_connection(cast(socket.socket, PrefixedSocket(tls_sock, first)),
-                                       peer, self.ctx)
+                serve_https_connection(
+                    cast(socket.socket, PrefixedSocket(tls_sock, first)), peer, self.ctx
+                )
 
     def _serve_amqp(self, connection: AmqpConnection) -> None:
         with self._lock:

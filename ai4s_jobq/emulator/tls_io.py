@@ -29,8 +29,9 @@ MAX_BACKLOG = 1024 * 1024
 READ_SIZE = 64 * 1024
 
 
-def accept_tls(sock: socket.socket, context: ssl.SSLContext, peer: str,
-               timeout: float) -> tuple[ssl.SSLSocket, bytes] | None:
+def accept_tls(
+    sock: socket.socket, context: ssl.SSLContext, peer: str, timeout: float
+) -> tuple[ssl.SSLSocket, bytes] | None:
     """Handshake and read the first decrypted byte: ``(tls socket, byte)``, or None
     if the handshake failed or the client said nothing within ``timeout``."""
     sock.settimeout(timeout)

@@ -167,19 +167,20 @@ class LedgerStore(abc.ABC):
         """Every record tagged ``tag``, streamed in pages (constant memory)."""
 
     @abc.abstractmethod
-    async def status(self, tag: str | None = None, *, window_minutes: float = 5.0
-                     ) -> StatusSummary:
+    async def status(self, tag: str | None = None, *, window_minutes: float = 5.0) -> StatusSummary:
         """Counts by state over ``tag`` (or everything); must answer in well under a
         second for 100,000 records on local."""
 
     @abc.abstractmethod
-    async def tasks(self, *, tag: str | None = None, state: TaskState | None = None,
-                    limit: int = 50) -> list[TaskRecord]:
+    async def tasks(
+        self, *, tag: str | None = None, state: TaskState | None = None, limit: int = 50
+    ) -> list[TaskRecord]:
         """The most recently changed records, filtered."""
 
     @abc.abstractmethod
-    async def failures(self, *, tag: str | None = None, limit: int = 20,
-                       examples: int = 3) -> list[FailureGroup]:
+    async def failures(
+        self, *, tag: str | None = None, limit: int = 20, examples: int = 3
+    ) -> list[FailureGroup]:
         """Failed and dead-lettered tasks grouped by reason, largest group first."""
 
     @abc.abstractmethod

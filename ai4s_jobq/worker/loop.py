@@ -95,14 +95,22 @@ class _Running:
 
 
 class Worker:
-    def __init__(self, backend: Backend, processor: Processor, policy: WorkerPolicy | None = None,
-                 *, hooks: Sequence[WorkerHook] = (), identity: WorkerIdentity | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        processor: Processor,
+        policy: WorkerPolicy | None = None,
+        *,
+        hooks: Sequence[WorkerHook] = (),
+        identity: WorkerIdentity | None = None,
+    ):
         self.backend = backend
         self.processor = processor
         self.policy = policy or WorkerPolicy()
         self.hooks = HookChain(hooks)
-        self.identity = identity or WorkerIdentity(slots=self.policy.slots,
-                                                   queue=backend.description)
+        self.identity = identity or WorkerIdentity(
+            slots=self.policy.slots, queue=backend.description
+        )
         self.stats = WorkerStats()
         self._running: set[_Running] = set()
         self._slot_freed = asyncio.Event()
@@ -121,9 +129,13 @@ class Worker:
             restore()
             self.stats.exit_code = self._exit_code()
             await self.hooks.stop(self.identity, self.stats)
-        log.info("worker stopped (%s): %d succeeded, %d failed attempts, %d dead-lettered",
-                 self.stats.stop_reason, self.stats.succeeded, self.stats.failed,
-                 self.stats.dead_lettered)
+        log.info(
+            "worker stopped (%s): %d succeeded, %d failed attempts, %d dead-lettered",
+            self.stats.stop_reason,
+            self.stats.succeeded,
+            self.stats.failed,
+            self.stats.dead_lettered,
+        )
         return self.stats
 
     async def _receive_loop(self) -> str:
@@ -137,8 +149,10 @@ class Worker:
                 return "time limit"
             if policy.max_tasks is not None and self._taken >= policy.max_tasks:
                 return "task limit"
-            if (policy.max_consecutive_failures
-                    and self.stats.consecutive_failures >= policy.max_consecutive_failures):
+            if (
+                policy.max_consecutive_failures
+                and self.stats.consecutive_failures >= policy.max_consecutive_failures
+            ):
                 return "too many consecutive failures"
             free = self._free_slots()
             if free <= 0:
@@ -155,8 +169,12 @@ class Worker:
             except Exception as exc:  # broker down or connection dropped: back off, retry
                 receive_errors += 1
                 delay = min(RECEIVE_RETRY_MAX, 0.5 * 2 ** min(receive_errors, 6))
-                log.warning("receive failed (%s: %s); retrying in %.1fs", type(exc).__name__,
-                            redact(str(exc))[:300], delay)
+                log.warning(
+                    "receive failed (%s: %s); retrying in %.1fs",
+                    type(exc).__name__,
+                    redact(str(exc))[:300],
+                    delay,
+                )
                 await self._wait_for(self._slot_freed, delay)
                 last_activity = time.monotonic()
                 continue
@@ -241,9 +259,12 @@ class Worker:
             self.stats.dead_lettered += 1
             self._task_over(running)
             await self._settle(
-                "dead_letter", message, "MaxAttemptsExceeded",
+                "dead_letter",
+                message,
+                "MaxAttemptsExceeded",
                 f"delivered {message.delivery_count} times, {task.max_attempts} attempts "
-                "allowed; earlier attempts did not finish (worker killed or lock lost)")
+                "allowed; earlier attempts did not finish (worker killed or lock lost)",
+            )
             return
         log.info("task %s: attempt %d of %d", task.id, message.delivery_count, task.max_attempts)
         started = time.monotonic()
@@ -269,8 +290,9 @@ class Worker:
         if running.lock_lost:
             self.stats.lost_locks += 1
             self.hooks.task_finished(run, TaskOutcome(LOCK_LOST, seconds, reason="LockLost"))
-            log.warning("task %s: lock lost, task cancelled; the message is left to its new "
-                        "owner", task.id)
+            log.warning(
+                "task %s: lock lost, task cancelled; the message is left to its new owner", task.id
+            )
             return
         if work.cancelled():
             self.stats.interrupted += 1
@@ -284,28 +306,44 @@ class Worker:
             self.stats.consecutive_failures = 0
             log.info("task %s: succeeded in %.2fs", task.id, seconds)
             if self.hooks:
-                self.hooks.task_finished(run, TaskOutcome(SUCCEEDED, seconds,
-                                                          result=work.result()))
+                self.hooks.task_finished(run, TaskOutcome(SUCCEEDED, seconds, result=work.result()))
             await self._settle("complete", message)
             return
-        failure = error if isinstance(error, TaskFailed) else TaskFailed(
-            type(error).__name__, str(error))
+        failure = (
+            error if isinstance(error, TaskFailed) else TaskFailed(type(error).__name__, str(error))
+        )
         self.stats.failed += 1
         self.stats.consecutive_failures += 1
         final = message.delivery_count >= task.max_attempts
         if self.hooks:
-            self.hooks.task_finished(run, TaskOutcome(
-                DEAD_LETTERED if final else FAILED, seconds, reason=failure.reason,
-                summary=redact(failure.description), exit_code=failure.exit_code))
+            self.hooks.task_finished(
+                run,
+                TaskOutcome(
+                    DEAD_LETTERED if final else FAILED,
+                    seconds,
+                    reason=failure.reason,
+                    summary=redact(failure.description),
+                    exit_code=failure.exit_code,
+                ),
+            )
         if final:
             self.stats.dead_lettered += 1
-            log.error("task %s: failed (%s), attempt %d of %d: dead-lettering",
-                      task.id, failure.description.splitlines()[0] if failure.description
-                      else failure.reason, message.delivery_count, task.max_attempts)
+            log.error(
+                "task %s: failed (%s), attempt %d of %d: dead-lettering",
+                task.id,
+                failure.description.splitlines()[0] if failure.description else failure.reason,
+                message.delivery_count,
+                task.max_attempts,
+            )
             await self._settle("dead_letter", message, failure.reason, failure.description)
         else:
-            log.warning("task %s: failed (%s), attempt %d of %d: will retry", task.id,
-                        failure.reason, message.delivery_count, task.max_attempts)
+            log.warning(
+                "task %s: failed (%s), attempt %d of %d: will retry",
+                task.id,
+                failure.reason,
+                message.delivery_count,
+                task.max_attempts,
+            )
             await self._settle("abandon", message)
 
     async def _keep_locked(self, running: _Running) -> None:
@@ -321,8 +359,7 @@ class Worker:
             except LockLostError:
                 running.lock_lost = True
             except Exception as exc:  # transient: keep trying while the lock may still hold
-                log.warning("task %s: lock renewal failed (%s); retrying", message.message_id,
-                            exc)
+                log.warning("task %s: lock renewal failed (%s); retrying", message.message_id, exc)
                 if message.locked_until is not None and message.locked_until <= time.time():
                     running.lock_lost = True
             if running.lock_lost:
@@ -335,20 +372,30 @@ class Worker:
         try:
             await getattr(self.backend, action)(message, *args)
         except LockLostError:
-            log.warning("message %s: lock lost before %s; it will be redelivered",
-                        message.message_id, action)
+            log.warning(
+                "message %s: lock lost before %s; it will be redelivered",
+                message.message_id,
+                action,
+            )
         except Exception as exc:  # any backend failure: never let one message kill the worker
-            log.error("message %s: %s failed (%s: %s); it will be redelivered when its lock "
-                      "expires", message.message_id, action, type(exc).__name__,
-                      redact(str(exc))[:300])
+            log.error(
+                "message %s: %s failed (%s: %s); it will be redelivered when its lock expires",
+                message.message_id,
+                action,
+                type(exc).__name__,
+                redact(str(exc))[:300],
+            )
 
     # ------------------------------------------------------------------ shutdown
 
     def _on_signal(self, signum: int) -> None:
         if self._signal is None:
             self._signal = signum
-            log.warning("received %s: no new tasks; running tasks get %.0fs to finish",
-                        signal.Signals(signum).name, self.policy.grace_period)
+            log.warning(
+                "received %s: no new tasks; running tasks get %.0fs to finish",
+                signal.Signals(signum).name,
+                self.policy.grace_period,
+            )
         else:
             log.warning("second signal: cancelling running tasks now")
             self._cancel_running()

@@ -62,7 +62,9 @@ class ShellProcessor:
         env.update({str(k): str(v) for k, v in extra_env.items()})
         env["JOBQ_TASK_ID"] = task.id
         proc = await asyncio.create_subprocess_exec(
-            "/bin/sh", "-c", cmd,
+            "/bin/sh",
+            "-c",
+            cmd,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -87,8 +89,11 @@ class ShellProcessor:
         if code != 0:
             stderr_tail = "\n".join(tail)[-STDERR_TAIL_CHARS:]
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-            raise TaskFailed("NonZeroExit", how + (f"; stderr tail:\n{stderr_tail}"
-                                                   if stderr_tail else ""), exit_code=code)
+            raise TaskFailed(
+                "NonZeroExit",
+                how + (f"; stderr tail:\n{stderr_tail}" if stderr_tail else ""),
+                exit_code=code,
+            )
 
     async def _kill(self, proc: asyncio.subprocess.Process) -> None:
         """SIGTERM the group, then SIGKILL it if it has not gone within the grace."""

@@ -67,8 +67,9 @@ def _is_denied(exc: BaseException) -> bool:
 def _short(exc: BaseException) -> str:
     text = redact(str(exc)).strip().splitlines()
     detail = _service_detail(exc)
-    return (f"{type(exc).__name__}: {text[0][:300] if text else ''}"
-            + (f" ({detail})" if detail else ""))
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}" + (
+        f" ({detail})" if detail else ""
+    )
 
 
 def _service_detail(exc: BaseException) -> str:
@@ -89,8 +90,7 @@ def _service_detail(exc: BaseException) -> str:
 class AdminPlane:
     """The management operations the backend needs, on one queue."""
 
-    def __init__(self, client: ServiceBusAdministrationClient, queue_name: str,
-                 description: str):
+    def __init__(self, client: ServiceBusAdministrationClient, queue_name: str, description: str):
         self.client = client
         self.queue_name = queue_name
         self.description = description
@@ -117,24 +117,32 @@ class AdminPlane:
             return
         except Exception as exc:  # no Manage rights, or management endpoint unreachable
             if _is_denied(exc):
-                log.info("cannot create %s (no Manage rights?): %s; assuming it exists",
-                         self.description, _short(exc))
+                log.info(
+                    "cannot create %s (no Manage rights?): %s; assuming it exists",
+                    self.description,
+                    _short(exc),
+                )
             else:
-                log.info("could not create %s (%s); assuming it exists", self.description,
-                         _short(exc))
+                log.info(
+                    "could not create %s (%s); assuming it exists", self.description, _short(exc)
+                )
             return
         self.lock_duration = settings.lock_duration
-        log.info("created %s with duplicate detection %s (window %s)", self.description,
-                 "on" if settings.duplicate_detection else "off",
-                 format_duration(settings.dedup_window))
+        log.info(
+            "created %s with duplicate detection %s (window %s)",
+            self.description,
+            "on" if settings.duplicate_detection else "off",
+            format_duration(settings.dedup_window),
+        )
 
     async def dedup_info(self) -> DedupInfo:
         """Best effort: never raises."""
         try:
             props = await self.client.get_queue(self.queue_name)
         except ResourceNotFoundError:
-            return DedupInfo("servicebus", False, None, None, "none",
-                             "the queue does not exist yet")
+            return DedupInfo(
+                "servicebus", False, None, None, "none", "the queue does not exist yet"
+            )
         except Exception as exc:
             if _is_denied(exc):
                 note = "no Manage rights to read the queue's properties"
@@ -159,8 +167,9 @@ class AdminPlane:
             raise QueueUnavailableError(f"queue {self.description} does not exist") from None
         except Exception as exc:
             hint = " (counting needs Manage rights)" if _is_denied(exc) else ""
-            raise BackendError(f"could not read the counts of {self.description}{hint}: "
-                               f"{_short(exc)}") from None
+            raise BackendError(
+                f"could not read the counts of {self.description}{hint}: {_short(exc)}"
+            ) from None
         return QueueCounts(
             active=props.active_message_count or 0,
             dead_letter=props.dead_letter_message_count or 0,

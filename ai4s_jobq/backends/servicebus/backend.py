@@ -74,8 +74,7 @@ MAX_MESSAGE_ID = 128
 #: Azure caps DeadLetterReason/Description; keep them well inside the header limit
 MAX_DEAD_LETTER_TEXT = 4096
 #: SDK retry settings: fail fast enough that our own recovery (new link) kicks in
-SDK_RETRY: dict[str, Any] = {"retry_total": 2, "retry_backoff_factor": 0.5,
-                             "retry_backoff_max": 8}
+SDK_RETRY: dict[str, Any] = {"retry_total": 2, "retry_backoff_factor": 0.5, "retry_backoff_max": 8}
 
 
 def _timestamp(value: datetime | None) -> float | None:
@@ -103,8 +102,9 @@ def _outgoing(message: OutgoingMessage) -> AmqpAnnotatedMessage:
     setters, each of which lists the AMQP properties' fields to test them for truth;
     that measured as ~30 % of the client's CPU per pushed task.  It skips the SDK's
     MessageId length check, which ``_push_with`` does instead."""
-    return AmqpAnnotatedMessage(data_body=message.body,
-                                properties={"message_id": message.message_id})
+    return AmqpAnnotatedMessage(
+        data_body=message.body, properties={"message_id": message.message_id}
+    )
 
 
 def _short(exc: BaseException) -> str:
@@ -123,7 +123,8 @@ def _auth_failure(exc: BaseException) -> BaseException | None:
         return exc
     inner = getattr(exc, "inner_exception", None)
     if isinstance(inner, BaseException) and any(
-            cls.__name__ == "AuthenticationException" for cls in type(inner).__mro__):
+        cls.__name__ == "AuthenticationException" for cls in type(inner).__mro__
+    ):
         return inner
     return None
 
@@ -188,7 +189,10 @@ class ServiceBusBackend(Backend):
 
     @classmethod
     def from_spec(
-        cls, namespace_fqdn: str | None, queue: str, connection_string: str | None = None,
+        cls,
+        namespace_fqdn: str | None,
+        queue: str,
+        connection_string: str | None = None,
         **options: Any,
     ) -> ServiceBusBackend:
         """``sb://NAMESPACE/QUEUE``: with a connection string its endpoint wins and
@@ -196,11 +200,16 @@ class ServiceBusBackend(Backend):
         (reached through ``JOBQ_SERVICEBUS_ENDPOINT`` if set)."""
         if connection_string and "endpoint=sb://" in connection_string.lower():
             connection_string = without_entity_path(connection_string)
-            return cls(queue, namespace=endpoint_host(connection_string),
-                       connection_string=connection_string, **options)
+            return cls(
+                queue,
+                namespace=endpoint_host(connection_string),
+                connection_string=connection_string,
+                **options,
+            )
         if connection_string:
             raise QueueUnavailableError(
-                "the connection string is not a Service Bus one (it has no Endpoint=sb://...)")
+                "the connection string is not a Service Bus one (it has no Endpoint=sb://...)"
+            )
         if not namespace_fqdn:
             raise QueueUnavailableError("no Service Bus namespace: use sb://NAMESPACE/QUEUE")
         options.setdefault("endpoint", EndpointOverride.from_env())
@@ -216,18 +225,22 @@ class ServiceBusBackend(Backend):
             cs = self._connection_string
             self._client = ServiceBusClient.from_connection_string(cs, **SDK_RETRY)
             admin = ServiceBusAdministrationClient.from_connection_string(
-                cs, **emulator_admin_kwargs(cs))
+                cs, **emulator_admin_kwargs(cs)
+            )
         else:
             if self._credential is None:
                 from azure.identity.aio import DefaultAzureCredential
 
                 self._credential = DefaultAzureCredential()
                 self._owns_credential = True
-            self._client = ServiceBusClient(self.namespace, self._credential, **SDK_RETRY,
-                                            **self.endpoint.client_kwargs())
+            self._client = ServiceBusClient(
+                self.namespace, self._credential, **SDK_RETRY, **self.endpoint.client_kwargs()
+            )
             admin = ServiceBusAdministrationClient(
-                self.endpoint.admin_namespace(self.namespace), self._credential,
-                **self.endpoint.admin_kwargs())
+                self.endpoint.admin_namespace(self.namespace),
+                self._credential,
+                **self.endpoint.admin_kwargs(),
+            )
         self._admin = AdminPlane(admin, self.queue_name, self.description)
 
     async def close(self) -> None:
@@ -265,8 +278,10 @@ class ServiceBusBackend(Backend):
             return QueueUnavailableError(f"queue {self.description} does not exist")
         refused = _auth_failure(exc)
         if refused is not None:
-            return BackendError(f"{what} on {self.description} was refused (check the "
-                                f"credentials and their rights): {_reason(refused)}")
+            return BackendError(
+                f"{what} on {self.description} was refused (check the "
+                f"credentials and their rights): {_reason(refused)}"
+            )
         return BackendError(f"{what} on {self.description} failed: {_short(exc)}")
 
     # ------------------------------------------------------------------ queue settings
@@ -300,8 +315,12 @@ class ServiceBusBackend(Backend):
             self._senders.put_nowait(sender)
         return [o for o in outcomes if o is not None]
 
-    async def _push_with(self, sender: ServiceBusSender, messages: Sequence[OutgoingMessage],
-                         outcomes: list[PushOutcome | None]) -> ServiceBusSender:
+    async def _push_with(
+        self,
+        sender: ServiceBusSender,
+        messages: Sequence[OutgoingMessage],
+        outcomes: list[PushOutcome | None],
+    ) -> ServiceBusSender:
         batch: Any = None
         positions: list[int] = []
         index = 0
@@ -315,9 +334,11 @@ class ServiceBusBackend(Backend):
                         outcomes[i] = PushOutcome(messages[i].message_id, None, exc)
                     return sender
             if len(message.message_id) > MAX_MESSAGE_ID:
-                error = BackendError(f"message ID {message.message_id[:40]!r}... is "
-                                     f"{len(message.message_id)} characters; Service Bus "
-                                     f"allows at most {MAX_MESSAGE_ID}")
+                error = BackendError(
+                    f"message ID {message.message_id[:40]!r}... is "
+                    f"{len(message.message_id)} characters; Service Bus "
+                    f"allows at most {MAX_MESSAGE_ID}"
+                )
                 outcomes[index] = PushOutcome(message.message_id, None, error)
                 index += 1
                 continue
@@ -348,9 +369,14 @@ class ServiceBusBackend(Backend):
                 sender = await self._replace_sender(sender, "opening a sender", exc, attempt)
         raise AssertionError("unreachable")
 
-    async def _send(self, sender: ServiceBusSender, batch: Any, positions: list[int],
-                    messages: Sequence[OutgoingMessage],
-                    outcomes: list[PushOutcome | None]) -> ServiceBusSender:
+    async def _send(
+        self,
+        sender: ServiceBusSender,
+        batch: Any,
+        positions: list[int],
+        messages: Sequence[OutgoingMessage],
+        outcomes: list[PushOutcome | None],
+    ) -> ServiceBusSender:
         """Send one batch, retrying transient errors (the same MessageIds make a retried
         send safe on a queue with duplicate detection)."""
         for attempt in range(1, SEND_ATTEMPTS + 1):
@@ -368,15 +394,17 @@ class ServiceBusBackend(Backend):
             outcomes[i] = PushOutcome(messages[i].message_id, None)
         return sender
 
-    async def _replace_sender(self, sender: ServiceBusSender, what: str, exc: BaseException,
-                              attempt: int) -> ServiceBusSender:
+    async def _replace_sender(
+        self, sender: ServiceBusSender, what: str, exc: BaseException, attempt: int
+    ) -> ServiceBusSender:
         await _quiet_close(sender)
         fatal = isinstance(exc, MessagingEntityNotFoundError) or _auth_failure(exc) is not None
         if fatal or attempt >= SEND_ATTEMPTS:
             raise self._error(what, exc) from None
-        delay = min(8.0, 0.5 * 2 ** attempt)
-        log.warning("%s to %s failed (%s); retrying in %.1fs", what, self.description,
-                    _short(exc), delay)
+        delay = min(8.0, 0.5 * 2**attempt)
+        log.warning(
+            "%s to %s failed (%s); retrying in %.1fs", what, self.description, _short(exc), delay
+        )
         await asyncio.sleep(delay)
         return self.client.get_queue_sender(self.queue_name)
 
@@ -392,8 +420,11 @@ class ServiceBusBackend(Backend):
     async def _slot(self, dead_letter: bool) -> _ReceiverSlot:
         slot = self._receivers.get(dead_letter)
         if slot is None:
-            receiver = self._new_receiver(dead_letter, receive_mode=ServiceBusReceiveMode.PEEK_LOCK,
-                                          prefetch_count=self.prefetch)
+            receiver = self._new_receiver(
+                dead_letter,
+                receive_mode=ServiceBusReceiveMode.PEEK_LOCK,
+                prefetch_count=self.prefetch,
+            )
             try:
                 # Open the link now: inside receive_messages the link's opening would
                 # have to fit in that call's (possibly short) wait.
@@ -442,7 +473,8 @@ class ServiceBusBackend(Backend):
                 async with slot.lock:
                     wait = min(RECEIVE_SLICE, deadline - time.monotonic())
                     received = await slot.receiver.receive_messages(
-                        max_message_count=max_count, max_wait_time=max(wait, 0.05))
+                        max_message_count=max_count, max_wait_time=max(wait, 0.05)
+                    )
                 if received or time.monotonic() >= deadline:
                     break
         except Exception as exc:
@@ -455,8 +487,9 @@ class ServiceBusBackend(Backend):
             self._retire(slot)
         return [self._to_received(m, slot) for m in received]
 
-    def _to_received(self, message: ServiceBusReceivedMessage,
-                     slot: _ReceiverSlot | None) -> ReceivedMessage:
+    def _to_received(
+        self, message: ServiceBusReceivedMessage, slot: _ReceiverSlot | None
+    ) -> ReceivedMessage:
         # The SDK exposes the AMQP header's delivery-count, which Service Bus sets to
         # DeliveryCount - 1 on a received message (0 on the first delivery); peeked
         # messages carry DeliveryCount itself.
@@ -486,11 +519,13 @@ class ServiceBusBackend(Backend):
             async with handle.slot.lock:
                 until = await handle.slot.receiver.renew_message_lock(handle.message)
         except (MessageLockLostError, MessageAlreadySettled) as exc:
-            raise LockLostError(f"lock on message {message.message_id} lost: "
-                                f"{_short(exc)}") from None
+            raise LockLostError(
+                f"lock on message {message.message_id} lost: {_short(exc)}"
+            ) from None
         except ValueError as exc:  # the receiver was shut down
-            raise LockLostError(f"lock on message {message.message_id} lost: "
-                                f"{_short(exc)}") from None
+            raise LockLostError(
+                f"lock on message {message.message_id} lost: {_short(exc)}"
+            ) from None
         except Exception as exc:
             raise self._error("renewing a lock", exc) from None
         message.locked_until = _timestamp(until) if until is not None else message.locked_until
@@ -503,8 +538,9 @@ class ServiceBusBackend(Backend):
                 await getattr(receiver, action)(handle.message, **kwargs)
         except (MessageLockLostError, MessageAlreadySettled, ValueError) as exc:
             self._settled(handle)
-            raise LockLostError(f"lock on message {message.message_id} lost: "
-                                f"{_short(exc)}") from None
+            raise LockLostError(
+                f"lock on message {message.message_id} lost: {_short(exc)}"
+            ) from None
         except Exception as exc:
             raise self._error(action.replace("_", " "), exc) from None
         self._settled(handle)
@@ -522,9 +558,12 @@ class ServiceBusBackend(Backend):
         await self._settle(message, "abandon_message")
 
     async def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
-        await self._settle(message, "dead_letter_message",
-                           reason=(reason or "")[:MAX_DEAD_LETTER_TEXT],
-                           error_description=(description or "")[-MAX_DEAD_LETTER_TEXT:])
+        await self._settle(
+            message,
+            "dead_letter_message",
+            reason=(reason or "")[:MAX_DEAD_LETTER_TEXT],
+            error_description=(description or "")[-MAX_DEAD_LETTER_TEXT:],
+        )
 
     # ------------------------------------------------------------------ inspect and clear
 
@@ -536,7 +575,8 @@ class ServiceBusBackend(Backend):
                 next_sequence = 0
                 while len(found) < max_count:
                     batch = await receiver.peek_messages(
-                        max_message_count=max_count - len(found), sequence_number=next_sequence)
+                        max_message_count=max_count - len(found), sequence_number=next_sequence
+                    )
                     if not batch:
                         break
                     found.extend(self._to_received(m, None) for m in batch)
@@ -550,12 +590,14 @@ class ServiceBusBackend(Backend):
         deleted = 0
         try:
             async with self._new_receiver(
-                dead_letter, receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE,
+                dead_letter,
+                receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE,
                 prefetch_count=0,
             ) as receiver:
                 while True:
-                    batch = await receiver.receive_messages(max_message_count=500,
-                                                            max_wait_time=1.0)
+                    batch = await receiver.receive_messages(
+                        max_message_count=500, max_wait_time=1.0
+                    )
                     if not batch:
                         return deleted
                     deleted += len(batch)
@@ -563,8 +605,11 @@ class ServiceBusBackend(Backend):
             raise self._error("clearing", exc) from None
 
     def extra_info(self) -> dict[str, Any]:
-        return {"namespace": self.namespace, "prefetch": self.prefetch,
-                "auth": "connection string" if self._connection_string else "Azure AD"}
+        return {
+            "namespace": self.namespace,
+            "prefetch": self.prefetch,
+            "auth": "connection string" if self._connection_string else "Azure AD",
+        }
 
 
 async def _quiet_close(closable: Any) -> None:

@@ -70,8 +70,9 @@ class EndpointOverride:
             scheme = "wss" if self.websocket else "sb"
             port = f":{self.port}" if self.port else ""
             kwargs["custom_endpoint_address"] = f"{scheme}://{self.host}{port}"
-            kwargs["transport_type"] = (TransportType.AmqpOverWebsocket if self.websocket
-                                        else TransportType.Amqp)
+            kwargs["transport_type"] = (
+                TransportType.AmqpOverWebsocket if self.websocket else TransportType.Amqp
+            )
         return kwargs
 
     def admin_namespace(self, namespace: str) -> str:
@@ -95,10 +96,10 @@ def _parse_endpoint(value: str) -> tuple[str | None, int | None, bool]:
     except ValueError:
         raise QueueUnavailableError(f"{ENDPOINT_ENV}={value}: invalid port") from None
     scheme = parsed.scheme.lower()
-    if (scheme not in ("sb", "amqps", "wss") or not parsed.hostname
-            or parsed.path.strip("/")):
+    if scheme not in ("sb", "amqps", "wss") or not parsed.hostname or parsed.path.strip("/"):
         raise QueueUnavailableError(
-            f"{ENDPOINT_ENV}={value}: expected sb://HOST[:PORT] (or wss://HOST[:PORT])")
+            f"{ENDPOINT_ENV}={value}: expected sb://HOST[:PORT] (or wss://HOST[:PORT])"
+        )
     host = parsed.hostname
     return (f"[{host}]" if ":" in host else host), port, scheme == "wss"
 
@@ -125,8 +126,11 @@ def endpoint_host(connection_string: str) -> str:
 
 def without_entity_path(connection_string: str) -> str:
     """The spec's QUEUE names the queue, so drop an EntityPath the string may carry."""
-    parts = [p for p in connection_string.strip().split(";")
-             if p.strip() and not p.strip().lower().startswith("entitypath=")]
+    parts = [
+        p
+        for p in connection_string.strip().split(";")
+        if p.strip() and not p.strip().lower().startswith("entitypath=")
+    ]
     return ";".join(parts)
 
 

@@ -141,8 +141,9 @@ class StorageQueueBackend(Backend):
     ) -> StorageQueueBackend:
         """``ACCOUNT/QUEUE`` (Azure AD via DefaultAzureCredential) or a connection
         string, which wins when given (its account is used, not ``account``)."""
-        return cls(queue, connection_string=connection_string, account=account,
-                   dedup_window=dedup_window)
+        return cls(
+            queue, connection_string=connection_string, account=account, dedup_window=dedup_window
+        )
 
     @property
     def description(self) -> str:
@@ -155,15 +156,22 @@ class StorageQueueBackend(Backend):
         from azure.storage.queue.aio import QueueServiceClient
 
         # The SDK default backs off 15 s and more: too slow to tell a user about a typo.
-        retry: dict[str, Any] = {"retry_policy": ExponentialRetry(
-            initial_backoff=0.5, increment_base=2, retry_total=3,  # type: ignore[arg-type]
-            random_jitter_range=0.5)}  # type: ignore[arg-type]
+        retry: dict[str, Any] = {
+            "retry_policy": ExponentialRetry(
+                initial_backoff=0.5,
+                increment_base=2,
+                retry_total=3,  # type: ignore[arg-type]
+                random_jitter_range=0.5,
+            )
+        }  # type: ignore[arg-type]
         table_retry: dict[str, Any] = {"retry_total": 3, "retry_backoff_factor": 0.5}
         if self.connection_string:
             self._service = QueueServiceClient.from_connection_string(
-                self.connection_string, **retry)
+                self.connection_string, **retry
+            )
             self._tables = TableServiceClient.from_connection_string(
-                self.connection_string, **table_retry)
+                self.connection_string, **table_retry
+            )
             endpoints = parse_connection_string(self.connection_string)
             tls = None
         else:
@@ -175,11 +183,17 @@ class StorageQueueBackend(Backend):
             account = str(self._account_arg)
             self._credential = DefaultAzureCredential()
             self._service = QueueServiceClient(
-                override.queue_url(account), credential=self._credential, **retry,
-                **override.sdk_kwargs())
+                override.queue_url(account),
+                credential=self._credential,
+                **retry,
+                **override.sdk_kwargs(),
+            )
             self._tables = TableServiceClient(
-                override.table_url(account), credential=self._credential, **table_retry,
-                **override.sdk_kwargs())
+                override.table_url(account),
+                credential=self._credential,
+                **table_retry,
+                **override.sdk_kwargs(),
+            )
             endpoints, tls = override.rest_endpoints(account), override.ssl_context()
         self._queue = self._service.get_queue_client(self.queue_name)
         self._dlq = self._service.get_queue_client(self.dlq_name)
@@ -232,8 +246,11 @@ class StorageQueueBackend(Backend):
         existing = dict(props.metadata or {})
         if QueueConfig.has_jobq_metadata(existing) or self.requested_dedup_window is None:
             return
-        log.info("queue %s has no jobq settings; turning on the dedup ledger (window %s)",
-                 self.queue_name, QueueConfig.from_metadata(metadata).dedup_window)
+        log.info(
+            "queue %s has no jobq settings; turning on the dedup ledger (window %s)",
+            self.queue_name,
+            QueueConfig.from_metadata(metadata).dedup_window,
+        )
         await self._queue.set_queue_metadata(metadata={**metadata, **existing})
 
     async def _read_config(self) -> QueueConfig:
@@ -253,9 +270,11 @@ class StorageQueueBackend(Backend):
             return None
         if self._ledger is None:
             self._ledger = DedupLedger(
-                self._tables.get_table_client(LEDGER_TABLE), self.queue_name,
+                self._tables.get_table_client(LEDGER_TABLE),
+                self.queue_name,
                 config.dedup_window,
-                batch=self._rest.table_batch if self._rest is not None else None)
+                batch=self._rest.table_batch if self._rest is not None else None,
+            )
         return self._ledger
 
     async def dedup_info(self) -> DedupInfo:
@@ -263,11 +282,18 @@ class StorageQueueBackend(Backend):
         if not config.exists:
             return DedupInfo(self.kind, False, None, None, "none")
         if config.dedup_window is None:
-            note = ("created by another tool (no jobq metadata)" if not config.jobq_metadata
-                    else "created with dedup off")
+            note = (
+                "created by another tool (no jobq metadata)"
+                if not config.jobq_metadata
+                else "created with dedup off"
+            )
             return DedupInfo(self.kind, True, False, None, "none", note=note)
         return DedupInfo(
-            self.kind, True, True, config.dedup_window, "application ledger",
+            self.kind,
+            True,
+            True,
+            config.dedup_window,
+            "application ledger",
             note=f"Azure Table {LEDGER_TABLE!r} in account {self.account!r}",
         )
 
@@ -300,14 +326,20 @@ class StorageQueueBackend(Backend):
             # they meet the first copy's ledger entry like any other duplicate.
             while ready:
                 first, ready = first_occurrences(ready)
-                await asyncio.gather(*(
-                    self._push_deduplicated(ledger, first[s:s + 100], outcomes)
-                    for s in range(0, len(first), 100)
-                ))
+                await asyncio.gather(
+                    *(
+                        self._push_deduplicated(ledger, first[s : s + 100], outcomes)
+                        for s in range(0, len(first), 100)
+                    )
+                )
         return [o for o in outcomes if o is not None]
 
-    async def _push_deduplicated(self, ledger: DedupLedger, items: list[tuple[int, str, str]],
-                                 outcomes: list[PushOutcome | None]) -> None:
+    async def _push_deduplicated(
+        self,
+        ledger: DedupLedger,
+        items: list[tuple[int, str, str]],
+        outcomes: list[PushOutcome | None],
+    ) -> None:
         started = time.time()
         with self._translate(f"dedup ledger for {self.queue_name}"):
             claims = await ledger.claim([task_id for _, task_id, _ in items])
@@ -316,18 +348,30 @@ class StorageQueueBackend(Backend):
             if claim.status == "duplicate":
                 outcomes[index] = PushOutcome(task_id, True)
             elif claim.status == "error":
-                outcomes[index] = PushOutcome(task_id, None, as_backend_error(
-                    claim.error, f"dedup ledger for task {task_id}", self.account))
+                outcomes[index] = PushOutcome(
+                    task_id,
+                    None,
+                    as_backend_error(claim.error, f"dedup ledger for task {task_id}", self.account),
+                )
             else:
                 sends.append(self._send(index, task_id, text, outcomes, False, claim))
         await asyncio.gather(*sends)
-        sent = [task_id for index, task_id, _ in items
-                if (o := outcomes[index]) is not None and o.ok and o.duplicate is False]
+        sent = [
+            task_id
+            for index, task_id, _ in items
+            if (o := outcomes[index]) is not None and o.ok and o.duplicate is False
+        ]
         await ledger.mark_sent(sent, started)
 
-    async def _send(self, index: int, task_id: str, text: str,
-                    outcomes: list[PushOutcome | None], duplicate: bool | None,
-                    claim: Any = None) -> None:
+    async def _send(
+        self,
+        index: int,
+        task_id: str,
+        text: str,
+        outcomes: list[PushOutcome | None],
+        duplicate: bool | None,
+        claim: Any = None,
+    ) -> None:
         try:
             async with self._send_limit:
                 await self._send_text(task_id, text)
@@ -346,8 +390,9 @@ class StorageQueueBackend(Backend):
                 await self._rest.send_message(self.queue_name, text)
             except RestError as exc:
                 if exc.status == 413 or exc.code in ("RequestBodyTooLarge", "MessageTooLarge"):
-                    raise MessageTooLargeError(task_id, text_size(text),
-                                               MESSAGE_TEXT_LIMIT) from None
+                    raise MessageTooLargeError(
+                        task_id, text_size(text), MESSAGE_TEXT_LIMIT
+                    ) from None
                 raise rest_error(exc, what, self.account) from None
             return
         with self._translate(what):
@@ -356,7 +401,8 @@ class StorageQueueBackend(Backend):
             except HttpResponseError as exc:
                 if exc.status_code == 413:
                     raise MessageTooLargeError(
-                        task_id, text_size(text), MESSAGE_TEXT_LIMIT) from None
+                        task_id, text_size(text), MESSAGE_TEXT_LIMIT
+                    ) from None
                 raise
 
     # -------------------------------------------------------------- receive & settle
@@ -414,8 +460,11 @@ class StorageQueueBackend(Backend):
                 try:
                     await self.renew(message)
                 except LockLostError:
-                    log.info("read-ahead message %s: lock expired while buffered; another "
-                             "receiver has it", message.message_id)
+                    log.info(
+                        "read-ahead message %s: lock expired while buffered; another "
+                        "receiver has it",
+                        message.message_id,
+                    )
                     continue
             fresh.append(message)
         return fresh
@@ -424,17 +473,25 @@ class StorageQueueBackend(Backend):
         """Make read-ahead messages visible again, recording in their header that
         this reception never ran them (see ``_to_received``).  Best effort: one that
         cannot be released reappears when its visibility timeout ends."""
+
         async def release(message: ReceivedMessage) -> None:
             lease = self._lease(message)
             content = unstarted_text(lease.header, message.body)
             try:
                 async with lease.lock:
                     await self._queue.update_message(
-                        lease.azure_id, pop_receipt=lease.pop_receipt, content=content,
-                        visibility_timeout=0)
+                        lease.azure_id,
+                        pop_receipt=lease.pop_receipt,
+                        content=content,
+                        visibility_timeout=0,
+                    )
             except Exception as exc:  # noqa: BLE001 - best effort, see docstring
-                log.info("could not release read-ahead message %s (%s); it reappears when "
-                         "its visibility timeout ends", message.message_id, type(exc).__name__)
+                log.info(
+                    "could not release read-ahead message %s (%s); it reappears when "
+                    "its visibility timeout ends",
+                    message.message_id,
+                    type(exc).__name__,
+                )
 
         await asyncio.gather(*(release(message) for message in messages))
 
@@ -444,8 +501,11 @@ class StorageQueueBackend(Backend):
         name = self.dlq_name if dead_letter else self.queue_name
         received: list[ReceivedMessage] = []
         with self._translate(f"receiving from {name}"):
-            pages = client.receive_messages(messages_per_page=count, max_messages=count,
-                                            visibility_timeout=config.visibility_timeout)
+            pages = client.receive_messages(
+                messages_per_page=count,
+                max_messages=count,
+                visibility_timeout=config.visibility_timeout,
+            )
             async for item in pages:
                 received.append(to_received(item, dead_letter, with_handle=True))
         if dead_letter:
@@ -453,16 +513,19 @@ class StorageQueueBackend(Backend):
         kept = []
         for message in received:
             if message.delivery_count > config.max_delivery_count:
-                await self.dead_letter(message, "MaxDeliveryCountExceeded",
-                                       f"delivered {message.delivery_count} times")
+                await self.dead_letter(
+                    message, "MaxDeliveryCountExceeded", f"delivered {message.delivery_count} times"
+                )
             else:
                 kept.append(message)
         return kept
 
     def _lease(self, message: ReceivedMessage) -> Lease:
         if not isinstance(message.handle, Lease):
-            raise BackendError(f"message {message.message_id} was not received from "
-                               f"{self.description} (peeked messages cannot be settled)")
+            raise BackendError(
+                f"message {message.message_id} was not received from "
+                f"{self.description} (peeked messages cannot be settled)"
+            )
         return message.handle
 
     @contextmanager
@@ -487,7 +550,8 @@ class StorageQueueBackend(Backend):
         async with lease.lock:
             with self._lock_errors(message, f"updating message {message.message_id}"):
                 updated = await client.update_message(
-                    lease.azure_id, pop_receipt=lease.pop_receipt, visibility_timeout=seconds)
+                    lease.azure_id, pop_receipt=lease.pop_receipt, visibility_timeout=seconds
+                )
             lease.pop_receipt = updated.pop_receipt
             if updated.next_visible_on:
                 message.locked_until = updated.next_visible_on.timestamp()
@@ -519,8 +583,7 @@ class StorageQueueBackend(Backend):
         except RestError as exc:
             if means_lock_lost(exc.status, exc.code):
                 raise LockLostError(lost_lock(message)) from None
-            raise rest_error(exc, f"deleting message {message.message_id}",
-                             self.account) from None
+            raise rest_error(exc, f"deleting message {message.message_id}", self.account) from None
 
     async def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
         """Renew (proves we still hold the lock), copy to ``-failed``, then delete.

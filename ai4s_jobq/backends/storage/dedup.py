@@ -114,8 +114,9 @@ class DedupLedger:
         #: fast ``$batch`` sender (``StorageRest.table_batch``); None: the SDK's
         self._batch = batch
 
-    def _entity(self, task_id: str, state: str, accepted_at: float,
-                token: str = "") -> dict[str, Any]:
+    def _entity(
+        self, task_id: str, state: str, accepted_at: float, token: str = ""
+    ) -> dict[str, Any]:
         return {
             "PartitionKey": self.queue_name,
             "RowKey": row_key(task_id),
@@ -143,11 +144,10 @@ class DedupLedger:
         """Claim distinct IDs; one :class:`Claim` per ID, in order."""
         results: list[Claim] = []
         for start in range(0, len(task_ids), TRANSACTION_SIZE):
-            results.extend(await self._claim_chunk(task_ids[start:start + TRANSACTION_SIZE]))
+            results.extend(await self._claim_chunk(task_ids[start : start + TRANSACTION_SIZE]))
         return results
 
-    async def _claim_chunk(self, task_ids: Sequence[str], *, look_up: bool = True
-                           ) -> list[Claim]:
+    async def _claim_chunk(self, task_ids: Sequence[str], *, look_up: bool = True) -> list[Claim]:
         now = time.time()
         token = uuid.uuid4().hex
         entities = [self._entity(t, PENDING, now, token) for t in task_ids]
@@ -195,8 +195,11 @@ class DedupLedger:
         missing = [t for t in task_ids if row_key(t) not in existing]
         for task_id in task_ids:
             entity = existing.get(row_key(task_id))
-            if (entity is not None and entity.get("state") == SENT
-                    and now - float(entity.get("accepted_at") or 0.0) < self.window):
+            if (
+                entity is not None
+                and entity.get("state") == SENT
+                and now - float(entity.get("accepted_at") or 0.0) < self.window
+            ):
                 claims[task_id] = Claim(task_id, "duplicate")
         if missing:
             for claim in await self._claim_chunk(missing, look_up=False):
@@ -219,12 +222,13 @@ class DedupLedger:
 
             async def run() -> list[Any]:
                 pages = self.table.query_entities(
-                    query_filter, select=["RowKey", "state", "accepted_at"])
+                    query_filter, select=["RowKey", "state", "accepted_at"]
+                )
                 return [entity async for entity in pages]
 
             return await self._call(run)
 
-        groups = [keys[i:i + 14] for i in range(0, len(keys), 14)]
+        groups = [keys[i : i + 14] for i in range(0, len(keys), 14)]
         found: dict[str, Any] = {}
         for entities in await asyncio.gather(*(query(g) for g in groups)):
             for entity in entities:
@@ -256,7 +260,8 @@ class DedupLedger:
             pass
         try:
             existing = await self._call(
-                lambda: self.table.get_entity(self.queue_name, row_key(task_id)))
+                lambda: self.table.get_entity(self.queue_name, row_key(task_id))
+            )
         except ResourceNotFoundError:
             raise _WaitForOwner() from None  # released in between: claim again
         if existing.get("state") == PENDING and existing.get("claim") == token:
@@ -271,13 +276,19 @@ class DedupLedger:
             log.warning(
                 "task %s: taking over a dedup claim left pending for %.0f s by %s "
                 "(that producer probably died between claiming and sending); re-sending",
-                task_id, age, existing.get("producer", "?"),
+                task_id,
+                age,
+                existing.get("producer", "?"),
             )
         try:
-            await self._call(lambda: self.table.update_entity(
-                entity, mode=UpdateMode.REPLACE, etag=existing.metadata["etag"],
-                match_condition=MatchConditions.IfNotModified,
-            ))
+            await self._call(
+                lambda: self.table.update_entity(
+                    entity,
+                    mode=UpdateMode.REPLACE,
+                    etag=existing.metadata["etag"],
+                    match_condition=MatchConditions.IfNotModified,
+                )
+            )
         except (ResourceModifiedError, ResourceNotFoundError):
             raise _WaitForOwner() from None  # another producer got there first
         return Claim(task_id, "claimed", token=token)
@@ -290,12 +301,13 @@ class DedupLedger:
         either way).  A failure here only leaves ``pending`` entries behind, which
         a later push re-sends after ``pending_grace`` (logged, not raised)."""
         for start in range(0, len(task_ids), TRANSACTION_SIZE):
-            chunk = task_ids[start:start + TRANSACTION_SIZE]
+            chunk = task_ids[start : start + TRANSACTION_SIZE]
             entities = [self._entity(t, SENT, accepted_at) for t in chunk]
             try:
                 if self._batch is not None:
                     statuses = await self._batch(
-                        LEDGER_TABLE, [("upsert_merge", e) for e in entities])
+                        LEDGER_TABLE, [("upsert_merge", e) for e in entities]
+                    )
                     if not statuses or any(not 200 <= code < 300 for code in statuses):
                         raise LedgerError(f"HTTP {statuses[:3]}")
                 else:
@@ -305,7 +317,9 @@ class DedupLedger:
                 log.warning(
                     "could not mark %d sent tasks in the dedup ledger (%s); a repeated push "
                     "of them after %.0f s will send them again",
-                    len(chunk), type(exc).__name__, self.pending_grace,
+                    len(chunk),
+                    type(exc).__name__,
+                    self.pending_grace,
                 )
 
     async def release(self, claim: Claim) -> None:
@@ -316,16 +330,24 @@ class DedupLedger:
             entity = await self._call(lambda: self.table.get_entity(self.queue_name, key))
             if entity.get("claim") != claim.token or entity.get("state") != PENDING:
                 return
-            await self._call(lambda: self.table.delete_entity(
-                self.queue_name, key, etag=entity.metadata["etag"],
-                match_condition=MatchConditions.IfNotModified,
-            ))
+            await self._call(
+                lambda: self.table.delete_entity(
+                    self.queue_name,
+                    key,
+                    etag=entity.metadata["etag"],
+                    match_condition=MatchConditions.IfNotModified,
+                )
+            )
         except (ResourceModifiedError, ResourceNotFoundError):
             pass  # taken over or gone: not ours to delete any more
         except Exception as exc:  # noqa: BLE001
-            log.warning("task %s: could not release its dedup claim (%s); a retry within "
-                        "%.0f s will wait for it", claim.task_id, type(exc).__name__,
-                        self.pending_grace)
+            log.warning(
+                "task %s: could not release its dedup claim (%s); a retry within "
+                "%.0f s will wait for it",
+                claim.task_id,
+                type(exc).__name__,
+                self.pending_grace,
+            )
 
 
 class LedgerError(Exception):

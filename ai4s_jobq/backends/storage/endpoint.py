@@ -64,11 +64,15 @@ class StorageEndpointOverride:
         queue = _parse_endpoint(QUEUE_ENDPOINT_ENV, env.get(QUEUE_ENDPOINT_ENV, "").strip())
         table = _parse_endpoint(TABLE_ENDPOINT_ENV, env.get(TABLE_ENDPOINT_ENV, "").strip())
         if (queue is None) != (table is None):
-            given, missing = ((QUEUE_ENDPOINT_ENV, TABLE_ENDPOINT_ENV) if queue
-                              else (TABLE_ENDPOINT_ENV, QUEUE_ENDPOINT_ENV))
+            given, missing = (
+                (QUEUE_ENDPOINT_ENV, TABLE_ENDPOINT_ENV)
+                if queue
+                else (TABLE_ENDPOINT_ENV, QUEUE_ENDPOINT_ENV)
+            )
             raise QueueUnavailableError(
                 f"{given} is set but {missing} is not: set both (the dedup ledger lives in "
-                "the Table service of the same account), or neither")
+                "the Table service of the same account), or neither"
+            )
         ca_bundle = ca_bundle_from_env(env, CA_ENV)
         return cls(queue, table, ca_bundle)
 
@@ -110,7 +114,8 @@ def _parse_endpoint(name: str, value: str) -> str | None:
         # Not echoed: whatever is there (a SAS, a password) may be a secret.
         raise QueueUnavailableError(
             f"{name}: expected https://HOST[:PORT][/PATH], without user info, query string "
-            "or fragment (the credential is Azure AD's; a SAS needs a connection string)")
+            "or fragment (the credential is Azure AD's; a SAS needs a connection string)"
+        )
     try:
         parsed.port  # noqa: B018 - raises on a malformed port
     except ValueError:
@@ -118,5 +123,6 @@ def _parse_endpoint(name: str, value: str) -> str | None:
     if parsed.scheme.lower() != "https" or not parsed.hostname:
         raise QueueUnavailableError(
             f"{name}={value}: expected https://HOST[:PORT][/PATH] (https: the requests carry "
-            "an Azure AD bearer token)")
+            "an Azure AD bearer token)"
+        )
     return value.rstrip("/")

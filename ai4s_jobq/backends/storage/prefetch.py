@@ -97,12 +97,14 @@ class ReadAhead:
     def start_refill(self, fetch: Awaitable[list[ReceivedMessage]]) -> None:
         """Run ``fetch`` in the background and buffer what it returns.  A failure is
         only logged: the next receive that needs messages polls and reports it."""
+
         async def refill() -> None:
             try:
                 self.keep(await fetch)
             except Exception as exc:  # noqa: BLE001 - see docstring
-                log.info("background receive failed (%s); the next receive retries",
-                         type(exc).__name__)
+                log.info(
+                    "background receive failed (%s); the next receive retries", type(exc).__name__
+                )
             finally:
                 self._refill = None
 
@@ -134,8 +136,9 @@ class ReadAhead:
         return messages
 
     @staticmethod
-    def stale(message: ReceivedMessage, visibility_timeout: float,
-              now: float | None = None) -> bool:
+    def stale(
+        message: ReceivedMessage, visibility_timeout: float, now: float | None = None
+    ) -> bool:
         """True when less than half of the message's lock is left."""
         if message.locked_until is None:
             return False
@@ -158,8 +161,9 @@ class PollBackoff:
 
     def polled(self, found: bool, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        self._pause = 0.0 if found else min(LONGEST_POLL_PAUSE,
-                                            max(FIRST_POLL_PAUSE, self._pause * 2))
+        self._pause = (
+            0.0 if found else min(LONGEST_POLL_PAUSE, max(FIRST_POLL_PAUSE, self._pause * 2))
+        )
         self._next_at = now + self._pause
 
     def wait(self, now: float | None = None) -> float:

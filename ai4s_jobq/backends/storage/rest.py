@@ -43,8 +43,9 @@ TABLE_API_VERSION = "2019-02-02"
 STORAGE_SCOPE = "https://storage.azure.com/.default"
 # Azurite's fixed development account (UseDevelopmentStorage=true); public, not a secret.
 _DEV_ACCOUNT = "devstoreaccount1"
-_DEV_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/"
-            "KBHBeksoGMGw==")
+_DEV_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
 _TRANSIENT_STATUS = {408, 500, 502, 503, 504}
 _ATTEMPTS = 4
 _STATUS_LINE = re.compile(rb"HTTP/1\.1 (\d{3})")
@@ -56,8 +57,9 @@ class RestError(Exception):
     refused credential, the service's plain-words ``reason`` (see :func:`auth_reason`)."""
 
     def __init__(self, what: str, status: int, code: str = "", reason: str = ""):
-        super().__init__(f"{what}: HTTP {status} {code}".rstrip() if status else
-                         f"{what}: no answer ({code})")
+        super().__init__(
+            f"{what}: HTTP {status} {code}".rstrip() if status else f"{what}: no answer ({code})"
+        )
         self.status = status
         self.code = code
         self.reason = reason
@@ -88,10 +90,8 @@ def parse_connection_string(connection_string: str) -> Endpoints | None:
     account = parts.get("accountname")
     protocol = parts.get("defaultendpointsprotocol", "https")
     suffix = parts.get("endpointsuffix", "core.windows.net")
-    queue_url = parts.get("queueendpoint") or (
-        account and f"{protocol}://{account}.queue.{suffix}")
-    table_url = parts.get("tableendpoint") or (
-        account and f"{protocol}://{account}.table.{suffix}")
+    queue_url = parts.get("queueendpoint") or (account and f"{protocol}://{account}.queue.{suffix}")
+    table_url = parts.get("tableendpoint") or (account and f"{protocol}://{account}.table.{suffix}")
     if not queue_url or not table_url:
         return None
     account = account or urlsplit(queue_url).hostname.split(".")[0]  # type: ignore[union-attr]
@@ -110,8 +110,14 @@ def parse_connection_string(connection_string: str) -> Endpoints | None:
 class StorageRest:
     """Signed POSTs to one storage account.  Open with ``async with``."""
 
-    def __init__(self, endpoints: Endpoints, credential: Any = None, *, connections: int = 64,
-                 tls: ssl.SSLContext | None = None):
+    def __init__(
+        self,
+        endpoints: Endpoints,
+        credential: Any = None,
+        *,
+        connections: int = 64,
+        tls: ssl.SSLContext | None = None,
+    ):
         self.endpoints = endpoints
         self.credential = credential  # an azure.identity aio credential, when no key/SAS
         self._connections = connections
@@ -124,8 +130,9 @@ class StorageRest:
 
     async def __aenter__(self) -> StorageRest:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self._connections,
-                                           ssl=self._tls if self._tls is not None else True),
+            connector=aiohttp.TCPConnector(
+                limit=self._connections, ssl=self._tls if self._tls is not None else True
+            ),
             timeout=aiohttp.ClientTimeout(total=60),
             skip_auto_headers=("User-Agent",),
         )
@@ -142,23 +149,43 @@ class StorageRest:
         """Put Message with no expiry (``messagettl=-1``).  ``\\r`` never occurs in
         our message text (the frame escapes it), so XML line-end normalisation
         cannot alter it."""
-        body = ("<?xml version='1.0' encoding='utf-8'?>\n<QueueMessage><MessageText>"
-                f"{escape(text)}</MessageText></QueueMessage>").encode()
+        body = (
+            "<?xml version='1.0' encoding='utf-8'?>\n<QueueMessage><MessageText>"
+            f"{escape(text)}</MessageText></QueueMessage>"
+        ).encode()
         url = f"{self.endpoints.queue_url}/{queue}/messages"
-        await self._request("POST", f"sending to {queue}", url, {"messagettl": "-1"}, body,
-                            "application/xml", QUEUE_API_VERSION, service="queue", ok={201})
+        await self._request(
+            "POST",
+            f"sending to {queue}",
+            url,
+            {"messagettl": "-1"},
+            body,
+            "application/xml",
+            QUEUE_API_VERSION,
+            service="queue",
+            ok={201},
+        )
 
     async def delete_message(self, queue: str, message_id: str, pop_receipt: str) -> None:
         """Delete Message.  A 404 (gone) or 400 ``PopReceiptMismatch`` (someone else
         received it since) is raised as :class:`RestError` like any other failure;
         the caller decides that it means a lost lock."""
         url = f"{self.endpoints.queue_url}/{queue}/messages/{quote(message_id, safe='')}"
-        await self._request("DELETE", f"deleting a message from {queue}", url,
-                            {"popreceipt": pop_receipt}, b"", "", QUEUE_API_VERSION,
-                            service="queue", ok={204})
+        await self._request(
+            "DELETE",
+            f"deleting a message from {queue}",
+            url,
+            {"popreceipt": pop_receipt},
+            b"",
+            "",
+            QUEUE_API_VERSION,
+            service="queue",
+            ok={204},
+        )
 
-    async def table_batch(self, table: str, operations: list[tuple[str, dict[str, Any]]]
-                          ) -> list[int]:
+    async def table_batch(
+        self, table: str, operations: list[tuple[str, dict[str, Any]]]
+    ) -> list[int]:
         """One Entity Group Transaction (same PartitionKey, at most 100 operations):
         ``("create", entity)`` or ``("upsert_merge", entity)``.  Returns the
         sub-responses' status codes: all 2xx when applied; otherwise the transaction
@@ -171,8 +198,10 @@ class StorageRest:
             if kind == "create":
                 line = f"POST {base} HTTP/1.1"
             elif kind == "upsert_merge":
-                key = (f"(PartitionKey='{_quote_key(entity['PartitionKey'])}',"
-                       f"RowKey='{_quote_key(entity['RowKey'])}')")
+                key = (
+                    f"(PartitionKey='{_quote_key(entity['PartitionKey'])}',"
+                    f"RowKey='{_quote_key(entity['RowKey'])}')"
+                )
                 line = f"MERGE {base}{key} HTTP/1.1"
             else:
                 raise ValueError(f"unsupported batch operation {kind!r}")
@@ -186,26 +215,52 @@ class StorageRest:
         parts.append(f"--{changeset}--\r\n\r\n--{batch}--\r\n")
         body = "".join(parts).encode("utf-8")
         answer = await self._request(
-            "POST", f"ledger batch on {table}", f"{self.endpoints.table_url}/$batch", {}, body,
-            f"multipart/mixed; boundary={batch}", TABLE_API_VERSION, service="table",
-            ok={202}, extra={"DataServiceVersion": "3.0", "MaxDataServiceVersion": "3.0;NetFx",
-                             "Accept": "application/json"})
+            "POST",
+            f"ledger batch on {table}",
+            f"{self.endpoints.table_url}/$batch",
+            {},
+            body,
+            f"multipart/mixed; boundary={batch}",
+            TABLE_API_VERSION,
+            service="table",
+            ok={202},
+            extra={
+                "DataServiceVersion": "3.0",
+                "MaxDataServiceVersion": "3.0;NetFx",
+                "Accept": "application/json",
+            },
+        )
         return [int(code) for code in _STATUS_LINE.findall(answer)]
 
     # -------------------------------------------------------------- transport
 
-    async def _request(self, method: str, what: str, url: str, query: dict[str, str],
-                       body: bytes, content_type: str, version: str, *, service: str,
-                       ok: set[int], extra: dict[str, str] | None = None) -> bytes:
+    async def _request(
+        self,
+        method: str,
+        what: str,
+        url: str,
+        query: dict[str, str],
+        body: bytes,
+        content_type: str,
+        version: str,
+        *,
+        service: str,
+        ok: set[int],
+        extra: dict[str, str] | None = None,
+    ) -> bytes:
         assert self._session is not None, "use StorageRest as an async context manager"
         for attempt in range(_ATTEMPTS):
-            headers = {"x-ms-date": formatdate(usegmt=True), "x-ms-version": version,
-                       **({"Content-Type": content_type} if content_type else {}),
-                       **(extra or {})}
+            headers = {
+                "x-ms-date": formatdate(usegmt=True),
+                "x-ms-version": version,
+                **({"Content-Type": content_type} if content_type else {}),
+                **(extra or {}),
+            }
             target = await self._authorize(method, url, query, headers, len(body), service)
             try:
-                async with self._session.request(method, target, data=body or None,
-                                                 headers=headers) as response:
+                async with self._session.request(
+                    method, target, data=body or None, headers=headers
+                ) as response:
                     answer = await response.read()
                     status = response.status
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -216,16 +271,28 @@ class StorageRest:
                 if status in ok:
                     return answer
                 if status not in _TRANSIENT_STATUS or attempt == _ATTEMPTS - 1:
-                    raise RestError(what, status, _error_code(answer),
-                                    auth_reason(answer.decode("utf-8", "replace"))
-                                    if status in (401, 403) else "")
+                    raise RestError(
+                        what,
+                        status,
+                        _error_code(answer),
+                        auth_reason(answer.decode("utf-8", "replace"))
+                        if status in (401, 403)
+                        else "",
+                    )
                 reason = f"HTTP {status}"
             log.info("%s: retrying after %s", what, reason)
             await asyncio.sleep(0.2 * 3**attempt)
         raise AssertionError("unreachable")
 
-    async def _authorize(self, method: str, url: str, query: dict[str, str],
-                         headers: dict[str, str], length: int, service: str) -> str:
+    async def _authorize(
+        self,
+        method: str,
+        url: str,
+        query: dict[str, str],
+        headers: dict[str, str],
+        length: int,
+        service: str,
+    ) -> str:
         """Sign ``headers`` in place; return the URL to call (with query and SAS)."""
         endpoints = self.endpoints
         query_text = "&".join(f"{k}={quote(v, safe='')}" for k, v in sorted(query.items()))
@@ -233,16 +300,36 @@ class StorageRest:
             path = urlsplit(url).path
             resource = f"/{endpoints.account}{path}"
             if service == "queue":
-                to_sign = "\n".join([
-                    method, "", "", str(length) if length else "", "",
-                    headers.get("Content-Type", ""), "", "", "", "", "", "",
-                ]) + "\n" + "".join(
-                    f"{k.lower()}:{v}\n" for k, v in sorted(headers.items())
-                    if k.lower().startswith("x-ms-")
-                ) + resource + "".join(f"\n{k.lower()}:{v}" for k, v in sorted(query.items()))
+                to_sign = (
+                    "\n".join(
+                        [
+                            method,
+                            "",
+                            "",
+                            str(length) if length else "",
+                            "",
+                            headers.get("Content-Type", ""),
+                            "",
+                            "",
+                            "",
+                            "",
+                            "",
+                            "",
+                        ]
+                    )
+                    + "\n"
+                    + "".join(
+                        f"{k.lower()}:{v}\n"
+                        for k, v in sorted(headers.items())
+                        if k.lower().startswith("x-ms-")
+                    )
+                    + resource
+                    + "".join(f"\n{k.lower()}:{v}" for k, v in sorted(query.items()))
+                )
             else:
-                to_sign = "\n".join([method, "", headers.get("Content-Type", ""),
-                                     headers["x-ms-date"], resource])
+                to_sign = "\n".join(
+                    [method, "", headers.get("Content-Type", ""), headers["x-ms-date"], resource]
+                )
             digest = hmac.new(endpoints.key, to_sign.encode("utf-8"), hashlib.sha256).digest()
             signature = base64.b64encode(digest).decode("ascii")
             headers["Authorization"] = f"SharedKey {endpoints.account}:{signature}"

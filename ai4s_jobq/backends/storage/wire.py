@@ -135,9 +135,9 @@ def decode_text(text: str) -> tuple[dict[str, Any] | None, bytes]:
         header, end = _DECODER.raw_decode(text, len(_FRAME_PREFIX))
     except ValueError:
         return None, raw
-    if not isinstance(header, dict) or text[end:end + len(_BODY_KEY)] != _BODY_KEY:
+    if not isinstance(header, dict) or text[end : end + len(_BODY_KEY)] != _BODY_KEY:
         return None, raw
-    payload = text[end + len(_BODY_KEY):-1]
+    payload = text[end + len(_BODY_KEY) : -1]
     encoding = header.get("enc")
     if encoding is None:
         return header, payload.encode("utf-8")
@@ -181,8 +181,9 @@ def translate_errors(what: str, account: str) -> Iterator[None]:
     except BackendError:
         raise
     except ClientAuthenticationError as exc:
-        raise credentials_refused(what, account, error_code(exc) or type(exc).__name__,
-                                  auth_failure_reason(exc)) from None
+        raise credentials_refused(
+            what, account, error_code(exc) or type(exc).__name__, auth_failure_reason(exc)
+        ) from None
     except ServiceRequestError as exc:
         raise BackendError(
             f"{what}: cannot reach storage account {account!r} ({type(exc).__name__}). "
@@ -212,7 +213,8 @@ def credentials_refused(what: str, account: str, code: str, reason: str = "") ->
         "Check the account key or SAS in the connection string (JOBQ_CONNECTION_STRING / "
         "--conn-str), or, with ACCOUNT/QUEUE, your Azure login (`az login`) and that it has "
         "the 'Storage Queue Data Contributor' (and, for dedup, 'Storage Table Data "
-        "Contributor') role.")
+        "Contributor') role."
+    )
 
 
 def auth_failure_reason(exc: BaseException) -> str:
@@ -241,30 +243,29 @@ def is_lock_lost(exc: HttpResponseError) -> bool:
     return means_lock_lost(exc.status_code, error_code(exc))
 
 
-
 def rest_error(exc: RestError, what: str, account: str) -> BackendError:
     """The same messages as :func:`_translate`, for the fast REST path."""
     if exc.status in (401, 403):
-        return credentials_refused(what, account, exc.code or "AuthenticationFailed",
-                                   exc.reason)
+        return credentials_refused(what, account, exc.code or "AuthenticationFailed", exc.reason)
     if exc.status == 0:
         return BackendError(
             f"{what}: cannot reach storage account {account!r} ({exc.code}). "
-            "Check the account name or the endpoints in the connection string, and the network.")
+            "Check the account name or the endpoints in the connection string, and the network."
+        )
     if exc.status == 404:
         return QueueUnavailableError(
             f"{what}: not found on storage account {account!r} ({exc.code or 'NotFound'}); "
-            "push once to create the queue")
-    return BackendError(f"{what}: storage account {account!r} answered {exc.status} "
-                        f"{exc.code}".rstrip())
-
+            "push once to create the queue"
+        )
+    return BackendError(
+        f"{what}: storage account {account!r} answered {exc.status} {exc.code}".rstrip()
+    )
 
 
 def is_account_error(exc: BackendError) -> bool:
     """Errors about the account rather than the message: abort the whole push."""
     text = str(exc)
     return "refused the credentials" in text or "cannot reach" in text
-
 
 
 def as_backend_error(exc: BaseException | None, what: str, account: str) -> BaseException:
@@ -283,7 +284,6 @@ def as_backend_error(exc: BaseException | None, what: str, account: str) -> Base
         return BackendError(f"{what}: {type(exc).__name__}")
 
 
-
 def dead_letter_text(message: ReceivedMessage, reason: str, description: str) -> str:
     """The ``-failed`` record: the body plus why.  The description is cut to fit the
     64 KiB limit; if even the reason does not fit, the body alone is kept (the body
@@ -297,11 +297,14 @@ def dead_letter_text(message: ReceivedMessage, reason: str, description: str) ->
     }
     text = encode_text(header, message.body)
     while text_size(text) > MESSAGE_TEXT_LIMIT and header["description"]:
-        header["description"] = header["description"][len(header["description"]) // 2 + 1:]
+        header["description"] = header["description"][len(header["description"]) // 2 + 1 :]
         text = encode_text(header, message.body)
     if text_size(text) > MESSAGE_TEXT_LIMIT:
-        log.warning("dead-lettering %s without its reason (%s): the body fills the message",
-                    message.message_id, reason)
+        log.warning(
+            "dead-lettering %s without its reason (%s): the body fills the message",
+            message.message_id,
+            reason,
+        )
         text = encode_text({"id": message.message_id}, message.body)
     return text
 
@@ -335,10 +338,10 @@ def to_received(item: Any, dead_letter: bool, *, with_handle: bool) -> ReceivedM
         body=body,
         delivery_count=max(delivery, 1) if with_handle else delivery,
         enqueued_time=item.inserted_on.timestamp() if item.inserted_on else None,
-        locked_until=(item.next_visible_on.timestamp()
-                      if with_handle and item.next_visible_on else None),
-        handle=(Lease(item.id, item.pop_receipt, dead_letter, frame) if with_handle
-                else None),
+        locked_until=(
+            item.next_visible_on.timestamp() if with_handle and item.next_visible_on else None
+        ),
+        handle=(Lease(item.id, item.pop_receipt, dead_letter, frame) if with_handle else None),
         dead_letter_reason=header.get("reason"),
         dead_letter_description=header.get("description"),
     )
@@ -355,5 +358,7 @@ def unstarted_text(header: dict[str, Any] | None, body: bytes) -> str | None:
 
 
 def lost_lock(message: ReceivedMessage) -> str:
-    return (f"lost the lock on message {message.message_id}: its visibility timeout "
-            "expired and another receiver took it (or it was deleted)")
+    return (
+        f"lost the lock on message {message.message_id}: its visibility timeout "
+        "expired and another receiver took it (or it was deleted)"
+    )
