@@ -15,6 +15,7 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", "ai4s_jobq", "cli", "tests", "bench")
+    session.run("ruff", "format", "--check", ".")
 
 
 @nox.session
