@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..task import Task
+from .sync_calls import run_sync
 
 log = logging.getLogger("ai4s_jobq.task")
 
@@ -144,7 +145,7 @@ class CallableProcessor:
         try:
             if self.is_async:
                 return await self.function(**task.args)
-            return await asyncio.to_thread(self.function, **task.args)
+            return await run_sync(self.function, task.args)
         except (asyncio.CancelledError, TaskFailed):
             raise
         except Exception as exc:  # a task's own error is a failure, not a worker crash
