@@ -6,6 +6,7 @@ from .ids import TaskEncodingError, canonical_json, identify
 from .jobq import JobQ, PushFailure, PushResult, PushSummary
 from .task import Task, make_task
 from .worker import Worker, WorkerPolicy
+from .worker.context import TaskContext, current_task
 
 __all__ = [
     "JobQ",
@@ -13,10 +14,12 @@ __all__ = [
     "PushResult",
     "PushSummary",
     "Task",
+    "TaskContext",
     "TaskEncodingError",
     "Worker",
     "WorkerPolicy",
     "canonical_json",
+    "current_task",
     "identify",
     "make_task",
     "push",

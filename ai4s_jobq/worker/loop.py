@@ -33,6 +33,7 @@ from enum import IntEnum
 from ..backends.base import Backend, LockLostError, ReceivedMessage
 from ..redact import redact
 from ..task import MalformedTaskError, Task
+from .context import TaskContext, task_context
 from .hooks import (
     DEAD_LETTERED,
     FAILED,
@@ -270,7 +271,9 @@ class Worker:
         started = time.monotonic()
         run = TaskRun(task, message, message.delivery_count)
         self.hooks.task_started(run)
-        running.work = asyncio.ensure_future(self.processor(task))
+        # The processor's asyncio task copies the context: it sees its own TaskContext.
+        with task_context(TaskContext(task.id, attempt=message.delivery_count)):
+            running.work = asyncio.ensure_future(self.processor(task))
         keeper = asyncio.ensure_future(self._keep_locked(running))
         try:
             await asyncio.wait([running.work])

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..task import Task
+from .context import current_task
 from .sync_calls import run_sync
 
 log = logging.getLogger("ai4s_jobq.task")
@@ -61,7 +62,8 @@ class ShellProcessor:
         if not isinstance(extra_env, dict):
             raise TaskFailed("BadTask", "a shell task's 'env' must be an object")
         env.update({str(k): str(v) for k, v in extra_env.items()})
-        env["JOBQ_TASK_ID"] = task.id
+        context = current_task()
+        env.update(context.env() if context is not None else {"JOBQ_TASK_ID": task.id})
         proc = await asyncio.create_subprocess_exec(
             "/bin/sh",
             "-c",

@@ -158,12 +158,12 @@ class StorageQueueBackend(Backend):
         # The SDK default backs off 15 s and more: too slow to tell a user about a typo.
         retry: dict[str, Any] = {
             "retry_policy": ExponentialRetry(
-                initial_backoff=0.5,
+                initial_backoff=0.5,  # type: ignore[arg-type]
                 increment_base=2,
-                retry_total=3,  # type: ignore[arg-type]
-                random_jitter_range=0.5,
+                retry_total=3,
+                random_jitter_range=0.5,  # type: ignore[arg-type]
             )
-        }  # type: ignore[arg-type]
+        }
         table_retry: dict[str, Any] = {"retry_total": 3, "retry_backoff_factor": 0.5}
         if self.connection_string:
             self._service = QueueServiceClient.from_connection_string(
