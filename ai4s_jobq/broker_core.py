@@ -48,6 +48,8 @@ from .broker_model import (  # noqa: F401 - re-exported: the core's public names
     MAX_DELIVERY_COUNT_REASON,
     READY_STATE,
     SCHEMA,
+    SEQUENCE_INDEXES,
+    TTL_EXPIRED_DESCRIPTION,
     TTL_EXPIRED_REASON,
     BrokerError,
     InvalidOperation,
@@ -60,6 +62,7 @@ from .broker_model import (  # noqa: F401 - re-exported: the core's public names
     QueueProperties,
     SendResult,
     StoredMessage,
+    max_delivery_count_description,
     merge_props,
     message_row,
     props_from_json,
@@ -86,6 +89,13 @@ class BrokerCore:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         with self._write() as conn:
             for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+            if "qseq" not in columns:  # a file from before per-queue sequence numbers
+                conn.execute("ALTER TABLE messages ADD COLUMN qseq INTEGER")
+                conn.execute("UPDATE messages SET qseq = seq")
+            for statement in SEQUENCE_INDEXES.split(";"):
                 if statement.strip():
                     conn.execute(statement)
 
@@ -169,7 +179,10 @@ class BrokerCore:
         validate_properties(props)
         now = self.clock()
         with self._write() as conn:
-            row = conn.execute("SELECT props FROM queues WHERE name = ?", (props.name,)).fetchone()
+            # Queue names are case-insensitive, as on Azure: "Jobs" and "jobs" are one queue.
+            row = conn.execute(
+                "SELECT props FROM queues WHERE name = ? COLLATE NOCASE", (props.name,)
+            ).fetchone()
             if row is not None:
                 if exist_ok:
                     return props_from_json(row[0])
@@ -186,6 +199,15 @@ class BrokerCore:
         if row is None:
             raise QueueNotFound(f"queue {name!r} does not exist")
         return props_from_json(row[0])
+
+    def resolve_queue_name(self, name: str) -> str | None:
+        """The stored spelling of queue ``name`` (matched case-insensitively), or None."""
+        row = (
+            self._conn()
+            .execute("SELECT name FROM queues WHERE name = ? COLLATE NOCASE", (name,))
+            .fetchone()
+        )
+        return row[0] if row is not None else None
 
     def queue_exists(self, name: str) -> bool:
         row = self._conn().execute("SELECT 1 FROM queues WHERE name = ?", (name,)).fetchone()
@@ -223,6 +245,7 @@ class BrokerCore:
                 raise QueueNotFound(f"queue {name!r} does not exist")
             conn.execute("DELETE FROM messages WHERE queue = ?", (name,))
             conn.execute("DELETE FROM dedup WHERE queue = ?", (name,))
+            conn.execute("DELETE FROM sequences WHERE queue = ?", (name,))
 
     def counts(self, queue: str) -> QueueCounts:
         props = self.get_queue(queue)
@@ -270,10 +293,18 @@ class BrokerCore:
                     "INSERT OR REPLACE INTO dedup(queue, message_id, accepted_at) VALUES (?, ?, ?)",
                     [(queue, m.message_id, now) for m, new in zip(messages, fresh) if new],
                 )
-            first_seq = self._insert_messages(
-                conn, [message_row(queue, props, m, now) for m, new in zip(messages, fresh) if new]
+            accepted = sum(fresh)
+            first_seq = self._allocate(conn, queue, accepted) if accepted else 0
+            numbers = iter(range(first_seq, first_seq + accepted))
+            self._insert_messages(
+                conn,
+                [
+                    (*message_row(queue, props, m, now), next(numbers))
+                    for m, new in zip(messages, fresh)
+                    if new
+                ],
             )
-        seqs = iter(range(first_seq, first_seq + sum(fresh)))
+        seqs = iter(range(first_seq, first_seq + accepted))
         results = [
             SendResult(duplicate=False, sequence_number=next(seqs))
             if new
@@ -303,20 +334,49 @@ class BrokerCore:
         return fresh
 
     @staticmethod
-    def _insert_messages(conn: sqlite3.Connection, rows: list[tuple]) -> int:
+    def _insert_messages(conn: sqlite3.Connection, rows: list[tuple]) -> None:
         """Insert with one ``executemany`` (a per-row ``execute`` costs more than the
-        insert itself) and return the first row's sequence number.  The rows got
-        consecutive numbers: with AUTOINCREMENT each new seq is the previous
-        maximum plus one, and ``BEGIN IMMEDIATE`` keeps other writers out."""
-        if not rows:
-            return 0
+        insert itself)."""
+        if rows:
+            conn.executemany(
+                "INSERT INTO messages(queue, sub, state, message_id, body, props,"
+                " enqueued_at, visible_at, expires_at, qseq)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    @staticmethod
+    def _allocate(conn: sqlite3.Connection, queue: str, count: int) -> int:
+        """Reserve ``count`` consecutive sequence numbers of ``queue``; returns the
+        first.  Per queue and gap-free, as Azure numbers each entity; the caller's
+        ``BEGIN IMMEDIATE`` transaction keeps other writers out."""
+        row = conn.execute("SELECT last FROM sequences WHERE queue = ?", (queue,)).fetchone()
+        if row is None:
+            last = conn.execute(
+                "SELECT COALESCE(MAX(qseq), 0) FROM messages WHERE queue = ?", (queue,)
+            ).fetchone()[0]
+            conn.execute("INSERT INTO sequences(queue, last) VALUES (?, ?)", (queue, last + count))
+        else:
+            last = row[0]
+            conn.execute("UPDATE sequences SET last = ? WHERE queue = ?", (last + count, queue))
+        return last + 1
+
+    def _activate_scheduled(self, conn: sqlite3.Connection, queue: str, now: float) -> None:
+        """Scheduled messages whose time has come join the queue as if sent now: a new
+        sequence number (after every message already there) and that enqueued time,
+        as Azure does when a scheduled message activates."""
+        due = conn.execute(
+            "SELECT seq FROM messages WHERE queue = ? AND visible_at > enqueued_at"
+            " AND visible_at <= ? ORDER BY visible_at, qseq",
+            (queue, now),
+        ).fetchall()
+        if not due:
+            return
+        first = self._allocate(conn, queue, len(due))
         conn.executemany(
-            "INSERT INTO messages(queue, sub, state, message_id, body, props,"
-            " enqueued_at, visible_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
+            "UPDATE messages SET qseq = ?, enqueued_at = visible_at WHERE seq = ?",
+            [(first + index, seq) for index, (seq,) in enumerate(due)],
         )
-        last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-        return last - len(rows) + 1
 
     def _recently_accepted(
         self, conn: sqlite3.Connection, props: QueueProperties, ids: list[str], now: float
@@ -353,7 +413,7 @@ class BrokerCore:
         with self._write() as conn:
             for seq in sequence_numbers:
                 cur = conn.execute(
-                    "DELETE FROM messages WHERE seq = ? AND queue = ? AND sub = ?"
+                    "DELETE FROM messages WHERE qseq = ? AND queue = ? AND sub = ?"
                     " AND visible_at > ?",
                     (seq, queue, ACTIVE, now),
                 )
@@ -381,7 +441,7 @@ class BrokerCore:
             rows = conn.execute(
                 f"SELECT {COLUMNS} FROM messages WHERE queue = ? AND sub = ? AND state = ?"
                 " AND visible_at <= ? AND (locked_until IS NULL OR locked_until <= ?)"
-                " ORDER BY seq LIMIT ?",
+                " ORDER BY qseq LIMIT ?",
                 (queue, sub_queue, READY_STATE, now, now, max_count),
             ).fetchall()
             received = [row_to_message(row, now) for row in rows]
@@ -391,13 +451,13 @@ class BrokerCore:
                 message.locked_until = None if receive_and_delete else until
             if receive_and_delete:
                 conn.executemany(
-                    "DELETE FROM messages WHERE seq = ?", [(m.sequence_number,) for m in received]
+                    "DELETE FROM messages WHERE seq = ?", [(m.row_id,) for m in received]
                 )
             else:  # one executemany: a statement per message cost more than the update
                 conn.executemany(
                     "UPDATE messages SET lock_token = ?, locked_until = ?, delivery_count = ?"
                     " WHERE seq = ?",
-                    [(m.lock_token, until, m.delivery_count, m.sequence_number) for m in received],
+                    [(m.lock_token, until, m.delivery_count, m.row_id) for m in received],
                 )
         return received
 
@@ -410,7 +470,7 @@ class BrokerCore:
         with self._write() as conn:
             for seq in sequence_numbers:
                 row = conn.execute(
-                    f"SELECT {COLUMNS} FROM messages WHERE seq = ? AND queue = ? AND sub = ?"
+                    f"SELECT {COLUMNS} FROM messages WHERE qseq = ? AND queue = ? AND sub = ?"
                     " AND state = ? AND (locked_until IS NULL OR locked_until <= ?)",
                     (seq, queue, sub_queue, DEFERRED_STATE, now),
                 ).fetchone()
@@ -423,7 +483,12 @@ class BrokerCore:
                 conn.execute(
                     "UPDATE messages SET lock_token = ?, locked_until = ?, delivery_count = ?"
                     " WHERE seq = ?",
-                    (message.lock_token, message.locked_until, message.delivery_count, seq),
+                    (
+                        message.lock_token,
+                        message.locked_until,
+                        message.delivery_count,
+                        message.row_id,
+                    ),
                 )
                 out.append(message)
         return out
@@ -440,16 +505,37 @@ class BrokerCore:
         and deferred ones included, as Service Bus peeks them)."""
         self.get_queue(queue)
         now = self.clock()
+        self._activate_for_reading(queue, now)
         rows = (
             self._conn()
             .execute(
-                f"SELECT {COLUMNS} FROM messages WHERE queue = ? AND sub = ? AND seq >= ?"
-                " ORDER BY seq LIMIT ?",
+                f"SELECT {COLUMNS} FROM messages WHERE queue = ? AND sub = ? AND qseq >= ?"
+                " ORDER BY qseq LIMIT ?",
                 (queue, sub_queue, from_sequence_number, max_count),
             )
             .fetchall()
         )
         return [row_to_message(row, now) for row in rows]
+
+    def _activate_for_reading(self, queue: str, now: float) -> None:
+        """Let a read see activated scheduled messages with their new numbers.  Only
+        writes when one is due; on a file opened read-only it leaves them be."""
+        due = (
+            self._conn()
+            .execute(
+                "SELECT 1 FROM messages WHERE queue = ? AND visible_at > enqueued_at"
+                " AND visible_at <= ? LIMIT 1",
+                (queue, now),
+            )
+            .fetchone()
+        )
+        if due is None:
+            return
+        try:
+            with self._write() as conn:
+                self._activate_scheduled(conn, queue, now)
+        except sqlite3.OperationalError:
+            pass
 
     # ------------------------------------------------------------------ settling
 
@@ -510,10 +596,7 @@ class BrokerCore:
             max_count = self.get_queue(queue).max_delivery_count
             if delivery_count >= max_count:
                 self._move_to_dead_letter(
-                    conn,
-                    seq,
-                    MAX_DELIVERY_COUNT_REASON,
-                    f"Message could not be consumed after {max_count} delivery attempts.",
+                    conn, seq, MAX_DELIVERY_COUNT_REASON, max_delivery_count_description(max_count)
                 )
         self._notify(queue)
 
@@ -563,6 +646,9 @@ class BrokerCore:
         now = self.clock()
         with self._write() as conn:
             seq, _, _, _, props_json = self._locked_row(conn, lock_token, now)
+            (sub,) = conn.execute("SELECT sub FROM messages WHERE seq = ?", (seq,)).fetchone()
+            if sub == DEAD_LETTER:  # Azure keeps the first reason; the lock stays as it is
+                raise InvalidOperation("a dead-lettered message cannot be dead-lettered again")
             props = merge_props(props_json, properties_to_modify)
             conn.execute("UPDATE messages SET props = ? WHERE seq = ?", (props, seq))
             self._move_to_dead_letter(conn, seq, reason, description)
@@ -599,7 +685,10 @@ class BrokerCore:
 
     def _sweep(self, conn: sqlite3.Connection, props: QueueProperties, now: float) -> None:
         """Apply what time has done: expired locks past the delivery limit go to the
-        dead-letter queue, messages past their time to live expire."""
+        dead-letter queue, messages past their time to live expire (deferred ones never
+        do: Azure keeps them until they are received by sequence number), scheduled
+        messages whose time has come activate."""
+        self._activate_scheduled(conn, props.name, now)
         conn.execute(
             "UPDATE messages SET sub = ?, lock_token = NULL, locked_until = NULL,"
             " dl_reason = ?, dl_description = ?"
@@ -608,24 +697,23 @@ class BrokerCore:
             (
                 DEAD_LETTER,
                 MAX_DELIVERY_COUNT_REASON,
-                f"Message could not be consumed after {props.max_delivery_count} "
-                "delivery attempts.",
+                max_delivery_count_description(props.max_delivery_count),
                 props.name,
                 ACTIVE,
                 now,
                 props.max_delivery_count,
             ),
         )
-        expired = (props.name, ACTIVE, now, now)
+        expired = (props.name, ACTIVE, now, now, DEFERRED_STATE)
         where = (
             " WHERE queue = ? AND sub = ? AND expires_at IS NOT NULL AND expires_at <= ?"
-            " AND (locked_until IS NULL OR locked_until <= ?)"
+            " AND (locked_until IS NULL OR locked_until <= ?) AND state != ?"
         )
         if props.dead_lettering_on_message_expiration:
             conn.execute(
                 "UPDATE messages SET sub = ?, lock_token = NULL, locked_until = NULL,"
                 " dl_reason = ?, dl_description = ?" + where,
-                (DEAD_LETTER, TTL_EXPIRED_REASON, "The message expired.", *expired),
+                (DEAD_LETTER, TTL_EXPIRED_REASON, TTL_EXPIRED_DESCRIPTION, *expired),
             )
         else:
             conn.execute("DELETE FROM messages" + where, expired)

@@ -16,6 +16,12 @@ DEFERRED_STATE = 2
 
 MAX_DELIVERY_COUNT_REASON = "MaxDeliveryCountExceeded"
 TTL_EXPIRED_REASON = "TTLExpiredException"
+# The descriptions Azure writes beside those reasons (DeadLetterErrorDescription).
+TTL_EXPIRED_DESCRIPTION = "The message expired and was dead lettered."
+
+
+def max_delivery_count_description(max_delivery_count: int) -> str:
+    return f"Message could not be consumed after {max_delivery_count} delivery attempts."
 
 
 class BrokerError(Exception):
@@ -64,6 +70,11 @@ class QueueProperties:
     default_message_ttl: float | None = None
     dead_lettering_on_message_expiration: bool = False
     max_message_size: int = 256 * 1024
+    # Stored and reported as Azure does; not enforced (see docs/emulator.md).
+    max_size_in_megabytes: int = 1024
+    enable_batched_operations: bool = True
+    auto_delete_on_idle: float | None = None  # None: never
+    user_metadata: str | None = None
     created_at: float = 0.0
     updated_at: float = 0.0
 
@@ -101,6 +112,13 @@ class StoredMessage:
     state: str  # "active", "scheduled", "deferred"
     dead_letter_reason: str | None
     dead_letter_description: str | None
+    row_id: int = 0  # the store's identity of the row (not the sequence number)
+
+    @property
+    def time_to_live(self) -> float | None:
+        """Seconds from (scheduled) enqueue to expiry: the message's own time to live
+        capped by the queue's default, as the broker applied it."""
+        return None if self.expires_at is None else self.expires_at - self.scheduled_enqueue_time
 
 
 @dataclass
@@ -135,9 +153,9 @@ CREATE TABLE IF NOT EXISTS messages (
     lock_token TEXT,
     locked_until REAL,
     dl_reason TEXT,
-    dl_description TEXT
+    dl_description TEXT,
+    qseq INTEGER
 );
-CREATE INDEX IF NOT EXISTS messages_by_queue ON messages(queue, sub, state, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_by_lock ON messages(lock_token)
     WHERE lock_token IS NOT NULL;
 CREATE INDEX IF NOT EXISTS messages_locked ON messages(queue, locked_until)
@@ -150,17 +168,36 @@ CREATE TABLE IF NOT EXISTS dedup (
     accepted_at REAL NOT NULL,
     PRIMARY KEY (queue, message_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sequences (
+    queue TEXT PRIMARY KEY,
+    last INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+# Created after SCHEMA (and after adding ``qseq`` to a file made before it existed).
+# ``qseq`` is the queue's own, gap-free sequence number (Azure numbers each entity
+# separately); ``seq`` stays the row's identity.  Receivers take messages in ``qseq``
+# order, so a scheduled message that activates (and gets a new number) goes last.
+SEQUENCE_INDEXES = """
+CREATE INDEX IF NOT EXISTS messages_by_queue_qseq ON messages(queue, sub, state, qseq);
+CREATE INDEX IF NOT EXISTS messages_by_qseq ON messages(queue, qseq);
+CREATE INDEX IF NOT EXISTS messages_scheduled ON messages(queue, visible_at)
+    WHERE visible_at > enqueued_at;
+DROP INDEX IF EXISTS messages_by_queue;
 """
 
 COLUMNS = (
     "seq, message_id, body, props, enqueued_at, visible_at, expires_at, delivery_count,"
-    " lock_token, locked_until, sub, state, dl_reason, dl_description"
+    " lock_token, locked_until, sub, state, dl_reason, dl_description, qseq"
 )
 
 
 def message_row(queue: str, props: QueueProperties, message: NewMessage, now: float) -> tuple:
-    """The ``messages`` columns of a newly sent message."""
+    """The ``messages`` columns of a newly sent message (without ``qseq``).  The
+    queue's default time to live is a ceiling on the message's, as on Azure."""
     ttl = message.time_to_live or props.default_message_ttl
+    if ttl and props.default_message_ttl:
+        ttl = min(ttl, props.default_message_ttl)
     visible_at = message.scheduled_enqueue_time or now
     return (
         queue,
@@ -218,6 +255,7 @@ def row_to_message(row: tuple, now: float) -> StoredMessage:
         state,
         dl_reason,
         dl_description,
+        qseq,
     ) = row
     if state == DEFERRED_STATE:
         state_name = "deferred"
@@ -226,7 +264,7 @@ def row_to_message(row: tuple, now: float) -> StoredMessage:
     else:
         state_name = "active"
     return StoredMessage(
-        sequence_number=seq,
+        sequence_number=qseq if qseq is not None else seq,
         message_id=message_id,
         body=bytes(body),
         properties=json.loads(props) if props else {},
@@ -240,4 +278,5 @@ def row_to_message(row: tuple, now: float) -> StoredMessage:
         state=state_name,
         dead_letter_reason=dl_reason,
         dead_letter_description=dl_description,
+        row_id=seq,
     )

@@ -7,8 +7,8 @@ the Service Bus emulator (which must refuse what Azure refuses).  One function,
 :func:`validate_queue_name`, is the single place the rules live.
 
 * Service Bus (``servicebus``): 1-260 characters; letters, digits, ``.``, ``-``,
-  ``_`` and ``/``; ``/`` only inside (no leading, trailing or doubled ``/``: a
-  ``/`` separates path segments, none of which may be empty).  Names are
+  ``_`` and ``/``; starts and ends with a letter or digit; ``/`` only inside (no
+  doubled ``/``: a ``/`` separates path segments, none of which may be empty).  Names are
   case-insensitive on Azure (``Jobs`` and ``jobs`` are one queue), so case is
   kept as given.
 * Storage Queue (``storage``): 3-63 characters; lowercase letters, digits and
@@ -30,6 +30,7 @@ STORAGE_DLQ_SUFFIX = "-failed"
 LOCAL_MAX = 128
 
 _SERVICEBUS_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+_ALPHANUMERIC = re.compile(r"[A-Za-z0-9]")
 _STORAGE = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
 _LOCAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -61,6 +62,8 @@ def _check_servicebus(name: str) -> None:
         raise QueueNameError(f"{name!r} has {len(name)} characters: {rule}")
     if not all(_SERVICEBUS_SEGMENT.fullmatch(part) for part in name.split("/")):
         raise QueueNameError(f"{name!r}: {rule}")
+    if not (_ALPHANUMERIC.fullmatch(name[0]) and _ALPHANUMERIC.fullmatch(name[-1])):
+        raise QueueNameError(f"{name!r}: a Service Bus name starts and ends with a letter or digit")
 
 
 def _check_storage(name: str) -> None:

@@ -101,7 +101,7 @@ async def test_aio_lock_expiry_and_scheduled_messages(sb):
             [number] = await sender.schedule_messages(ServiceBusMessage("s", message_id="s"), due)
             assert await receiver.receive_messages(max_wait_time=0.3) == []
             [message] = await receiver.receive_messages(max_wait_time=5)
-            assert message.sequence_number == number
+            assert message.sequence_number == number + 1  # a new number on activation
             started = time.monotonic()
             [redelivered] = await receiver.receive_messages(max_wait_time=5)  # lock expiry
             assert time.monotonic() - started >= 0.5

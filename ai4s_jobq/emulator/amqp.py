@@ -52,6 +52,7 @@ from proton import (
 from ai4s_jobq.broker_core import (
     ACTIVE,
     BrokerError,
+    InvalidOperation,
     LockLost,
     MessageTooLarge,
     QueueNotFound,
@@ -277,6 +278,8 @@ class AmqpConnection:
     def _on_link_open(self, link: Link) -> None:
         address = link.remote_target.address if link.is_receiver else link.remote_source.address
         role = classify(address)
+        if role.queue:  # names are case-insensitive: use the queue's stored spelling
+            role.queue = self.ctx.core.resolve_queue_name(role.queue) or role.queue
         link.jq_role = role
         # the setter's stub says str, but proton accepts None (no address) as well
         link.source.address = cast(str, link.remote_source.address)
@@ -372,6 +375,7 @@ class AmqpConnection:
                     dead_letter_reason=message.dead_letter_reason,
                     dead_letter_description=message.dead_letter_description,
                     extra_properties=message.properties,
+                    time_to_live=message.time_to_live,
                 )
                 payload = codec.render_for_delivery(message.body, info)
                 if message.lock_token:
@@ -421,6 +425,9 @@ class AmqpConnection:
         except LockLost as exc:
             delivery.local.condition = _condition(LOCK_LOST, str(exc))
             echo = Disposition.REJECTED
+        except InvalidOperation as exc:
+            delivery.local.condition = _condition("amqp:not-allowed", str(exc))
+            echo = Disposition.REJECTED
         if not delivery.settled:
             delivery.update(echo)
         delivery.settle()
@@ -449,6 +456,8 @@ class AmqpConnection:
                 self._on_mgmt_request(link, role, payload)
         except codec.MalformedMessage as exc:
             condition = _condition("amqp:decode-error", str(exc))
+        except codec.HeaderTooLarge as exc:
+            condition = _condition("amqp:link:message-size-exceeded", str(exc))
         if not delivery.settled:
             if condition is not None:
                 delivery.local.condition = condition

@@ -87,6 +87,12 @@ class QueueRequest:
     max_message_size_kb: int | None = None
     requires_session: bool = False
     enable_partitioning: bool = False
+    max_size_in_megabytes: int | None = None
+    enable_batched_operations: bool | None = None
+    auto_delete_on_idle: float | None = None
+    auto_delete_given: bool = False
+    user_metadata: str | None = None
+    user_metadata_given: bool = False
 
     def apply(self, base: QueueProperties) -> QueueProperties:
         """``base`` with every setting this request gives."""
@@ -109,6 +115,14 @@ class QueueRequest:
             )
         if self.max_message_size_kb is not None:
             changes["max_message_size"] = self.max_message_size_kb * 1024
+        if self.max_size_in_megabytes is not None:
+            changes["max_size_in_megabytes"] = self.max_size_in_megabytes
+        if self.enable_batched_operations is not None:
+            changes["enable_batched_operations"] = self.enable_batched_operations
+        if self.auto_delete_given:
+            changes["auto_delete_on_idle"] = self.auto_delete_on_idle
+        if self.user_metadata_given:
+            changes["user_metadata"] = self.user_metadata
         return replace(base, **changes)
 
 
@@ -166,6 +180,17 @@ def parse_queue_request(body: bytes) -> QueueRequest:
             request.requires_session = _bool(v)
         if (v := text("EnablePartitioning")) is not None:
             request.enable_partitioning = _bool(v)
+        if (v := text("MaxSizeInMegabytes")) is not None:
+            request.max_size_in_megabytes = int(v)
+        if (v := text("EnableBatchedOperations")) is not None:
+            request.enable_batched_operations = _bool(v)
+        if (v := text("AutoDeleteOnIdle")) is not None:
+            idle = parse_duration(v)
+            request.auto_delete_on_idle = None if idle >= FOREVER_SECONDS else idle
+            request.auto_delete_given = True
+        if (element := description.find("UserMetadata")) is not None:
+            request.user_metadata = element.text or None
+            request.user_metadata_given = True
     except ValueError as exc:
         raise AtomError(str(exc)) from None
     return request
@@ -182,14 +207,14 @@ def queue_description(props: QueueProperties, counts: QueueCounts | None) -> ET.
     qd = ET.Element(f"{{{SB}}}QueueDescription")
     s = lambda name, value: _sub(qd, f"{{{SB}}}{name}", value)  # noqa: E731
     s("LockDuration", format_duration(props.lock_duration))
-    s("MaxSizeInMegabytes", "1024")
+    s("MaxSizeInMegabytes", str(props.max_size_in_megabytes))
     s("RequiresDuplicateDetection", str(props.requires_duplicate_detection).lower())
     s("RequiresSession", "false")
     s("DefaultMessageTimeToLive", format_duration(props.default_message_ttl))
     s("DeadLetteringOnMessageExpiration", str(props.dead_lettering_on_message_expiration).lower())
     s("DuplicateDetectionHistoryTimeWindow", format_duration(props.duplicate_detection_window))
     s("MaxDeliveryCount", str(props.max_delivery_count))
-    s("EnableBatchedOperations", "true")
+    s("EnableBatchedOperations", str(props.enable_batched_operations).lower())
     s("SizeInBytes", "0")
     s("MessageCount", str(counts.total if counts else 0))
     s("IsAnonymousAccessible", "false")
@@ -199,6 +224,8 @@ def queue_description(props: QueueProperties, counts: QueueCounts | None) -> ET.
     s("UpdatedAt", _iso(props.updated_at))
     s("AccessedAt", _iso(props.updated_at))
     s("SupportOrdering", "true")
+    if props.user_metadata is not None:
+        s("UserMetadata", props.user_metadata)
     details = _sub(qd, f"{{{SB}}}CountDetails")
     c = counts or QueueCounts(0, 0, 0, 0)
     for name, value in (
@@ -209,7 +236,7 @@ def queue_description(props: QueueProperties, counts: QueueCounts | None) -> ET.
         ("TransferDeadLetterMessageCount", 0),
     ):
         _sub(details, f"{{{SB_COUNTS}}}{name}", str(value))
-    s("AutoDeleteOnIdle", FOREVER)
+    s("AutoDeleteOnIdle", format_duration(props.auto_delete_on_idle))
     s("EnablePartitioning", "false")
     s("EntityAvailabilityStatus", "Available")
     s("EnableExpress", "false")

@@ -314,6 +314,68 @@ def split_batch(parsed: ParsedMessage) -> list[ParsedMessage] | None:
     return inner
 
 
+#: Azure's limits on a message's header: 32 KB for one property, 64 KB in all
+MAX_PROPERTY_BYTES = 32 * 1024
+MAX_HEADER_BYTES = 64 * 1024
+
+
+class HeaderTooLarge(ValueError):
+    """A message's properties exceed Azure's header limits."""
+
+
+def check_header_size(parsed: ParsedMessage) -> None:
+    """Refuse a message whose application properties break Azure's limits: each
+    property at most 32 KB, the header (system and application properties) at
+    most 64 KB in all."""
+    app = parsed.get(APPLICATION_PROPERTIES)
+    if app is None:
+        return
+    props = parsed.get(PROPERTIES)
+    total = len(app.raw) + (len(props.raw) if props is not None else 0)
+    if total > MAX_HEADER_BYTES:
+        raise HeaderTooLarge(
+            f"the message header is {total} bytes; at most {MAX_HEADER_BYTES} are allowed"
+        )
+    if len(app.raw) <= MAX_PROPERTY_BYTES or not isinstance(app.value, dict):
+        return
+    for key, value in app.value.items():
+        size = _encoded_size(key) + _encoded_size(value)
+        if size > MAX_PROPERTY_BYTES:
+            raise HeaderTooLarge(
+                f"property {str(key)[:64]!r} is {size} bytes; at most {MAX_PROPERTY_BYTES} "
+                "are allowed per property"
+            )
+
+
+def _encoded_size(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value.encode("utf-8"))
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return len(value)
+    return 8
+
+
+def assign_message_id(stored: bytes, message_id: str) -> bytes:
+    """``stored`` with ``message_id`` as its MessageId: Azure gives one to a message
+    its sender sent without."""
+    parsed = parse_message(stored)
+    props = parsed.get(PROPERTIES)
+    fields: list[Any] = list(props.value) if props is not None and props.value else []
+    fields = fields or [None]
+    fields[0] = message_id
+    section = _encode_section(PROPERTIES, fields)
+    out: list[bytes] = []
+    for existing in parsed.sections:
+        if existing.code == PROPERTIES:
+            continue
+        if section and existing.code > PROPERTIES:
+            out.append(section)
+            section = b""
+        out.append(existing.raw)
+    out.append(section)
+    return b"".join(out)
+
+
 def strip_for_storage(parsed: ParsedMessage) -> bytes:
     """The bytes the broker stores: delivery annotations and broker-owned
     annotations removed, everything else as the client sent it."""
@@ -344,13 +406,15 @@ class DeliveryInfo:
     dead_letter_description: str | None = None
     #: application properties changed by abandon/defer/dead-letter "properties to modify"
     extra_properties: dict[str, Any] | None = None
+    #: the time to live the broker applied (the header's ttl), seconds
+    time_to_live: float | None = None
 
 
 def render_for_delivery(stored: bytes, info: DeliveryInfo) -> bytes:
     """Rebuild a stored message with the broker's header and annotations."""
     parsed = parse_message(stored)
     out = [
-        _header_section(parsed.get(HEADER), info.delivery_count),
+        _header_section(parsed.get(HEADER), info.delivery_count, info.time_to_live),
         _annotations_section(parsed.get(MESSAGE_ANNOTATIONS), info),
     ]
 
@@ -386,16 +450,19 @@ def render_for_delivery(stored: bytes, info: DeliveryInfo) -> bytes:
     return b"".join(out)
 
 
-def _header_section(header: Section | None, delivery_count: int) -> bytes:
-    """The client's header with the broker's delivery count.  Cached: a sender's
-    messages share one header, and re-encoding it through proton costs more than
-    the rest of a delivery."""
-    key = (header.raw if header is not None else None, delivery_count)
+def _header_section(header: Section | None, delivery_count: int, ttl: float | None) -> bytes:
+    """The client's header with the broker's delivery count and applied time to live.
+    Cached: a sender's messages share one header, and re-encoding it through proton
+    costs more than the rest of a delivery."""
+    ttl_ms = None if ttl is None else max(int(round(ttl * 1000)), 0)
+    key = (header.raw if header is not None else None, delivery_count, ttl_ms)
     encoded = _HEADER_CACHE.get(key)
     if encoded is None:
         header_fields: list[Any] = list(header.value) if header is not None and header.value else []
         header_fields += [None] * (5 - len(header_fields))
         header_fields[4] = _uint(delivery_count)
+        if ttl_ms is not None and ttl_ms < 2**32:
+            header_fields[2] = _uint(ttl_ms)
         encoded = _remember(_HEADER_CACHE, key, _encode_section(HEADER, header_fields))
     return encoded
 
@@ -472,7 +539,7 @@ def _long_bytes(value: int) -> bytes:
 
 
 _CACHE_SIZE = 512
-_HEADER_CACHE: dict[tuple[bytes | None, int], bytes] = {}
+_HEADER_CACHE: dict[tuple[bytes | None, int, int | None], bytes] = {}
 _ANNOTATIONS_CACHE: dict[bytes | None, tuple[bytes, int] | None] = {}
 _MAP_SECTION_PREFIX = b"\x00\x53\x72\xd1"
 _U32 = struct.Struct(">I")

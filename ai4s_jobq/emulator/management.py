@@ -34,6 +34,7 @@ from ai4s_jobq.broker_core import (
     QueueNotFound,
     QueueProperties,
 )
+from ai4s_jobq.queue_names import QueueNameError, validate_queue_name
 
 from . import atom
 from .auth import AuthError
@@ -149,7 +150,7 @@ class ManagementHandler(BaseHTTPRequestHandler):
                 return
             if path.lower() == "$resources/queues" and method == "GET":
                 self._list_queues(query)
-            elif path.startswith("$") or "/" in path:
+            elif path.startswith("$") or "/$" in path or "/subscriptions/" in path.lower():
                 self._error(400, f"the emulator serves queues only, not {path!r}")
             elif method == "GET":
                 self._get_queue(path)
@@ -184,6 +185,7 @@ class ManagementHandler(BaseHTTPRequestHandler):
 
     def _get_queue(self, name: str) -> None:
         core = self.ctx.core
+        name = core.resolve_queue_name(name) or name
         try:
             props = core.get_queue(name)
             counts = core.counts(name)
@@ -206,6 +208,13 @@ class ManagementHandler(BaseHTTPRequestHandler):
             return
         core = self.ctx.core
         updating = self.headers.get("If-Match") is not None
+        try:
+            validate_queue_name("servicebus", name)
+        except QueueNameError as exc:
+            self._error(400, str(exc))
+            return
+        if updating:
+            name = core.resolve_queue_name(name) or name
         try:
             if updating:
                 current = core.get_queue(name)
@@ -244,8 +253,13 @@ class ManagementHandler(BaseHTTPRequestHandler):
             )
         if props.max_delivery_count < 1:
             raise InvalidOperation("MaxDeliveryCount must be at least 1")
+        if props.max_size_in_megabytes not in (1024, 2048, 3072, 4096, 5120):
+            raise InvalidOperation("MaxSizeInMegabytes must be one of 1024, 2048, 3072, 4096, 5120")
+        if props.auto_delete_on_idle is not None and props.auto_delete_on_idle < 300:
+            raise InvalidOperation("AutoDeleteOnIdle must be at least 5 minutes")
 
     def _delete_queue(self, name: str) -> None:
+        name = self.ctx.core.resolve_queue_name(name) or name
         try:
             self.ctx.core.delete_queue(name)
         except QueueNotFound:

@@ -78,7 +78,7 @@ def handle(ctx: EmulatorContext, target: MgmtTarget, operation: str, body: Any) 
         return MgmtReply(404, str(exc), condition=NOT_FOUND)
     except MessageTooLarge as exc:
         return MgmtReply(413, str(exc), condition=SIZE_EXCEEDED)
-    except (BadRequest, InvalidOperation, codec.MalformedMessage) as exc:
+    except (BadRequest, InvalidOperation, codec.MalformedMessage, codec.HeaderTooLarge) as exc:
         return MgmtReply(400, str(exc), condition=ARGUMENT_ERROR)
     except BrokerError as exc:
         return MgmtReply(500, str(exc), condition=symbol("amqp:internal-error"))
@@ -114,12 +114,17 @@ def _encoded_for_client(message: StoredMessage, *, peek: bool) -> bytes:
     info = codec.DeliveryInfo(
         sequence_number=message.sequence_number,
         enqueued_time=message.enqueued_time,
-        delivery_count=message.delivery_count if peek else max(message.delivery_count - 1, 0),
+        # The count rises when a lock ends without completion (abandon, expiry), so
+        # a peek during the first lock shows 0, and a receive shows earlier attempts.
+        delivery_count=max(message.delivery_count - (1 if message.lock_token else 0), 0)
+        if peek
+        else max(message.delivery_count - 1, 0),
         locked_until=None if peek else message.locked_until,
         message_state=state if peek else None,
         dead_letter_reason=message.dead_letter_reason,
         dead_letter_description=message.dead_letter_description,
         extra_properties=message.properties,
+        time_to_live=message.time_to_live,
     )
     return codec.render_for_delivery(message.body, info)
 
@@ -140,10 +145,17 @@ def _peek(ctx: EmulatorContext, target: MgmtTarget, body: dict) -> MgmtReply:
 
 
 def new_message_from_parsed(parsed: codec.ParsedMessage) -> NewMessage:
-    """Turn one client-encoded message into what the broker core stores."""
+    """Turn one client-encoded message into what the broker core stores; raises
+    :class:`codec.HeaderTooLarge` for properties over Azure's limits."""
+    codec.check_header_size(parsed)
+    body = codec.strip_for_storage(parsed)
+    message_id = parsed.message_id
+    if not message_id:  # the service assigns one, as Azure does
+        message_id = uuid.uuid4().hex
+        body = codec.assign_message_id(body, message_id)
     return NewMessage(
-        message_id=parsed.message_id or str(uuid.uuid4()),
-        body=codec.strip_for_storage(parsed),
+        message_id=message_id,
+        body=body,
         time_to_live=parsed.time_to_live,
         scheduled_enqueue_time=parsed.scheduled_enqueue_time,
     )
