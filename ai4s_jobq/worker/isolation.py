@@ -129,6 +129,7 @@ class ProcessPool:
         self._idle: asyncio.Queue[_Slot] | None = None
         self._mp = _context()
         self.started_processes = 0  # how many processes were started (tests, logs)
+        self._live: set[_Child] = set()  # processes whose exit has not been seen yet
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -149,15 +150,18 @@ class ProcessPool:
 
     async def close(self) -> None:
         """Ask idle processes to run ``teardown()`` and exit; kill what does not."""
-        stopping = []
+        self._idle = None  # no more replacements
+        spawning = [s.spawning for s in self.slots if s.spawning and not s.spawning.done()]
+        for future in spawning:
+            future.cancel()
+        await asyncio.gather(*spawning, return_exceptions=True)
+        children = [slot.child for slot in self.slots if slot.child is not None]
         for slot in self.slots:
-            if slot.spawning is not None and not slot.spawning.done():
-                slot.spawning.cancel()
-            child, slot.child = slot.child, None
-            if child is not None:
-                stopping.append(self._stop_gracefully(child))
-        await asyncio.gather(*stopping)
-        self._idle = None
+            slot.child = None
+        await asyncio.gather(*(self._stop_gracefully(child) for child in children))
+        for child in list(self._live):  # anything left (a process between states)
+            child.process.kill()
+            await asyncio.shield(child.exited)
 
     async def _stop_gracefully(self, child: _Child) -> None:
         if not child.exited.done():
@@ -233,9 +237,11 @@ class ProcessPool:
     async def _spawn(self, slot: _Slot) -> _Child:
         loop = asyncio.get_running_loop()
         parent_end, child_end = self._mp.Pipe(duplex=True)
-        env = {"CUDA_VISIBLE_DEVICES": ",".join(slot.gpus)} if slot.gpus else {}
+        # The fork server's environment is the worker's when the server started;
+        # each process gets the worker's environment as it is now, plus its GPUs.
+        env = dict(os.environ)
         if slot.gpus:
-            env["JOBQ_GPUS"] = env["CUDA_VISIBLE_DEVICES"]
+            env["JOBQ_GPUS"] = env["CUDA_VISIBLE_DEVICES"] = ",".join(slot.gpus)
         process = self._mp.Process(
             target=child_main,
             args=(child_end, self.reference, env),
@@ -253,6 +259,7 @@ class ProcessPool:
             child_end.close()
         self.started_processes += 1
         child = _Child(process, parent_end, loop.create_future())
+        self._live.add(child)
         child.pending = loop.create_future()
         loop.add_reader(parent_end.fileno(), self._on_readable, child)
         loop.add_reader(process.sentinel, self._on_exit, child)
@@ -298,6 +305,7 @@ class ProcessPool:
         self._stop_watching_pipe(child)
         asyncio.get_running_loop().remove_reader(child.process.sentinel)
         child.process.join(0)
+        self._live.discard(child)
         if not child.exited.done():
             child.exited.set_result(None)
         child.conn.close()
@@ -347,6 +355,7 @@ def _check_importable(reference: str) -> None:
 def child_main(conn: Connection, reference: str, env: dict[str, str]) -> None:
     """A pool process: set up once, then run tasks until told to stop or orphaned."""
     os.setsid()
+    os.environ.clear()
     os.environ.update(env)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     for stream in (sys.stdout, sys.stderr):
