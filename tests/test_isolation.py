@@ -168,3 +168,52 @@ def test_worker_sigint_does_not_reach_pool_processes(local_dir, tmp_path):
 async def _count(queue: str) -> int:
     async with JobQ.open(queue, check=False) as q:
         return (await q.counts()).active
+
+
+def test_cli_task_timeout_under_process_isolation(local_dir, tmp_path):
+    """`jobq worker --isolation process --task-timeout 1s`: a time.sleep(60) task is
+    stopped and dead-lettered as Timeout; the next task runs in a fresh process."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, worker_env
+
+    import ai4s_jobq
+
+    ai4s_jobq.push_many([{"seconds": 60}], queue="local://q", num_retries=0)
+    ai4s_jobq.push_many([{"seconds": 0}], queue="local://q")
+    started_at = time.monotonic()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ai4s_jobq_cli",
+            "--queue",
+            "local://q",
+            "worker",
+            "--proc",
+            "proc_tasks:sleep_sync",
+            "--isolation",
+            "process",
+            "--task-timeout",
+            "1s",
+            "--idle-timeout",
+            "0.5",
+        ],
+        env={**os.environ, **worker_env(local_dir)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started_at < 30
+    assert "1 succeeded, 1 failed attempts, 1 dead-lettered" in result.stderr
+
+    async def dead():
+        async with JobQ.open("local://q", check=False) as q:
+            return await q.dlq_list()
+
+    (entry,) = asyncio.run(dead())
+    assert entry.reason == "Timeout"
