@@ -19,7 +19,7 @@ Shape:
   (``CUDA_VISIBLE_DEVICES``), so a model loads onto the right device.  A process runs
   in its own session: the terminal's Ctrl-C reaches the worker, not the tasks, and a
   task's own subprocesses die with it.
-* IPC, chosen for per-task cost: one duplex pipe per process carrying small pickled
+* IPC, chosen for per-task cost: a pair of OS pipes per process carrying small pickled
   tuples; the parent reads replies from its event loop (``add_reader`` on the pipe and
   on the process sentinel), no thread per process and no ``multiprocessing.Pool``
   machinery (its result handler thread and queues cost more per task, and it cannot
@@ -88,7 +88,8 @@ class ProcessDied(Exception):
 @dataclass(eq=False)
 class _Child:
     process: BaseProcess
-    conn: Connection
+    replies: Connection  # read end of the child's reply pipe
+    requests: Connection  # write end of the child's request pipe
     exited: asyncio.Future[None]
     pending: asyncio.Future[Any] | None = None
     watching_pipe: bool = True
@@ -166,7 +167,7 @@ class ProcessPool:
     async def _stop_gracefully(self, child: _Child) -> None:
         if not child.exited.done():
             try:
-                child.conn.send_bytes(pickle.dumps(("stop",), _PICKLE))
+                child.requests.send_bytes(pickle.dumps(("stop",), _PICKLE))
                 await asyncio.wait_for(asyncio.shield(child.exited), TEARDOWN_TIMEOUT_SECONDS)
             except (OSError, asyncio.TimeoutError):
                 await self._kill(child)
@@ -211,7 +212,7 @@ class ProcessPool:
         reply = asyncio.get_running_loop().create_future()
         child.pending = reply
         try:
-            child.conn.send_bytes(pickle.dumps(("run", args, context), _PICKLE))
+            child.requests.send_bytes(pickle.dumps(("run", args, context), _PICKLE))
         except (OSError, ValueError):
             pass  # the process is gone: its sentinel reports how
         except Exception as exc:  # arguments that do not pickle
@@ -236,7 +237,9 @@ class ProcessPool:
 
     async def _spawn(self, slot: _Slot) -> _Child:
         loop = asyncio.get_running_loop()
-        parent_end, child_end = self._mp.Pipe(duplex=True)
+        # Two one-way OS pipes: cheaper per message than a duplex socket pair.
+        request_in, request_out = self._mp.Pipe(duplex=False)
+        reply_in, reply_out = self._mp.Pipe(duplex=False)
         # The fork server's environment is the worker's when the server started;
         # each process gets the worker's environment as it is now, plus its GPUs.
         env = dict(os.environ)
@@ -244,7 +247,7 @@ class ProcessPool:
             env["JOBQ_GPUS"] = env["CUDA_VISIBLE_DEVICES"] = ",".join(slot.gpus)
         process = self._mp.Process(
             target=child_main,
-            args=(child_end, self.reference, env),
+            args=(request_in, reply_out, self.reference, env),
             name=f"jobq-slot-{slot.index}",
         )
         starting = asyncio.ensure_future(asyncio.to_thread(process.start))
@@ -256,12 +259,13 @@ class ProcessPool:
             await asyncio.to_thread(process.join, 10)
             raise
         finally:
-            child_end.close()
+            request_in.close()
+            reply_out.close()
         self.started_processes += 1
-        child = _Child(process, parent_end, loop.create_future())
+        child = _Child(process, reply_in, request_out, loop.create_future())
         self._live.add(child)
         child.pending = loop.create_future()
-        loop.add_reader(parent_end.fileno(), self._on_readable, child)
+        loop.add_reader(reply_in.fileno(), self._on_readable, child)
         loop.add_reader(process.sentinel, self._on_exit, child)
         try:
             message = await child.pending
@@ -286,21 +290,24 @@ class ProcessPool:
             slot.spawning.add_done_callback(_log_spawn_failure)
 
     def _on_readable(self, child: _Child) -> None:
+        """One reply per call: the pipe is readable, so its header is there (no
+        ``poll()``, which costs a selector per call); a second queued reply makes the
+        loop call again."""
         try:
-            while child.conn.poll():
-                data = child.conn.recv_bytes()
-                reply, child.pending = child.pending, None
-                if reply is None or reply.done():
-                    continue
-                try:
-                    reply.set_result(pickle.loads(data))
-                except Exception as exc:  # a result that does not unpickle here
-                    reply.set_exception(exception_failure(exc))
+            data = child.replies.recv_bytes()
         except (EOFError, OSError):
             self._stop_watching_pipe(child)  # the sentinel says how it ended
+            return
+        reply, child.pending = child.pending, None
+        if reply is None or reply.done():
+            return
+        try:
+            reply.set_result(pickle.loads(data))
+        except Exception as exc:  # a result that does not unpickle here
+            reply.set_exception(exception_failure(exc))
 
     def _on_exit(self, child: _Child) -> None:
-        if child.watching_pipe:
+        while child.watching_pipe and child.replies.poll():
             self._on_readable(child)  # a reply written just before exiting
         self._stop_watching_pipe(child)
         asyncio.get_running_loop().remove_reader(child.process.sentinel)
@@ -308,7 +315,8 @@ class ProcessPool:
         self._live.discard(child)
         if not child.exited.done():
             child.exited.set_result(None)
-        child.conn.close()
+        child.replies.close()
+        child.requests.close()
         reply, child.pending = child.pending, None
         if reply is not None and not reply.done():
             reply.set_exception(ProcessDied(child.process.exitcode))
@@ -316,7 +324,7 @@ class ProcessPool:
     def _stop_watching_pipe(self, child: _Child) -> None:
         if child.watching_pipe:
             child.watching_pipe = False
-            asyncio.get_running_loop().remove_reader(child.conn.fileno())
+            asyncio.get_running_loop().remove_reader(child.replies.fileno())
 
     async def _kill(self, child: _Child) -> None:
         if child.exited.done():
@@ -352,7 +360,9 @@ def _check_importable(reference: str) -> None:
 # ---------------------------------------------------------------------- the child side
 
 
-def child_main(conn: Connection, reference: str, env: dict[str, str]) -> None:
+def child_main(
+    requests: Connection, replies: Connection, reference: str, env: dict[str, str]
+) -> None:
     """A pool process: set up once, then run tasks until told to stop or orphaned."""
     os.setsid()
     os.environ.clear()
@@ -366,18 +376,22 @@ def child_main(conn: Connection, reference: str, env: dict[str, str]) -> None:
     try:
         call, teardown = runner.load(reference)
     except BaseException as exc:
-        conn.send_bytes(pickle.dumps(("setup_failed", exception_summary(exc)), _PICKLE))
+        replies.send_bytes(pickle.dumps(("setup_failed", exception_summary(exc)), _PICKLE))
         return
-    conn.send_bytes(pickle.dumps(("ready",), _PICKLE))
+    replies.send_bytes(pickle.dumps(("ready",), _PICKLE))
     try:
         while True:
             try:
-                message = pickle.loads(conn.recv_bytes())
+                message = pickle.loads(requests.recv_bytes())
             except (EOFError, OSError):
                 return  # the worker is gone
             if message[0] != "run":
                 return
-            conn.send_bytes(runner.run(call, message[1], message[2]))
+            reply = runner.run(call, message[1], message[2])
+            try:
+                replies.send_bytes(reply)
+            except OSError:
+                return  # the worker is gone
     finally:
         if teardown is not None:
             try:
