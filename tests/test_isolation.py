@@ -217,3 +217,13 @@ def test_cli_task_timeout_under_process_isolation(local_dir, tmp_path):
 
     (entry,) = asyncio.run(dead())
     assert entry.reason == "Timeout"
+
+
+async def test_a_task_killed_like_by_the_oom_killer_fails_with_a_hint():
+    pool = ProcessPool("proc_tasks:kill_self", 1)
+    async with started(pool):
+        with pytest.raises(TaskFailed) as info:
+            await pool(make_task({"signum": 9}))
+    assert info.value.reason == "ProcessDied"
+    assert "killed by signal SIGKILL" in info.value.summary
+    assert "out-of-memory" in info.value.summary

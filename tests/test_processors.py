@@ -229,3 +229,10 @@ async def test_sigterm_grace_then_sigkill_for_a_task_ignoring_sigterm(tmp_path):
     assert 0.4 < time.monotonic() - started_at < 8
     with pytest.raises(ProcessLookupError):
         os.kill(int(pidfile.read_text()), 0)
+
+
+async def test_a_class_processor_used_without_started_sets_itself_up(task_log):
+    processor = make_processor("proc_tasks:Counting")
+    results = await asyncio.gather(*(processor(make_task({"i": i})) for i in range(5)))
+    assert results == [0, 2, 4, 6, 8]
+    assert task_log.read_text().count("setup") == 1  # concurrent first calls: one setup
