@@ -110,23 +110,31 @@ def pool_cpu_seconds(processor: Any) -> float:
 
 async def drain(root: Path, name: str, n: int, processor: Any) -> tuple[float, float]:
     """Wall-clock and CPU rates (tasks per second of this process's CPU plus the pool
-    processes' CPU) for one worker draining ``n`` no-ops (processor already started).
-    On a busy machine the CPU rate is the steadier figure."""
+    processes' CPU: as if everything ran on one core) for one worker draining ``n``
+    no-ops (processor already started).  On a busy machine the CPU rate is the
+    steadier figure."""
     path = fill(root, name, n)
     backend = LocalBackend(path, name)
     await backend.open()
     try:
         policy = WorkerPolicy(slots=SLOTS, idle_timeout=30, max_tasks=n)
         worker = Worker(backend, processor, policy)
-        cpu = time.process_time() + pool_cpu_seconds(processor)
+        cpu, pool_cpu = time.process_time(), pool_cpu_seconds(processor)
         began = time.perf_counter()
         stats = await worker.run()
         rate = n / (time.perf_counter() - began)
-        cpu_rate = n / max(time.process_time() + pool_cpu_seconds(processor) - cpu, 1e-9)
+        cpu = time.process_time() - cpu
+        pool_cpu = pool_cpu_seconds(processor) - pool_cpu
     finally:
         await backend.close()
     assert stats.succeeded == n, stats
-    return rate, cpu_rate
+    if pool_cpu:
+        print(
+            f"    worker process {1e6 * cpu / n:.0f} us cpu/task, "
+            f"pool processes {1e6 * pool_cpu / n:.0f} us cpu/task",
+            flush=True,
+        )
+    return rate, n / max(cpu + pool_cpu, 1e-9)
 
 
 async def run(n: int, rounds: int, root: Path) -> list[tuple[str, str, str, str]]:

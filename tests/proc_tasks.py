@@ -112,3 +112,7 @@ def checkpoint_on_sigterm(checkpoint: str, marker: str) -> None:
 def kill_self(signum: int = 9) -> None:
     """What the kernel's OOM killer does to a process."""
     os.kill(os.getpid(), signum)
+
+
+def echo(payload: str, repeat: int = 1) -> str:
+    return payload * repeat

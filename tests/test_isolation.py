@@ -227,3 +227,16 @@ async def test_a_task_killed_like_by_the_oom_killer_fails_with_a_hint():
     assert info.value.reason == "ProcessDied"
     assert "killed by signal SIGKILL" in info.value.summary
     assert "out-of-memory" in info.value.summary
+
+
+async def test_large_arguments_and_results_cross_the_pipes_intact():
+    """Messages larger than a pipe's buffer are framed and reassembled (many reads)."""
+    pool = ProcessPool("proc_tasks:echo", 2)
+    payload = "".join(chr(48 + i % 70) for i in range(300_000))
+    async with started(pool):
+        results = await asyncio.gather(
+            pool(make_task({"payload": payload, "repeat": 3})),
+            pool(make_task({"payload": "small"})),
+            pool(make_task({"payload": payload[:70_000], "repeat": 1})),
+        )
+    assert results == [payload * 3, "small", payload[:70_000]]

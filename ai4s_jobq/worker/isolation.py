@@ -20,8 +20,11 @@ Shape:
   in its own session: the terminal's Ctrl-C reaches the worker, not the tasks, and a
   task's own subprocesses die with it.
 * IPC, chosen for per-task cost: a pair of OS pipes per process carrying small pickled
-  tuples; the parent reads replies from its event loop (``add_reader`` on the pipe and
-  on the process sentinel), no thread per process and no ``multiprocessing.Pool``
+  tuples, each framed by a 4-byte length (one ``write`` per message and usually one
+  ``read``: ``multiprocessing.Connection`` reads header and body separately, and its
+  ``poll()`` builds a selector per call); the parent reads replies from its event loop
+  (``add_reader`` on the pipe and on the process sentinel, non-blocking, so a large
+  reply never stalls the loop), no thread per process and no ``multiprocessing.Pool``
   machinery (its result handler thread and queues cost more per task, and it cannot
   kill one task's process).  ``bench/bench_processors.py`` measures it.
 * Messages: parent → child ``("run", args, TaskContext)`` or ``("stop",)``; child →
@@ -40,6 +43,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import struct
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +72,34 @@ _PICKLE = pickle.HIGHEST_PROTOCOL
 GpuGroup = tuple[str, ...]
 
 
+_HEADER = struct.Struct("!I")  # each message: 4-byte big-endian length, then the pickle
+
+
+def _send(fd: int, message: Any) -> None:
+    """Write one framed message (a blocking write; the reader is always draining)."""
+    payload = pickle.dumps(message, _PICKLE)
+    _write_all(fd, _HEADER.pack(len(payload)) + payload)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _frames(buffer: bytearray) -> list[bytes]:
+    """Cut the complete messages off the front of ``buffer``."""
+    frames = []
+    while len(buffer) >= _HEADER.size:
+        (size,) = _HEADER.unpack_from(buffer)
+        end = _HEADER.size + size
+        if len(buffer) < end:
+            break
+        frames.append(bytes(buffer[_HEADER.size : end]))
+        del buffer[:end]
+    return frames
+
+
 def _context() -> Any:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
@@ -93,6 +125,7 @@ class _Child:
     exited: asyncio.Future[None]
     pending: asyncio.Future[Any] | None = None
     watching_pipe: bool = True
+    inbox: bytearray = field(default_factory=bytearray)  # reply bytes not yet a message
 
 
 @dataclass(eq=False)
@@ -167,7 +200,7 @@ class ProcessPool:
     async def _stop_gracefully(self, child: _Child) -> None:
         if not child.exited.done():
             try:
-                child.requests.send_bytes(pickle.dumps(("stop",), _PICKLE))
+                _send(child.requests.fileno(), ("stop",))
                 await asyncio.wait_for(asyncio.shield(child.exited), TEARDOWN_TIMEOUT_SECONDS)
             except (OSError, asyncio.TimeoutError):
                 await self._kill(child)
@@ -212,7 +245,7 @@ class ProcessPool:
         reply = asyncio.get_running_loop().create_future()
         child.pending = reply
         try:
-            child.requests.send_bytes(pickle.dumps(("run", args, context), _PICKLE))
+            _send(child.requests.fileno(), ("run", args, context))
         except (OSError, ValueError):
             pass  # the process is gone: its sentinel reports how
         except Exception as exc:  # arguments that do not pickle
@@ -265,6 +298,7 @@ class ProcessPool:
         child = _Child(process, reply_in, request_out, loop.create_future())
         self._live.add(child)
         child.pending = loop.create_future()
+        os.set_blocking(reply_in.fileno(), False)
         loop.add_reader(reply_in.fileno(), self._on_readable, child)
         loop.add_reader(process.sentinel, self._on_exit, child)
         try:
@@ -290,25 +324,32 @@ class ProcessPool:
             slot.spawning.add_done_callback(_log_spawn_failure)
 
     def _on_readable(self, child: _Child) -> None:
-        """One reply per call: the pipe is readable, so its header is there (no
-        ``poll()``, which costs a selector per call); a second queued reply makes the
-        loop call again."""
+        """Read what the pipe holds (one ``read``, usually one whole reply) and hand
+        each complete reply to the task waiting for it."""
         try:
-            data = child.replies.recv_bytes()
-        except (EOFError, OSError):
-            self._stop_watching_pipe(child)  # the sentinel says how it ended
+            data = os.read(child.replies.fileno(), 1 << 16)
+        except BlockingIOError:
             return
-        reply, child.pending = child.pending, None
-        if reply is None or reply.done():
+        except OSError:
+            data = b""
+        if not data:
+            self._stop_watching_pipe(child)  # EOF: the sentinel says how it ended
             return
-        try:
-            reply.set_result(pickle.loads(data))
-        except Exception as exc:  # a result that does not unpickle here
-            reply.set_exception(exception_failure(exc))
+        child.inbox += data
+        for frame in _frames(child.inbox):
+            reply, child.pending = child.pending, None
+            if reply is None or reply.done():
+                continue
+            try:
+                reply.set_result(pickle.loads(frame))
+            except Exception as exc:  # a result that does not unpickle here
+                reply.set_exception(exception_failure(exc))
 
     def _on_exit(self, child: _Child) -> None:
-        while child.watching_pipe and child.replies.poll():
-            self._on_readable(child)  # a reply written just before exiting
+        if child.watching_pipe:
+            os.set_blocking(child.replies.fileno(), False)
+            while child.watching_pipe:  # replies written just before exiting
+                self._on_readable(child)
         self._stop_watching_pipe(child)
         asyncio.get_running_loop().remove_reader(child.process.sentinel)
         child.process.join(0)
@@ -373,23 +414,27 @@ def child_main(
         if reconfigure is not None:
             reconfigure(line_buffering=True)
     runner = _ChildRunner()
+    out = replies.fileno()
     try:
         call, teardown = runner.load(reference)
     except BaseException as exc:
-        replies.send_bytes(pickle.dumps(("setup_failed", exception_summary(exc)), _PICKLE))
+        _send(out, ("setup_failed", exception_summary(exc)))
         return
-    replies.send_bytes(pickle.dumps(("ready",), _PICKLE))
+    _send(out, ("ready",))
+    inbox = open(requests.fileno(), "rb", buffering=1 << 16, closefd=False)
     try:
         while True:
             try:
-                message = pickle.loads(requests.recv_bytes())
-            except (EOFError, OSError):
-                return  # the worker is gone
+                header = inbox.read(_HEADER.size)
+                (size,) = _HEADER.unpack(header)
+                message = pickle.loads(inbox.read(size))
+            except (OSError, struct.error, EOFError):
+                return  # the worker is gone (EOF: a short header)
             if message[0] != "run":
                 return
             reply = runner.run(call, message[1], message[2])
             try:
-                replies.send_bytes(reply)
+                _write_all(out, _HEADER.pack(len(reply)) + reply)
             except OSError:
                 return  # the worker is gone
     finally:
