@@ -243,14 +243,15 @@ class ProcessPool:
         self, slot: _Slot, child: _Child, args: dict[str, Any], context: TaskContext
     ) -> Any:
         reply = asyncio.get_running_loop().create_future()
+        try:
+            payload = pickle.dumps(("run", args, context), _PICKLE)
+        except Exception as exc:  # arguments that do not pickle (JSON ones always do)
+            raise exception_failure(exc) from exc
         child.pending = reply
         try:
-            _send(child.requests.fileno(), ("run", args, context))
-        except (OSError, ValueError):
+            _write_all(child.requests.fileno(), _HEADER.pack(len(payload)) + payload)
+        except OSError:
             pass  # the process is gone: its sentinel reports how
-        except Exception as exc:  # arguments that do not pickle
-            child.pending = None
-            raise exception_failure(exc) from exc
         try:
             message = await reply
         except asyncio.CancelledError:

@@ -163,6 +163,10 @@ class ShellProcessor:
                 cwd=task.args.get("cwd") or None,
                 start_new_session=True,  # its own process group, so we can kill all of it
             )
+        except BaseException:
+            if terminal:
+                os.close(terminal[0])
+            raise
         finally:
             if terminal:
                 os.close(terminal[1])  # the child holds its own copy
