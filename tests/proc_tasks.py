@@ -116,3 +116,11 @@ def kill_self(signum: int = 9) -> None:
 
 def echo(payload: str, repeat: int = 1) -> str:
     return payload * repeat
+
+
+def ignore_sigterm(marker: str) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Path(marker).write_text(str(os.getpid()))
+    time.sleep(60)

@@ -240,3 +240,24 @@ async def test_large_arguments_and_results_cross_the_pipes_intact():
             pool(make_task({"payload": payload[:70_000], "repeat": 1})),
         )
     assert results == [payload * 3, "small", payload[:70_000]]
+
+
+async def test_a_task_ignoring_sigterm_is_killed_after_the_grace(tmp_path):
+    from ai4s_jobq.worker.build import ProcessorOptions, build_processor
+
+    marker = tmp_path / "marker"
+    built = build_processor(
+        ProcessorOptions(
+            proc="proc_tasks:ignore_sigterm", isolation="process", task_timeout=1, kill_grace=0.5
+        ),
+        1,
+    )
+    async with started(built.processor):
+        began = asyncio.get_running_loop().time()
+        with pytest.raises(TaskFailed) as info:
+            await built.processor(make_task({"marker": str(marker)}))
+        took = asyncio.get_running_loop().time() - began
+    assert info.value.reason == "Timeout"
+    assert 1.4 < took < 10  # the timeout, then the grace, then SIGKILL
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(marker.read_text()), 0)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from .gpus import GpuGroup, GpuSlots, gpu_groups
 from .isolation import ProcessPool
-from .processors import Processor, make_processor
+from .processors import KILL_GRACE_SECONDS, Processor, ShellProcessor, make_processor
 from .timeouts import TaskTimeout
 
 ISOLATION_CHOICES = ("none", "process")
@@ -34,6 +34,8 @@ class ProcessorOptions:
     gpus_per_task: int = 1
     task_timeout: float | None = None  # seconds
     tty: bool = False  # shell tasks' stdout is a pseudo-terminal
+    # Stopping a task (cancelled or timed out): SIGTERM, then SIGKILL after this long.
+    kill_grace: float = KILL_GRACE_SECONDS
 
 
 @dataclass
@@ -68,9 +70,11 @@ def build_processor(options: ProcessorOptions, slots: int | None = None) -> Buil
     processor: Processor
     if options.isolation == "process":
         assert options.proc is not None
-        processor = ProcessPool(options.proc, count, groups)
+        processor = ProcessPool(options.proc, count, groups, kill_grace=options.kill_grace)
+    elif is_shell(options):
+        processor = ShellProcessor(kill_grace=options.kill_grace, tty=options.tty)
     else:
-        processor = make_processor(options.proc, tty=options.tty)
+        processor = make_processor(options.proc)
     if groups:
         processor = GpuSlots(processor, groups)
     if options.task_timeout is not None:
