@@ -124,3 +124,15 @@ def ignore_sigterm(marker: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     Path(marker).write_text(str(os.getpid()))
     time.sleep(60)
+
+
+def fork_then_exit(marker: str) -> None:
+    """Crash while a forked grandchild (holding the pool's pipes) lives on."""
+    pid = os.fork()
+    if pid == 0:
+        Path(marker).write_text(str(os.getpid()))
+        time.sleep(60)
+        os._exit(0)
+    while not Path(marker).exists():
+        time.sleep(0.01)
+    os._exit(1)

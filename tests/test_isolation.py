@@ -261,3 +261,24 @@ async def test_a_task_ignoring_sigterm_is_killed_after_the_grace(tmp_path):
     assert 1.4 < took < 10  # the timeout, then the grace, then SIGKILL
     with pytest.raises(ProcessLookupError):
         os.kill(int(marker.read_text()), 0)
+
+
+async def test_a_crash_leaving_a_forked_grandchild_is_reported_and_cleaned_up(tmp_path):
+    marker = tmp_path / "marker"
+    pool = ProcessPool("proc_tasks:fork_then_exit", 1)
+    async with started(pool):
+        with pytest.raises(TaskFailed) as info:
+            await asyncio.wait_for(pool(make_task({"marker": str(marker)})), 30)
+    assert "exit code 1" in info.value.summary
+    grandchild = int(marker.read_text())
+    await asyncio.to_thread(
+        wait_for, lambda: not _alive(grandchild), 10, 0.05, "the grandchild to be killed"
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

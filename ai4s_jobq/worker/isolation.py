@@ -260,6 +260,7 @@ class ProcessPool:
             self._replace(slot, child)
             raise
         except ProcessDied as died:
+            _kill_leftovers(child)
             self._replace(slot, child)
             raise TaskFailed("ProcessDied", f"ProcessDied: {died}") from None
         if message[0] == "ok":
@@ -324,18 +325,18 @@ class ProcessPool:
             slot.spawning = asyncio.ensure_future(self._spawn(slot))
             slot.spawning.add_done_callback(_log_spawn_failure)
 
-    def _on_readable(self, child: _Child) -> None:
+    def _on_readable(self, child: _Child) -> bool:
         """Read what the pipe holds (one ``read``, usually one whole reply) and hand
-        each complete reply to the task waiting for it."""
+        each complete reply to the task waiting for it.  False when nothing came."""
         try:
             data = os.read(child.replies.fileno(), 1 << 16)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
         if not data:
             self._stop_watching_pipe(child)  # EOF: the sentinel says how it ended
-            return
+            return False
         child.inbox += data
         for frame in _frames(child.inbox):
             reply, child.pending = child.pending, None
@@ -345,12 +346,15 @@ class ProcessPool:
                 reply.set_result(pickle.loads(frame))
             except Exception as exc:  # a result that does not unpickle here
                 reply.set_exception(exception_failure(exc))
+        return True
 
     def _on_exit(self, child: _Child) -> None:
         if child.watching_pipe:
             os.set_blocking(child.replies.fileno(), False)
-            while child.watching_pipe:  # replies written just before exiting
-                self._on_readable(child)
+            # Replies written just before exiting; stop at an empty pipe (a process
+            # the task forked may still hold the write end, so EOF may not come).
+            while child.watching_pipe and self._on_readable(child):
+                pass
         self._stop_watching_pipe(child)
         asyncio.get_running_loop().remove_reader(child.process.sentinel)
         child.process.join(0)
@@ -374,6 +378,15 @@ class ProcessPool:
         pid = child.process.pid
         assert pid is not None
         await kill_process_group(pid, lambda: child.exited, self.kill_grace)
+
+
+def _kill_leftovers(child: _Child) -> None:
+    """A crashed process's own children (its process group) go with it."""
+    try:
+        if child.process.pid is not None:
+            os.killpg(child.process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _log_spawn_failure(future: asyncio.Future[_Child]) -> None:
