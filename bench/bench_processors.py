@@ -5,7 +5,9 @@ Run from the repository root::
     python bench/bench_processors.py           # 4,000 tasks per drain, 3 rounds
     python bench/bench_processors.py --quick   # 1,500 tasks, 2 rounds
 
-What is measured (each a worker draining a freshly filled queue with 8 slots):
+What is measured: first the processors alone (median CPU microseconds per call over
+alternating rounds, no queue: the steadiest figure on a busy machine), then a worker
+draining a freshly filled queue with 8 slots:
 
 1. In-process, the processor ``jobq worker --proc module:function`` builds
    (``CallableProcessor``), against a copy of the processor as it was before the
@@ -16,8 +18,11 @@ What is measured (each a worker draining a freshly filled queue with 8 slots):
    timed): goal at least 1,500 tasks/s, and the ratio to in-process.
 
 Rounds alternate the variants (A, B, A, B, ...) and the best round of each counts, so
-load from other processes on the machine hits both sides alike.  The exit status is
-always 0; goals are reported as PASS/MISS.
+load from other processes on the machine hits both sides alike.  On a shared machine
+the drain ratios swing by tens of percent from round to round; the "within 5%" goal is
+therefore also judged on the call overhead: the extra CPU per call against the CPU a
+whole drained task costs.  The exit status is always 0; goals are reported as
+PASS/MISS.
 """
 
 from __future__ import annotations
@@ -137,7 +142,7 @@ async def drain(root: Path, name: str, n: int, processor: Any) -> tuple[float, f
     return rate, n / max(cpu + pool_cpu, 1e-9)
 
 
-async def run(n: int, rounds: int, root: Path) -> list[tuple[str, str, str, str]]:
+async def run(n: int, rounds: int, root: Path) -> tuple[list[tuple[str, str, str, str]], float]:
     import bench_noops
 
     variants: dict[str, Callable[[], Any]] = {
@@ -192,6 +197,8 @@ async def run(n: int, rounds: int, root: Path) -> list[tuple[str, str, str, str]
         )
 
     iso, iso_cpu = best["isolation process"], best_cpu["isolation process"]
+    drain_task_us = 1e6 / best_cpu["baseline async"]  # the cheapest whole task
+    print(f"  a drained no-op task costs {drain_task_us:.0f} us of cpu (baseline async)")
     return [
         within("in-process sync", "baseline sync"),
         within("in-process async", "baseline async"),
@@ -202,7 +209,66 @@ async def run(n: int, rounds: int, root: Path) -> list[tuple[str, str, str, str]
             f"{iso / best['in-process sync']:.1%} of in-process sync (cpu {iso_cpu:,.0f}/s)",
             f">= {ISOLATION_GOAL:,}/s: {verdict(iso >= ISOLATION_GOAL, iso_cpu >= ISOLATION_GOAL)}",
         ),
-    ]
+    ], drain_task_us
+
+
+async def call_overhead(rounds: int = 15, calls: int = 2_000) -> dict[str, tuple[float, float]]:
+    """The processors alone (no queue, no worker): median microseconds per call over
+    short alternating rounds, the steadiest comparison on a busy machine."""
+    import statistics
+
+    import bench_noops
+
+    pairs = {
+        "call async": (
+            BaselineCallable(bench_noops.noop_async),
+            build_processor(ProcessorOptions(proc="bench_noops:noop_async")).processor,
+        ),
+        "call sync": (
+            BaselineCallable(bench_noops.noop_sync),
+            build_processor(ProcessorOptions(proc="bench_noops:noop_sync")).processor,
+        ),
+        "call class (sync __call__)": (
+            BaselineCallable(bench_noops.noop_sync),
+            build_processor(ProcessorOptions(proc="bench_noops:NoopClass")).processor,
+        ),
+    }
+    task = make_task({"i": 1})
+    rows: dict[str, tuple[float, float]] = {}
+    for label, (baseline, new) in pairs.items():
+        async with started(new):
+            times: dict[str, list[float]] = {"baseline": [], "new": []}
+            for _ in range(rounds):
+                for name, processor in (("baseline", baseline), ("new", new)):
+                    began = time.process_time()
+                    for _ in range(calls):
+                        await processor(task)
+                    times[name].append((time.process_time() - began) / calls * 1e6)
+        base, mine = statistics.median(times["baseline"]), statistics.median(times["new"])
+        rows[label] = (mine, base)
+        print(f"  {label:<26} {mine:6.1f} us/call (baseline {base:.1f})", flush=True)
+    return rows
+
+
+def overhead_rows(
+    calls: dict[str, tuple[float, float]], drain_task_us: float
+) -> list[tuple[str, str, str, str]]:
+    """Judge each processor's extra CPU per call against what a whole drained task
+    costs (receive, run, settle): that is what "within 5% of now" is about; a ratio of
+    two one-microsecond figures would only measure noise."""
+    rows = []
+    for label, (mine, base) in calls.items():
+        extra = mine - base
+        share = extra / drain_task_us
+        rows.append(
+            (
+                label,
+                f"{mine:.1f} us cpu",
+                f"baseline {base:.1f} us; extra {extra:+.1f} us = {share:+.1%} of a task",
+                f"<= 5%: {'PASS' if share <= INPROCESS_TOLERANCE else 'MISS'}",
+            )
+        )
+    return rows
 
 
 def main() -> None:
@@ -216,7 +282,10 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="jobq-bench-proc-"))
     try:
         print(f"draining {n:,} no-op tasks with {SLOTS} slots, {rounds} round(s):")
-        rows = asyncio.run(run(n, rounds, root))
+        print("processor call overhead (no queue):")
+        calls = asyncio.run(call_overhead())
+        rows, drain_task_us = asyncio.run(run(n, rounds, root))
+        rows = overhead_rows(calls, drain_task_us) + rows
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print()
