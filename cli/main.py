@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from ai4s_jobq.backends.base import BackendError
 from ai4s_jobq.durations import DurationError, parse_duration
@@ -25,10 +26,12 @@ from ai4s_jobq.jobq import JobQ
 from ai4s_jobq.redact import redact
 from ai4s_jobq.spec import SpecError
 from ai4s_jobq.task import task_args
+from ai4s_jobq.worker.build import ProcessorOptions, build_processor
 from ai4s_jobq.worker.loop import Worker, WorkerPolicy
-from ai4s_jobq.worker.processors import make_processor
+from ai4s_jobq.worker.processors import started
 
 from .push_input import read_tasks, run_push
+from .worker_options import processor_options
 
 T = TypeVar("T")
 EXIT_CONFIG = 4
@@ -232,7 +235,9 @@ def _worker_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--proc",
             metavar="MODULE:FUNCTION",
-            help="Python callable to run tasks (default: shell tasks).",
+            help="Python function or class (module:function, module:Class) to run "
+            "tasks (default: shell tasks). A class is instantiated once per process; "
+            "its optional setup()/teardown() run once.",
         ),
         click.option(
             "--grace-period",
@@ -248,17 +253,19 @@ def _worker_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def _run_worker(ctx: click.Context, proc: str | None, policy: WorkerPolicy) -> int:
+def _run_worker(ctx: click.Context, options: ProcessorOptions, policy: WorkerPolicy) -> int:
     if not ctx.meta.get("log_level_explicit"):
         logging.getLogger().setLevel(logging.INFO)
+    slots_given = ctx.get_parameter_source("slots") not in (None, ParameterSource.DEFAULT)
     try:
-        processor = make_processor(proc)
+        built = build_processor(options, policy.slots if slots_given or not options.gpus else None)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--proc") from None
+        raise click.UsageError(str(exc)) from None
+    policy.slots = built.slots
 
     async def main() -> int:
-        async with _open(ctx) as q:
-            stats = await Worker(q.backend, processor, policy).run()
+        async with _open(ctx) as q, started(built.processor):
+            stats = await Worker(q.backend, built.processor, policy).run()
             return stats.exit_code
 
     return run(main())
@@ -293,6 +300,7 @@ def _run_worker(ctx: click.Context, proc: str | None, policy: WorkerPolicy) -> i
     help="Exit (code 3) after this many failed tasks in a row.",
 )
 @_worker_options
+@processor_options
 @click.pass_context
 def worker(
     ctx: click.Context,
@@ -302,6 +310,7 @@ def worker(
     max_consecutive_failures: int | None,
     proc: str | None,
     grace_period: timedelta,
+    processor_options: ProcessorOptions,
 ) -> None:
     """Run tasks from the queue until it stays empty (or a limit is hit)."""
     policy = WorkerPolicy(
@@ -311,7 +320,7 @@ def worker(
         max_consecutive_failures=max_consecutive_failures,
         grace_period=grace_period.total_seconds(),
     )
-    sys.exit(_run_worker(ctx, proc, policy))
+    sys.exit(_run_worker(ctx, processor_options, policy))
 
 
 @cli.command()
@@ -333,7 +342,7 @@ def pull(ctx: click.Context, wait: timedelta, proc: str | None, grace_period: ti
         idle_timeout=max(wait.total_seconds(), 0.001),
         grace_period=grace_period.total_seconds(),
     )
-    sys.exit(_run_worker(ctx, proc, policy))
+    sys.exit(_run_worker(ctx, ProcessorOptions(proc=proc), policy))
 
 
 @cli.command()
