@@ -72,7 +72,7 @@ def by_task(spans: list[Span]) -> dict[str, Span]:
 
 
 def test_push_and_worker_spans_metrics_and_logs(local_dir, receiver):
-    env = otel_env(local_dir, receiver)
+    env = otel_env(local_dir, receiver, JOBQ_TELEMETRY_LOG_LEVEL="INFO")
     ok, fails = push(env, "echo one", "exit 3")
     (dup,) = push(env, "echo one")  # the second push process: one duplicate
     assert dup == ok
@@ -94,11 +94,11 @@ def test_push_and_worker_spans_metrics_and_logs(local_dir, receiver):
     for task_id, span in tasks.items():
         assert span.name == "process tel"
         assert span.trace_id == first.trace_id
-        assert span.parent_span_id == first.span_id
         assert span.attributes[names.MESSAGING_MESSAGE_ID] == task_id
+        assert span.parent_span_id == first.span_id
         assert span.attributes[names.TASK_ATTEMPT] == 1
         assert span.attributes[names.WORKER_ID]
-        assert span.attributes[names.HOST_NAME]
+        assert span.resource[names.HOST_NAME]
         assert span.resource["service.name"] == "jobq-worker"
     assert tasks[ok].attributes[names.TASK_OUTCOME] == "succeeded"
     assert tasks[ok].status_code != STATUS_ERROR
@@ -164,6 +164,19 @@ def test_task_pushed_without_telemetry_gets_a_root_span(local_dir, receiver):
     assert span.parent_span_id == ""
     assert span.attributes[names.TASK_ID] == task_id
     assert receiver.spans("send tel") == []
+    # By default only WARNING and above are exported: the idle worker's INFO lines are not.
+    receiver.wait_for(lambda: receiver.received.requests["metrics"])  # the worker has flushed
+    assert all(r.severity in ("WARN", "ERROR", "FATAL") for r in receiver.logs())
+
+
+def test_shell_task_gets_its_span_as_traceparent(local_dir, receiver, tmp_path):
+    """An instrumented program run by a shell task continues the task's trace."""
+    env = otel_env(local_dir, receiver)
+    out = tmp_path / "traceparent"
+    push(env, f'echo "$TRACEPARENT" > {out}')
+    assert work(env).returncode == 0
+    (span,) = receiver.wait_for(lambda: receiver.spans("process tel"))
+    assert out.read_text().startswith(f"00-{span.trace_id}-{span.span_id}-")
 
 
 def test_pipeline_traceparent_is_the_push_span_parent(local_dir, receiver):

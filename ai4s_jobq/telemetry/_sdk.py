@@ -8,6 +8,7 @@ and an ``ImportError`` here means "the extra is not installed".
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
+from opentelemetry.sdk.resources import HOST_NAME, SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ai4s_jobq.telemetry")
 
 PROTOCOLS = ("http/protobuf", "grpc")
+LOG_LEVEL_ENV = "JOBQ_TELEMETRY_LOG_LEVEL"
 
 
 def install(
@@ -78,6 +80,7 @@ def install(
         _logs.set_logger_provider(logger_provider)
         session.providers.append(logger_provider)
         handler = _logging_handler(logger_provider)
+        handler.setLevel(_export_log_level(environ))
         handler.addFilter(TaskLogFilter())
         logging.getLogger("ai4s_jobq").addHandler(handler)
         session.log_handler = handler
@@ -102,6 +105,8 @@ def _resource(service_name: str) -> Resource:
 
     resource = Resource.create({})
     ours: dict[str, str] = {}
+    if HOST_NAME not in resource.attributes:  # on the resource, not on every span
+        ours[HOST_NAME] = socket.gethostname()
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         ours[SERVICE_NAME] = service_name
     if SERVICE_VERSION not in resource.attributes:
@@ -180,6 +185,17 @@ def _azure_exporter(signal: str, environ: Mapping[str, str]) -> Any:
             redact(str(exc))[:200],
         )
         return None
+
+
+def _export_log_level(environ: Mapping[str, str]) -> int:
+    """``JOBQ_TELEMETRY_LOG_LEVEL`` (default WARNING): the per-task INFO lines repeat
+    what the task's span says, and exporting them costs more than a short task."""
+    name = (environ.get(LOG_LEVEL_ENV) or "WARNING").strip().upper()
+    level = logging.getLevelName(name)
+    if not isinstance(level, int):
+        log.warning("telemetry: %s=%r is not a log level; using WARNING", LOG_LEVEL_ENV, name)
+        return logging.WARNING
+    return level
 
 
 def _logging_handler(logger_provider: LoggerProvider) -> logging.Handler:

@@ -8,6 +8,9 @@ loading the API just to learn that it is off.  When something did import it (our
 is whether a real (SDK) tracer or meter provider has been installed globally: the
 library then takes part in the application's traces without any jobq setting.
 
+A shell task's process gets the task span's context as ``TRACEPARENT`` in its
+environment (:func:`child_process_env`).
+
 The trace context travels as the envelope's ``traceparent`` (and ``tracestate``)
 extra fields: every backend carries the body, and ``Task.from_body`` keeps unknown
 envelope fields in ``Task.extra``.  The task ID hashes only the arguments, so the
@@ -48,6 +51,16 @@ def current_carrier() -> dict[str, str]:
     carrier: dict[str, str] = {}
     TraceContextTextMapPropagator().inject(carrier)
     return carrier
+
+
+def child_process_env() -> dict[str, str]:
+    """``TRACEPARENT`` (and ``TRACESTATE``) of the current span, for a child process:
+    OpenTelemetry's convention for passing context through the environment, so an
+    instrumented shell task continues the task's trace.  Empty when OpenTelemetry
+    is off."""
+    if not otel_active():
+        return {}
+    return {key.upper(): value for key, value in current_carrier().items()}
 
 
 def with_trace_context(task: Task, carrier: Mapping[str, str]) -> Task:

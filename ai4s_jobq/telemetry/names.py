@@ -19,12 +19,11 @@ MESSAGING_MESSAGE_ID = "messaging.message.id"
 MESSAGING_BATCH_COUNT = "messaging.batch.message_count"
 MESSAGING_CONSUMER_GROUP = "messaging.consumer.group.name"
 ERROR_TYPE = "error.type"
-HOST_NAME = "host.name"
+HOST_NAME = "host.name"  # a resource attribute (one per process)
 EXIT_CODE = "process.exit.code"
 
 TASK_ID = "jobq.task.id"
 TASK_ATTEMPT = "jobq.task.attempt"
-TASK_MAX_ATTEMPTS = "jobq.task.max_attempts"
 TASK_OUTCOME = "jobq.task.outcome"
 WORKER_ID = "jobq.worker.id"
 PUSH_PUSHED = "jobq.push.pushed"

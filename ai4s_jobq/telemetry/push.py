@@ -94,8 +94,11 @@ class PushTelemetry:
             self.span_name, kind=SpanKind.PRODUCER, attributes=attributes
         ) as span:
             carrier = current_carrier()
+            # In the envelope for every backend; also as application properties where
+            # the broker has them, for tools that read Service Bus headers.
             messages = [
-                OutgoingMessage(t.id, with_trace_context(t, carrier).to_body()) for t in tasks
+                OutgoingMessage(t.id, with_trace_context(t, carrier).to_body(), carrier)
+                for t in tasks
             ]
             try:
                 outcomes = await backend.push(messages)

@@ -55,6 +55,8 @@ DEPTH_INTERVAL_ENV = "JOBQ_TELEMETRY_DEPTH_INTERVAL"
 DEFAULT_DEPTH_INTERVAL = 30.0
 FIRST_SAMPLE_TIMEOUT = 5.0
 _RUN_KEY = "telemetry"
+_STARTED = "started"
+_MALFORMED = "malformed"
 
 _OUTCOME_COUNTERS = {
     SUCCEEDED: (names.TASKS_SUCCEEDED, "Attempts that succeeded"),
@@ -84,10 +86,21 @@ def depth_interval_from_env() -> float:
 
 class TelemetryHook(WorkerHook):
     """Traces, metrics and log tags for one worker.  ``backend`` (optional) is read
-    for the queue depth every ``depth_interval`` seconds (0 = never)."""
+    for the queue depth every ``depth_interval`` seconds (0 = never).  The spans and
+    metrics go to the global providers unless ``tracer_provider`` / ``meter_provider``
+    are given (as OpenTelemetry instrumentations accept them)."""
 
-    def __init__(self, backend: Backend | None = None, *, depth_interval: float | None = None):
+    def __init__(
+        self,
+        backend: Backend | None = None,
+        *,
+        depth_interval: float | None = None,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
+    ):
         self.backend = backend
+        self.tracer_provider = tracer_provider  # None: the global ones
+        self.meter_provider = meter_provider
         self.depth_interval = (
             depth_interval_from_env() if depth_interval is None else depth_interval
         )
@@ -99,15 +112,26 @@ class TelemetryHook(WorkerHook):
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, worker: WorkerIdentity) -> None:
+        from opentelemetry import context as otel_context
         from opentelemetry import metrics, trace
+        from opentelemetry.trace import SpanKind, Status, StatusCode
 
         from .. import __version__
 
+        # Bound once here: the per-task methods below run on the worker's hot path.
+        self._attach, self._detach = otel_context.attach, otel_context.detach
+        self._empty_context = otel_context.Context()
+        self._set_span_in_context = trace.set_span_in_context
+        self._consumer, self._status, self._error = SpanKind.CONSUMER, Status, StatusCode.ERROR
         self.identity = worker
         self._main_task = asyncio.current_task()
         set_worker_id(worker.worker_id)
-        self.tracer = trace.get_tracer(names.INSTRUMENTATION_SCOPE, __version__)
-        meter = metrics.get_meter(names.INSTRUMENTATION_SCOPE, __version__)
+        self.tracer = trace.get_tracer(
+            names.INSTRUMENTATION_SCOPE, __version__, tracer_provider=self.tracer_provider
+        )
+        meter = metrics.get_meter(
+            names.INSTRUMENTATION_SCOPE, __version__, meter_provider=self.meter_provider
+        )
         self.attributes: dict[str, Any] = (
             messaging_attributes(self.backend)
             if self.backend is not None
@@ -120,24 +144,36 @@ class TelemetryHook(WorkerHook):
             names.MESSAGING_OPERATION_NAME: "process",
             names.MESSAGING_OPERATION_TYPE: "process",
             names.WORKER_ID: worker.worker_id,
-            names.HOST_NAME: worker.host,
         }
-        self.started = meter.create_counter(
-            names.TASKS_STARTED, unit="{task}", description="Task attempts started"
+        self._duration_attributes = {
+            kind: {**self.attributes, names.TASK_OUTCOME: kind} for kind in _OUTCOME_COUNTERS
+        }
+        # Counts are plain integers read by asynchronous (observable) instruments at
+        # export time: a counter ``add`` through the SDK costs more than a no-op task.
+        self.counts: dict[str, int] = dict.fromkeys([*_OUTCOME_COUNTERS, _STARTED, _MALFORMED], 0)
+        self.busy = 0
+        meter.create_observable_counter(
+            names.TASKS_STARTED,
+            callbacks=[self._observer(_STARTED)],
+            unit="{task}",
+            description="Task attempts started",
         )
-        self.outcomes = {
-            kind: meter.create_counter(name, unit="{task}", description=text)
-            for kind, (name, text) in _OUTCOME_COUNTERS.items()
-        }
+        for kind, (name, text) in _OUTCOME_COUNTERS.items():
+            meter.create_observable_counter(
+                name, callbacks=[self._observer(kind)], unit="{task}", description=text
+            )
         self.duration = meter.create_histogram(
             names.TASK_DURATION, unit="s", description="How long task attempts ran"
         )
-        self.busy = meter.create_up_down_counter(
-            names.SLOTS_BUSY, unit="{slot}", description="Slots running a task"
+        meter.create_observable_gauge(
+            names.SLOTS_BUSY,
+            callbacks=[lambda _: [self._observation(self.busy, self.attributes)]],
+            unit="{slot}",
+            description="Slots running a task",
         )
         meter.create_observable_gauge(
             names.SLOTS_TOTAL,
-            callbacks=[self._observe_slots],
+            callbacks=[lambda _: [self._observation(worker.slots, self.attributes)]],
             unit="{slot}",
             description="Slots of the worker",
         )
@@ -154,6 +190,25 @@ class TelemetryHook(WorkerHook):
                 log.warning("telemetry: reading the queue depth took over %.0fs", 5)
             self._sampler = asyncio.ensure_future(self._sample_depth_forever())
 
+    def _observation(self, value: float, attributes: dict[str, Any]) -> Any:
+        from opentelemetry.metrics import Observation
+
+        return Observation(value, attributes)
+
+    def _observer(self, kind: str) -> Any:
+        def observe(_: Any) -> list[Any]:
+            if kind == DEAD_LETTERED:  # malformed messages are dead-lettered too
+                return [
+                    self._observation(self.counts[kind], self.attributes),
+                    self._observation(
+                        self.counts[_MALFORMED],
+                        {**self.attributes, names.ERROR_TYPE: "MalformedTask"},
+                    ),
+                ]
+            return [self._observation(self.counts[kind], self.attributes)]
+
+        return observe
+
     async def stop(self, worker: WorkerIdentity, stats: Any) -> None:
         if self._sampler is not None:
             self._sampler.cancel()
@@ -163,69 +218,58 @@ class TelemetryHook(WorkerHook):
     # ------------------------------------------------------------------ per attempt
 
     def task_started(self, run: TaskRun) -> None:
-        from opentelemetry import context as otel_context
-        from opentelemetry import trace
-        from opentelemetry.trace import SpanKind
-
         task = run.task
-        parent = extract_context(task.extra)
+        parent = extract_context(task.extra) if task.extra else None
         attributes = {
             **self.span_attributes,
-            names.MESSAGING_MESSAGE_ID: run.message.message_id,
+            names.MESSAGING_MESSAGE_ID: run.message.message_id,  # differs once requeued
             names.TASK_ID: task.id,
             names.TASK_ATTEMPT: run.attempt,
-            names.TASK_MAX_ATTEMPTS: task.max_attempts,
         }
         span = self.tracer.start_span(
             self.span_name,
             # An explicit empty context: a task pushed without one is a root span,
             # never a child of whatever the worker process happens to be inside.
-            context=parent if parent is not None else otel_context.Context(),
-            kind=SpanKind.CONSUMER,
+            context=parent if parent is not None else self._empty_context,
+            kind=self._consumer,
             attributes=attributes,
             start_time=int(run.started_at * 1e9),
         )
-        token = otel_context.attach(trace.set_span_in_context(span))
+        token = self._attach(self._set_span_in_context(span))
         log_token = log_task(task.id, run.attempt)
         run.context[_RUN_KEY] = (span, token, log_token, asyncio.current_task())
-        self.started.add(1, self.attributes)
-        self.busy.add(1, self.attributes)
+        self.counts[_STARTED] += 1
+        self.busy += 1
 
     def task_finished(self, run: TaskRun, outcome: TaskOutcome) -> None:
-        from opentelemetry import context as otel_context
-        from opentelemetry.trace import Status, StatusCode
-
         state = run.context.pop(_RUN_KEY, None)
         if state is None:
             return
         span, token, log_token, started_in = state
-        span.set_attribute(names.TASK_OUTCOME, outcome.kind)
+        kind = outcome.kind
+        span.set_attribute(names.TASK_OUTCOME, kind)
         if outcome.exit_code is not None:
             span.set_attribute(names.EXIT_CODE, outcome.exit_code)
         if outcome.reason is not None:
             span.set_attribute(names.ERROR_TYPE, outcome.reason)
-        if outcome.kind in (FAILED, DEAD_LETTERED):
-            span.set_status(Status(StatusCode.ERROR, outcome.reason or outcome.kind))
+        if kind == FAILED or kind == DEAD_LETTERED:
+            span.set_status(self._status(self._error, outcome.reason or kind))
         span.end()
         if started_in is self._main_task and started_in is asyncio.current_task():
-            otel_context.detach(token)
+            self._detach(token)
             reset_log_task(log_token)
-        attributes = self.attributes
-        counter = self.outcomes.get(outcome.kind)
-        if counter is not None:
-            counter.add(1, attributes)
-        self.duration.record(outcome.duration, {**attributes, names.TASK_OUTCOME: outcome.kind})
-        self.busy.add(-1, attributes)
+        if kind in self.counts:
+            self.counts[kind] += 1
+        self.busy -= 1
+        attributes = self._duration_attributes.get(kind)
+        if attributes is None:
+            attributes = {**self.attributes, names.TASK_OUTCOME: kind}
+        self.duration.record(outcome.duration, attributes)
 
     def malformed(self, message: ReceivedMessage, reason: str) -> None:
-        self.outcomes[DEAD_LETTERED].add(1, {**self.attributes, names.ERROR_TYPE: "MalformedTask"})
+        self.counts[_MALFORMED] += 1
 
     # ------------------------------------------------------------------ gauges
-
-    def _observe_slots(self, options: Any) -> Any:
-        from opentelemetry.metrics import Observation
-
-        return [Observation(self.identity.slots, self.attributes)]
 
     def _observe_depth(self, options: Any) -> Any:
         from opentelemetry.metrics import Observation
