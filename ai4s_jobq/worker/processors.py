@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..task import Task
+from ..telemetry.context import child_process_env
 from .context import current_task
 from .sync_calls import run_sync
 
@@ -64,6 +65,7 @@ class ShellProcessor:
         env.update({str(k): str(v) for k, v in extra_env.items()})
         context = current_task()
         env.update(context.env() if context is not None else {"JOBQ_TASK_ID": task.id})
+        env.update(child_process_env())  # TRACEPARENT of the task's span, when telemetry is on
         proc = await asyncio.create_subprocess_exec(
             "/bin/sh",
             "-c",
