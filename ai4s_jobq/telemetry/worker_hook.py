@@ -197,15 +197,15 @@ class TelemetryHook(WorkerHook):
 
     def _observer(self, kind: str) -> Any:
         def observe(_: Any) -> list[Any]:
-            if kind == DEAD_LETTERED:  # malformed messages are dead-lettered too
-                return [
-                    self._observation(self.counts[kind], self.attributes),
+            observations = [self._observation(self.counts[kind], self.attributes)]
+            if kind == DEAD_LETTERED and self.counts[_MALFORMED]:  # not a task: dead-lettered
+                observations.append(
                     self._observation(
                         self.counts[_MALFORMED],
                         {**self.attributes, names.ERROR_TYPE: "MalformedTask"},
-                    ),
-                ]
-            return [self._observation(self.counts[kind], self.attributes)]
+                    )
+                )
+            return observations
 
         return observe
 
