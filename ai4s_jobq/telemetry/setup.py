@@ -144,7 +144,8 @@ def configure_telemetry(
     """Install global tracer, meter and logger providers with the exporters the
     environment asks for; a disabled session when it asks for none.
     ``service_name`` is used unless ``OTEL_SERVICE_NAME`` or ``OTEL_RESOURCE_ATTRIBUTES``
-    names the service."""
+    names the service.  ``environ`` decides what is turned on; the SDK and the
+    exporters read their own settings from ``os.environ``, as they always do."""
     environ = os.environ if environ is None else environ
     if not telemetry_requested(environ):
         return TelemetrySession()

@@ -11,6 +11,13 @@ the loop it always ran.  Per attempt it
 * counts the attempt and its outcome, records its duration, tracks busy slots;
 * tags the attempt's log records with the task ID (see :mod:`.logs`).
 
+Why the counts are plain integers behind observable (asynchronous) instruments:
+a synchronous counter ``add`` through the SDK costs several microseconds (attribute
+hashing, locks, exemplars), times six per task; incrementing an ``int`` costs
+nothing, and the reader collects the totals at export time.  Only the duration
+histogram is recorded per task.  Measured in ``bench/bench_telemetry.py``; what is
+left is the span itself (SDK creation and OTLP encoding), see docs/monitoring.md.
+
 The queue depth (active, dead-letter, scheduled) is read with ``backend.counts()``
 by a background task every ``depth_interval`` seconds (30 by default; each worker of
 a fleet does it, so it is kept rare) and reported by an observable gauge from that
