@@ -331,5 +331,44 @@ def test_unreachable_collector_does_not_hang_the_exit(local_dir, tmp_path):
         async with JobQ.open(QUEUE, check=False) as q:
             return (await q.counts()).active
 
-    os.environ["JOBQ_LOCAL_DIR"] = str(local_dir)
     assert asyncio.run(size()) == 1
+
+
+def test_missing_extra_is_a_warning_not_a_failure(local_dir):
+    """OTEL_EXPORTER_OTLP_ENDPOINT set but the SDK not importable (the extra is not
+    installed): the push still works and says what to install."""
+    script = (
+        "import sys; sys.modules['opentelemetry.sdk'] = None\n"
+        "from ai4s_jobq_cli.main import main\n"
+        "sys.argv = ['jobq', 'push', '-c', 'echo without the extra']\n"
+        "main()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "JOBQ_"))}
+    env.update(
+        JOBQ_LOCAL_DIR=str(local_dir),
+        JOBQ_QUEUE=QUEUE,
+        OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9",
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'ai4s_jobq[telemetry]'" in result.stderr
+    assert "pushed 1 new task" in result.stderr
+
+
+def test_malformed_message_counts_as_dead_lettered(local_dir, receiver):
+    from ai4s_jobq.backends.base import OutgoingMessage
+
+    async def put_garbage() -> None:
+        async with JobQ.open(QUEUE, check=False) as q:
+            await q.backend.push([OutgoingMessage("garbage-1", b"not a task")])
+
+    asyncio.run(put_garbage())
+    env = otel_env(local_dir, receiver)
+    assert work(env).returncode == 0
+    receiver.wait_for(lambda: receiver.points(names.TASKS_DEAD_LETTERED))
+    assert (
+        receiver.metric_total(names.TASKS_DEAD_LETTERED, **{names.ERROR_TYPE: "MalformedTask"}) == 1
+    )
+    assert receiver.metric_total(names.TASKS_STARTED) == 0
