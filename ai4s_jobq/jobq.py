@@ -31,6 +31,7 @@ from .durations import parse_duration
 from .ids import ConfigError, TaskEncodingError, deterministic_ids_enabled
 from .spec import CONNECTION_STRING_ENV, make_backend, parse_spec
 from .task import MalformedTaskError, Task, make_task
+from .telemetry.push import push_telemetry
 
 log = logging.getLogger("ai4s_jobq")
 
@@ -155,7 +156,11 @@ class JobQ:
             env=env,
             deterministic=self.deterministic if deterministic is None else deterministic,
         )
-        (outcome,) = await self.backend.push([OutgoingMessage(built.id, built.to_body())])
+        telemetry = push_telemetry(self.backend)  # None unless OpenTelemetry is configured
+        if telemetry is not None:
+            (outcome,) = await telemetry.push(self.backend, [built])
+        else:
+            (outcome,) = await self.backend.push([OutgoingMessage(built.id, built.to_body())])
         if outcome.error is not None:
             raise outcome.error
         return PushResult(built.id, outcome.duplicate)
@@ -190,7 +195,12 @@ class JobQ:
         Entry = tuple[int, Task | Exception]
         pending: list[tuple[list[Entry], asyncio.Future[list[PushOutcome]]]] = []
 
+        telemetry = push_telemetry(self.backend)  # checked once: None when telemetry is off
+
         async def send(batch: list[Entry]) -> list[PushOutcome]:
+            if telemetry is not None:
+                tasks = [t for _, t in batch if isinstance(t, Task)]
+                return await telemetry.push(self.backend, tasks) if tasks else []
             messages = [OutgoingMessage(t.id, t.to_body()) for _, t in batch if isinstance(t, Task)]
             return await self.backend.push(messages) if messages else []
 

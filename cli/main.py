@@ -26,6 +26,7 @@ from ai4s_jobq.jobq import JobQ
 from ai4s_jobq.redact import redact
 from ai4s_jobq.spec import SpecError
 from ai4s_jobq.task import task_args
+from ai4s_jobq.telemetry.setup import telemetry_session
 from ai4s_jobq.worker.build import ProcessorOptions, build_processor
 from ai4s_jobq.worker.loop import Worker, WorkerPolicy
 from ai4s_jobq.worker.processors import started
@@ -217,7 +218,9 @@ def push(
                 print_ids=bool(commands),
             )
 
-    sys.exit(run(main()))
+    with telemetry_session("jobq-push"):
+        code = run(main())
+    sys.exit(code)
 
 
 def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -265,10 +268,12 @@ def _run_worker(ctx: click.Context, options: ProcessorOptions, policy: WorkerPol
 
     async def main() -> int:
         async with _open(ctx) as q, started(built.processor):
-            stats = await Worker(q.backend, built.processor, policy).run()
+            hooks = telemetry.worker_hooks(q.backend)  # none unless telemetry is configured
+            stats = await Worker(q.backend, built.processor, policy, hooks=hooks).run()
             return stats.exit_code
 
-    return run(main())
+    with telemetry_session("jobq-worker") as telemetry:
+        return run(main())
 
 
 @cli.command()

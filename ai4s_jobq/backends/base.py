@@ -53,6 +53,9 @@ class QueueSettings:
 class OutgoingMessage:
     message_id: str
     body: bytes
+    #: string headers for a broker that has them (Service Bus application properties);
+    #: the others ignore them, so nothing may be only here (e.g. the trace context)
+    properties: dict[str, str] | None = None
 
 
 @dataclass

@@ -267,10 +267,10 @@ class Worker:
                 "allowed; earlier attempts did not finish (worker killed or lock lost)",
             )
             return
-        log.info("task %s: attempt %d of %d", task.id, message.delivery_count, task.max_attempts)
         started = time.monotonic()
         run = TaskRun(task, message, message.delivery_count)
-        self.hooks.task_started(run)
+        self.hooks.task_started(run)  # first: a hook may tag this attempt's log records
+        log.info("task %s: attempt %d of %d", task.id, message.delivery_count, task.max_attempts)
         # The processor's asyncio task copies the context: it sees its own TaskContext.
         with task_context(TaskContext(task.id, attempt=message.delivery_count)):
             running.work = asyncio.ensure_future(self.processor(task))

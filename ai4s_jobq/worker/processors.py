@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import Any
 
 from ..task import Task
+from ..telemetry.context import child_process_env
 from .context import current_task
 from .sync_calls import run_sync
 
@@ -149,6 +150,7 @@ class ShellProcessor:
         env.update({str(k): str(v) for k, v in extra_env.items()})
         context = current_task()
         env.update(context.env() if context is not None else {"JOBQ_TASK_ID": task.id})
+        env.update(child_process_env())  # TRACEPARENT of the task's span, when telemetry is on
         tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         terminal = _open_pty() if self.tty else None
         try:

@@ -103,7 +103,9 @@ def _outgoing(message: OutgoingMessage) -> AmqpAnnotatedMessage:
     that measured as ~30 % of the client's CPU per pushed task.  It skips the SDK's
     MessageId length check, which ``_push_with`` does instead."""
     return AmqpAnnotatedMessage(
-        data_body=message.body, properties={"message_id": message.message_id}
+        data_body=message.body,
+        properties={"message_id": message.message_id},
+        application_properties=message.properties,
     )
 
 

@@ -1,0 +1,208 @@
+"""The one module that imports the OpenTelemetry SDK and exporters (the extra).
+
+Kept apart from :mod:`.setup` so that importing ``setup`` (done by every CLI run)
+costs nothing: this module is imported only when the environment asks for export,
+and an ``ImportError`` here means "the extra is not installed".
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import _logs, metrics, trace
+from opentelemetry import context as otel_context
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import HOST_NAME, SERVICE_NAME, SERVICE_VERSION, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from ..redact import redact
+from .logs import TaskLogFilter
+
+if TYPE_CHECKING:
+    from .setup import TelemetrySession
+
+log = logging.getLogger("ai4s_jobq.telemetry")
+
+PROTOCOLS = ("http/protobuf", "grpc")
+LOG_LEVEL_ENV = "JOBQ_TELEMETRY_LOG_LEVEL"
+
+
+def install(
+    session: TelemetrySession,
+    wanted: dict[str, list[str]],
+    service_name: str,
+    environ: Mapping[str, str],
+) -> None:
+    """Build the exporters ``wanted`` asks for, install the global providers of the
+    signals that got at least one, and record them in ``session``."""
+    resource = _resource(service_name)
+    exporters: dict[str, list[Any]] = {}
+    for signal, destinations in wanted.items():
+        for destination in destinations:
+            exporter = (
+                _otlp_exporter(signal, environ)
+                if destination == "otlp"
+                else _azure_exporter(signal, environ)
+            )
+            if exporter is not None:
+                exporters.setdefault(signal, []).append(exporter)
+                session.exporters.setdefault(signal, []).append(destination)
+    if "traces" in exporters:
+        tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+        for exporter in exporters["traces"]:
+            tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+        trace.set_tracer_provider(tracer_provider)
+        session.providers.append(tracer_provider)
+    if "metrics" in exporters:
+        readers = [PeriodicExportingMetricReader(e) for e in exporters["metrics"]]
+        meter_provider = MeterProvider(
+            resource=resource, metric_readers=readers, shutdown_on_exit=False
+        )
+        metrics.set_meter_provider(meter_provider)
+        session.providers.append(meter_provider)
+    if session.providers or "logs" in exporters:
+        log.info(  # before the log handler is attached: a line for the terminal only
+            "telemetry on: %s",
+            "; ".join(f"{s} → {', '.join(d)}" for s, d in session.exporters.items()),
+        )
+    if "logs" in exporters:
+        logger_provider = LoggerProvider(resource=resource, shutdown_on_exit=False)
+        for exporter in exporters["logs"]:
+            logger_provider.add_log_record_processor(BatchLogRecordProcessor(exporter))
+        _logs.set_logger_provider(logger_provider)
+        session.providers.append(logger_provider)
+        handler = _logging_handler(logger_provider)
+        handler.setLevel(_export_log_level(environ))
+        handler.addFilter(TaskLogFilter())
+        logging.getLogger("ai4s_jobq").addHandler(handler)
+        session.log_handler = handler
+
+
+def attach_env_context(traceparent: str, tracestate: str | None) -> Any:
+    """Make the ``TRACEPARENT`` of the environment the current context; the token."""
+    carrier = {"traceparent": traceparent}
+    if tracestate:
+        carrier["tracestate"] = tracestate
+    context = TraceContextTextMapPropagator().extract(carrier)
+    if not trace.get_current_span(context).get_span_context().is_valid:
+        log.warning("telemetry: TRACEPARENT is not a W3C traceparent; ignoring it")
+        return None
+    return otel_context.attach(context)
+
+
+def _resource(service_name: str) -> Resource:
+    """The SDK's resource (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``), with
+    ``service_name`` and our version where the environment says nothing."""
+    from .. import __version__
+
+    resource = Resource.create({})
+    ours: dict[str, str] = {}
+    if HOST_NAME not in resource.attributes:  # on the resource, not on every span
+        ours[HOST_NAME] = socket.gethostname()
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        ours[SERVICE_NAME] = service_name
+    if SERVICE_VERSION not in resource.attributes:
+        ours[SERVICE_VERSION] = __version__
+    return resource.merge(Resource(ours)) if ours else resource
+
+
+def _protocol(signal: str, environ: Mapping[str, str]) -> str:
+    value = environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL") or environ.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
+    )
+    return value.strip().lower()
+
+
+def _otlp_exporter(signal: str, environ: Mapping[str, str]) -> Any:
+    protocol = _protocol(signal, environ)
+    if protocol not in PROTOCOLS:
+        log.warning(
+            "telemetry: OTLP protocol %r is not supported (use http/protobuf or grpc); "
+            "not exporting %s over OTLP",
+            protocol,
+            signal,
+        )
+        return None
+    package = "http" if protocol == "http/protobuf" else "grpc"
+    try:
+        if signal == "traces":
+            module = __import__(
+                f"opentelemetry.exporter.otlp.proto.{package}.trace_exporter",
+                fromlist=["OTLPSpanExporter"],
+            )
+            return module.OTLPSpanExporter()
+        if signal == "metrics":
+            module = __import__(
+                f"opentelemetry.exporter.otlp.proto.{package}.metric_exporter",
+                fromlist=["OTLPMetricExporter"],
+            )
+            return module.OTLPMetricExporter()
+        module = __import__(
+            f"opentelemetry.exporter.otlp.proto.{package}._log_exporter",
+            fromlist=["OTLPLogExporter"],
+        )
+        return module.OTLPLogExporter()
+    except ImportError:
+        log.warning(
+            "telemetry: OTLP over %s needs opentelemetry-exporter-otlp-proto-%s; "
+            "not exporting %s over OTLP",
+            protocol,
+            package,
+            signal,
+        )
+        return None
+
+
+def _azure_exporter(signal: str, environ: Mapping[str, str]) -> Any:
+    from azure.monitor.opentelemetry.exporter import (
+        AzureMonitorLogExporter,
+        AzureMonitorMetricExporter,
+        AzureMonitorTraceExporter,
+    )
+
+    from .setup import AZURE_ENV
+
+    classes = {
+        "traces": AzureMonitorTraceExporter,
+        "metrics": AzureMonitorMetricExporter,
+        "logs": AzureMonitorLogExporter,
+    }
+    try:
+        return classes[signal](connection_string=environ[AZURE_ENV])
+    except ValueError as exc:  # a malformed connection string; the message may quote it
+        log.warning(
+            "telemetry: %s is not a valid Application Insights connection string (%s); "
+            "not exporting to Azure Monitor",
+            AZURE_ENV,
+            redact(str(exc))[:200],
+        )
+        return None
+
+
+def _export_log_level(environ: Mapping[str, str]) -> int:
+    """``JOBQ_TELEMETRY_LOG_LEVEL`` (default WARNING): the per-task INFO lines repeat
+    what the task's span says, and exporting them costs more than a short task."""
+    name = (environ.get(LOG_LEVEL_ENV) or "WARNING").strip().upper()
+    level = logging.getLevelName(name)
+    if not isinstance(level, int):
+        log.warning("telemetry: %s=%r is not a log level; using WARNING", LOG_LEVEL_ENV, name)
+        return logging.WARNING
+    return level
+
+
+def _logging_handler(logger_provider: LoggerProvider) -> logging.Handler:
+    """OpenTelemetry's logging bridge (the instrumentation package's, which replaces
+    the SDK's deprecated one)."""
+    try:
+        from opentelemetry.instrumentation.logging.handler import LoggingHandler
+    except ImportError:  # older installs: the SDK's own
+        from opentelemetry.sdk._logs import LoggingHandler  # type: ignore[assignment]
+    return LoggingHandler(logger_provider=logger_provider)

@@ -1,0 +1,15 @@
+"""A Python task for the telemetry tests (``--proc telemetry_tasks:traced``): it makes
+its own span and a log record, as instrumented user code would."""
+
+from __future__ import annotations
+
+import logging
+
+from opentelemetry import trace
+
+log = logging.getLogger("ai4s_jobq.user")
+
+
+def traced(name: str) -> None:
+    with trace.get_tracer("user-code").start_as_current_span(name):
+        log.warning("inside %s", name)
