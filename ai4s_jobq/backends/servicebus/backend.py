@@ -36,12 +36,9 @@ from azure.servicebus.exceptions import (
     MessageLockLostError,
     MessageSizeExceededError,
     MessagingEntityNotFoundError,
-    ServiceBusAuthenticationError,
-    ServiceBusAuthorizationError,
     ServiceBusError,
 )
 
-from ...redact import redact
 from ..base import (
     Backend,
     BackendError,
@@ -62,6 +59,7 @@ from .endpoint import (
     endpoint_host,
     without_entity_path,
 )
+from .errors import _auth_failure, _reason, _short
 
 log = logging.getLogger("ai4s_jobq.servicebus")
 
@@ -105,34 +103,6 @@ def _outgoing(message: OutgoingMessage) -> AmqpAnnotatedMessage:
     return AmqpAnnotatedMessage(
         data_body=message.body, properties={"message_id": message.message_id}
     )
-
-
-def _short(exc: BaseException) -> str:
-    lines = redact(str(exc)).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
-
-
-def _auth_failure(exc: BaseException) -> BaseException | None:
-    """The error that says a credential was refused, if ``exc`` is or wraps one.
-
-    Through a ``custom_endpoint_address`` the SDK reports a refused CBS token as a
-    retryable ``ServiceBusConnectionError`` (for uamqp parity) that carries the
-    AMQP layer's ``TokenAuthFailure`` -- with the service's reason -- as
-    ``inner_exception``."""
-    if isinstance(exc, (ServiceBusAuthenticationError, ServiceBusAuthorizationError)):
-        return exc
-    inner = getattr(exc, "inner_exception", None)
-    if isinstance(inner, BaseException) and any(
-        cls.__name__ == "AuthenticationException" for cls in type(inner).__mro__
-    ):
-        return inner
-    return None
-
-
-def _reason(exc: BaseException) -> str:
-    """All lines of a (redacted) error, for one whose details span several lines."""
-    text = " ".join(line.strip() for line in redact(str(exc)).strip().splitlines())
-    return f"{type(exc).__name__}: {text[:500]}"
 
 
 @dataclass(eq=False)
