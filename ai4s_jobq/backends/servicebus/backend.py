@@ -29,7 +29,6 @@ from azure.servicebus import (
     ServiceBusSubQueue,
 )
 from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBusSender
-from azure.servicebus.aio.management import ServiceBusAdministrationClient
 from azure.servicebus.amqp import AmqpAnnotatedMessage
 from azure.servicebus.exceptions import (
     MessageAlreadySettled,
@@ -38,6 +37,7 @@ from azure.servicebus.exceptions import (
     MessagingEntityNotFoundError,
     ServiceBusError,
 )
+from azure.servicebus.management import ServiceBusAdministrationClient
 
 from ..base import (
     Backend,
@@ -52,7 +52,8 @@ from ..base import (
     QueueUnavailableError,
     ReceivedMessage,
 )
-from .admin import AdminPlane, validate_settings
+from .admin import AdminPlane, SyncTokenBridge, validate_settings
+from .closing import close_all, quiet_close
 from .endpoint import (
     EndpointOverride,
     emulator_admin_kwargs,
@@ -65,6 +66,8 @@ log = logging.getLogger("ai4s_jobq.servicebus")
 
 #: longest single wait inside ``receive`` (see _ReceiverSlot.lock)
 RECEIVE_SLICE = 0.25
+#: how long ``clear`` waits for a batch (the counts usually end it before)
+CLEAR_WAIT = 1.0
 #: attempts for one batch send (the SDK retries inside each attempt too)
 SEND_ATTEMPTS = 4
 #: Service Bus's MessageId limit (the SDK's ``ServiceBusMessage`` checks it; see _outgoing)
@@ -208,7 +211,7 @@ class ServiceBusBackend(Backend):
             )
             admin = ServiceBusAdministrationClient(
                 self.endpoint.admin_namespace(self.namespace),
-                self._credential,
+                SyncTokenBridge(self._credential, asyncio.get_running_loop()),
                 **self.endpoint.admin_kwargs(),
             )
         self._admin = AdminPlane(admin, self.queue_name, self.description)
@@ -218,17 +221,15 @@ class ServiceBusBackend(Backend):
         slots = list(self._receivers.values()) + list(self._retired)
         self._receivers.clear()
         self._retired.clear()
-        for slot in slots:
-            await _quiet_close(slot.receiver)
-        if self._senders is not None:
-            while not self._senders.empty():
-                await _quiet_close(self._senders.get_nowait())
-        for closer in (self._client, self._admin):
-            if closer is not None:
-                await _quiet_close(closer)
+        senders = []
+        while self._senders is not None and not self._senders.empty():
+            senders.append(self._senders.get_nowait())
+        # Links first, then what they were made from (see closing.py for the grace).
+        await close_all([slot.receiver for slot in slots] + senders)
+        await close_all([self._client, self._admin])
         self._client = self._admin = None
         if self._owns_credential and self._credential is not None:
-            await _quiet_close(self._credential)
+            await close_all([self._credential])
             self._credential = None
 
     @property
@@ -367,7 +368,7 @@ class ServiceBusBackend(Backend):
     async def _replace_sender(
         self, sender: ServiceBusSender, what: str, exc: BaseException, attempt: int
     ) -> ServiceBusSender:
-        await _quiet_close(sender)
+        await quiet_close(sender)
         fatal = isinstance(exc, MessagingEntityNotFoundError) or _auth_failure(exc) is not None
         if fatal or attempt >= SEND_ATTEMPTS:
             raise self._error(what, exc) from None
@@ -400,7 +401,7 @@ class ServiceBusBackend(Backend):
                 # have to fit in that call's (possibly short) wait.
                 await receiver.__aenter__()
             except Exception as exc:
-                await _quiet_close(receiver)
+                await quiet_close(receiver)
                 raise self._error("opening a receiver", exc) from None
             slot = self._receivers[dead_letter] = _ReceiverSlot(receiver)
         return slot
@@ -418,7 +419,7 @@ class ServiceBusBackend(Backend):
         if slot.retired and slot.outstanding <= 0 and slot.closing is None:
             self._retired.discard(slot)
             # Closing drains the link and releases messages sent against leftover credit.
-            slot.closing = closing = asyncio.ensure_future(_quiet_close(slot.receiver))
+            slot.closing = closing = asyncio.ensure_future(quiet_close(slot.receiver))
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)
 
@@ -540,39 +541,52 @@ class ServiceBusBackend(Backend):
     async def peek(self, max_count: int, *, dead_letter: bool = False) -> list[ReceivedMessage]:
         await self._closed()
         found: list[ReceivedMessage] = []
+        receiver = self._new_receiver(dead_letter)
         try:
-            async with self._new_receiver(dead_letter) as receiver:
-                next_sequence = 0
-                while len(found) < max_count:
-                    batch = await receiver.peek_messages(
-                        max_message_count=max_count - len(found), sequence_number=next_sequence
-                    )
-                    if not batch:
-                        break
-                    found.extend(self._to_received(m, None) for m in batch)
-                    next_sequence = (batch[-1].sequence_number or 0) + 1
+            next_sequence = 0
+            while len(found) < max_count:
+                batch = await receiver.peek_messages(
+                    max_message_count=max_count - len(found), sequence_number=next_sequence
+                )
+                if not batch:
+                    break
+                found.extend(self._to_received(m, None) for m in batch)
+                next_sequence = (batch[-1].sequence_number or 0) + 1
         except ServiceBusError as exc:
             raise self._error("peeking", exc) from None
+        finally:
+            await close_all([receiver])
         return found
 
     async def clear(self, *, dead_letter: bool = False) -> int:
+        """Receive-and-delete until the queue is empty.  The runtime counts say when it
+        is, so the last round does not have to wait out an empty receive."""
         await self._closed()
         deleted = 0
+        receiver = self._new_receiver(
+            dead_letter, receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE, prefetch_count=0
+        )
         try:
-            async with self._new_receiver(
-                dead_letter,
-                receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE,
-                prefetch_count=0,
-            ) as receiver:
-                while True:
-                    batch = await receiver.receive_messages(
-                        max_message_count=500, max_wait_time=1.0
-                    )
-                    if not batch:
-                        return deleted
-                    deleted += len(batch)
+            while await self._may_hold_messages(dead_letter):
+                batch = await receiver.receive_messages(
+                    max_message_count=500, max_wait_time=CLEAR_WAIT
+                )
+                if not batch:
+                    break
+                deleted += len(batch)
         except ServiceBusError as exc:
             raise self._error("clearing", exc) from None
+        finally:
+            await close_all([receiver])
+        return deleted
+
+    async def _may_hold_messages(self, dead_letter: bool) -> bool:
+        """False only when the runtime counts say the (dead-letter) queue is empty."""
+        try:
+            counts = await self.admin.counts()
+        except BackendError:  # e.g. no Manage rights: an empty receive has to tell
+            return True
+        return (counts.dead_letter if dead_letter else counts.active) > 0
 
     def extra_info(self) -> dict[str, Any]:
         return {
@@ -580,10 +594,3 @@ class ServiceBusBackend(Backend):
             "prefetch": self.prefetch,
             "auth": "connection string" if self._connection_string else "Azure AD",
         }
-
-
-async def _quiet_close(closable: Any) -> None:
-    try:
-        await closable.close()
-    except Exception as exc:  # closing a broken link: nothing left to save
-        log.debug("closing %s: %s", type(closable).__name__, _short(exc))
