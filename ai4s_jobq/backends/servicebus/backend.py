@@ -53,7 +53,7 @@ from ..base import (
     ReceivedMessage,
 )
 from .admin import AdminPlane, SyncTokenBridge, validate_settings
-from .closing import close_all, quiet_close
+from .closing import close_all
 from .endpoint import (
     EndpointOverride,
     emulator_admin_kwargs,
@@ -368,7 +368,7 @@ class ServiceBusBackend(Backend):
     async def _replace_sender(
         self, sender: ServiceBusSender, what: str, exc: BaseException, attempt: int
     ) -> ServiceBusSender:
-        await quiet_close(sender)
+        await close_all([sender])
         fatal = isinstance(exc, MessagingEntityNotFoundError) or _auth_failure(exc) is not None
         if fatal or attempt >= SEND_ATTEMPTS:
             raise self._error(what, exc) from None
@@ -401,7 +401,7 @@ class ServiceBusBackend(Backend):
                 # have to fit in that call's (possibly short) wait.
                 await receiver.__aenter__()
             except Exception as exc:
-                await quiet_close(receiver)
+                await close_all([receiver])
                 raise self._error("opening a receiver", exc) from None
             slot = self._receivers[dead_letter] = _ReceiverSlot(receiver)
         return slot
@@ -418,8 +418,9 @@ class ServiceBusBackend(Backend):
     def _close_if_idle(self, slot: _ReceiverSlot) -> None:
         if slot.retired and slot.outstanding <= 0 and slot.closing is None:
             self._retired.discard(slot)
-            # Closing drains the link and releases messages sent against leftover credit.
-            slot.closing = closing = asyncio.ensure_future(quiet_close(slot.receiver))
+            # Closing releases messages sent against leftover credit (the detach does
+            # that; close_all does not wait out the SDK's keep-alive after it).
+            slot.closing = closing = asyncio.ensure_future(close_all([slot.receiver]))
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)
 
@@ -543,6 +544,7 @@ class ServiceBusBackend(Backend):
         found: list[ReceivedMessage] = []
         receiver = self._new_receiver(dead_letter)
         try:
+            await receiver.__aenter__()  # opening, not bounded by an operation's wait
             next_sequence = 0
             while len(found) < max_count:
                 batch = await receiver.peek_messages(
@@ -567,6 +569,7 @@ class ServiceBusBackend(Backend):
             dead_letter, receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE, prefetch_count=0
         )
         try:
+            await receiver.__aenter__()  # not inside receive_messages' short wait
             while await self._may_hold_messages(dead_letter):
                 batch = await receiver.receive_messages(
                     max_message_count=500, max_wait_time=CLEAR_WAIT
