@@ -20,7 +20,6 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from azure.servicebus import (
@@ -29,7 +28,6 @@ from azure.servicebus import (
     ServiceBusSubQueue,
 )
 from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBusSender
-from azure.servicebus.amqp import AmqpAnnotatedMessage
 from azure.servicebus.exceptions import (
     MessageAlreadySettled,
     MessageLockLostError,
@@ -61,6 +59,7 @@ from .endpoint import (
     without_entity_path,
 )
 from .errors import _auth_failure, _reason, _short
+from .messages import _body, _outgoing, _timestamp
 
 log = logging.getLogger("ai4s_jobq.servicebus")
 
@@ -76,36 +75,6 @@ MAX_MESSAGE_ID = 128
 MAX_DEAD_LETTER_TEXT = 4096
 #: SDK retry settings: fail fast enough that our own recovery (new link) kicks in
 SDK_RETRY: dict[str, Any] = {"retry_total": 2, "retry_backoff_factor": 0.5, "retry_backoff_max": 8}
-
-
-def _timestamp(value: datetime | None) -> float | None:
-    return value.timestamp() if value is not None else None
-
-
-def _body(message: ServiceBusReceivedMessage) -> bytes:
-    body = message.body
-    if isinstance(body, (bytes, bytearray)):
-        return bytes(body)
-    if isinstance(body, str):
-        return body.encode("utf-8")
-    try:
-        return b"".join(bytes(part) for part in body)
-    except TypeError:  # a value or sequence body: not one of ours; let the worker reject it
-        return str(body).encode("utf-8")
-
-
-def _outgoing(message: OutgoingMessage) -> AmqpAnnotatedMessage:
-    """The SDK message for one push.
-
-    ``AmqpAnnotatedMessage`` (public; ``ServiceBusMessageBatch.add_message`` takes
-    it) encodes to the same bytes as ``ServiceBusMessage(body, message_id=...)`` but
-    costs far less to build: ``ServiceBusMessage.__init__`` runs a dozen property
-    setters, each of which lists the AMQP properties' fields to test them for truth;
-    that measured as ~30 % of the client's CPU per pushed task.  It skips the SDK's
-    MessageId length check, which ``_push_with`` does instead."""
-    return AmqpAnnotatedMessage(
-        data_body=message.body, properties={"message_id": message.message_id}
-    )
 
 
 @dataclass(eq=False)
