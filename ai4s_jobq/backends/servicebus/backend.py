@@ -404,6 +404,8 @@ class ServiceBusBackend(Backend):
     ) -> list[ReceivedMessage]:
         if max_count <= 0:
             return []
+        if dead_letter and not await self._may_hold_messages(dead_letter=True):
+            return []  # the dead-letter tools' last round: no link to open, no wait
         await self._closed()
         slot = await self._slot(dead_letter)
         deadline = time.monotonic() + max_wait
