@@ -10,15 +10,19 @@ user runs them (interpreter start, imports, connecting, the work, closing):
   message and ``dlq requeue --all`` of one dead letter;
 
 and, in the same run and interleaved with them (so load from other processes
-hits both sides alike), two baselines:
+hits both sides alike), baselines:
 
 * ``python -c pass``: the interpreter alone;
 * the raw SDK in one process: import ``azure.servicebus.aio``, open a sender,
-  send one message, close (the least a push through the SDK can cost).
+  send one message, close (the least a push through the SDK can cost);
+* with ``--baseline DIR``, the same commands run by an older checkout of jobq
+  (``git archive REV | tar -x -C DIR``), for "now ÷ baseline" per command.
 
-Each command's row prints its median, min-max, and the ratio to the raw SDK's
-one-message process.  The goal is absolute (seconds), so the load average is
-printed too: on a loaded machine every row grows, the ratios much less.  The
+Each row has the median wall time, its min-max, the median CPU time (user +
+system, which load inflates far less than wall time: the rest is waiting on the
+broker and on the SDK's polls), and the ratios.
+The goal is absolute (seconds), so the load average is printed too: on a loaded
+machine every wall time grows, the ratios and CPU times much less.  The
 exit status is always 0: a benchmark, not a test.
 
 What bounds an AMQP command here (measured, see docs/servicebus.md): the SDK
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -39,6 +44,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from azure.servicebus.aio.management import ServiceBusAdministrationClient
@@ -69,13 +75,31 @@ def jobq_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "ai4s_jobq_cli"]
 
 
-def timed(argv: list[str], env: dict[str, str]) -> float:
+@dataclass
+class Timing:
+    wall: float
+    cpu: float  # user + system of the process and its children
+
+
+@dataclass
+class Variant:
+    """One jobq to time: this checkout, or ``--baseline`` (an older one)."""
+
+    name: str
+    jobq: list[str]
+    cwd: Path
+
+
+def timed(argv: list[str], env: dict[str, str], cwd: Path = ROOT) -> Timing:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} exited {done.returncode}:\n{done.stderr[-2000:]}")
-    return elapsed
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return Timing(elapsed, cpu)
 
 
 async def new_queue(cs: str) -> str:
@@ -87,54 +111,93 @@ async def new_queue(cs: str) -> str:
     return name
 
 
-def dead_letter_one(env: dict[str, str], jobq: list[str], tag: str) -> None:
+def dead_letter_one(env: dict[str, str], variant: Variant, tag: str) -> None:
     """A task that fails on its only attempt ends up in the dead-letter queue."""
-    timed([*jobq, "push", "--num-retries", "0", "-c", f"exit 3 # {tag}"], env)
-    timed([*jobq, "worker", "--idle-timeout", "0.5s"], env)
+    jobq = variant.jobq
+    timed([*jobq, "push", "--num-retries", "0", "-c", f"exit 3 # {tag}"], env, variant.cwd)
+    timed([*jobq, "worker", "--idle-timeout", "0.5s"], env, variant.cwd)
+
+
+def baseline_variant(path: str) -> Variant:
+    """``--baseline DIR``: a checkout whose ``ai4s_jobq`` and ``cli`` are run with this
+    interpreter (from DIR, so DIR's packages win over the installed ones)."""
+    root = Path(path).resolve()
+    shim = root / "ai4s_jobq_cli"
+    if not shim.exists():  # the CLI installs as ai4s_jobq_cli; a checkout has cli/
+        shim.symlink_to(root / "cli")
+    return Variant("baseline", [sys.executable, "-m", "ai4s_jobq_cli"], root)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5, help="runs per command (median)")
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also time the jobq of this checkout (e.g. `git archive REV | tar -x -C DIR`), "
+        "interleaved, and print now ÷ baseline",
+    )
     args = parser.parse_args()
-    jobq = jobq_command()
+    variants = [Variant("now", jobq_command(), ROOT)]
+    if args.baseline:
+        variants.append(baseline_variant(args.baseline))
+    rows: dict[tuple[str, str], list[Timing]] = {}
     with tempfile.TemporaryDirectory() as tmp, EmulatorProcess(Path(tmp) / "emulator") as em:
         cs = em.connection_string
         assert cs is not None
-        queue = asyncio.run(new_queue(cs))
-        env = {**os.environ, "JOBQ_CONNECTION_STRING": cs, "JOBQ_QUEUE": f"sb://bench/{queue}"}
-        timed([*jobq, "push", "-c", "echo warm-up"], env)  # first run: .pyc files, queue
-        rows: dict[str, list[float]] = {}
-
-        def run(label: str, argv: list[str]) -> None:
-            rows.setdefault(label, []).append(timed(argv, env))
-
+        queues = {v.name: asyncio.run(new_queue(cs)) for v in variants}
         for i in range(args.repeat):  # interleaved, so load changes hit every row alike
-            run("python -c pass", [sys.executable, "-c", "pass"])
-            run("raw SDK: send 1 message", [sys.executable, "-c", RAW_SEND, queue, f"raw-{i}"])
-            run("push 1 task", [*jobq, "push", "-c", f"echo {i}"])
-            run("size", [*jobq, "size"])
-            run("peek", [*jobq, "peek"])
-            dead_letter_one(env, jobq, f"dl-{i}")
-            run("dlq list", [*jobq, "dlq", "list"])
-            run("dlq requeue --all (1)", [*jobq, "dlq", "requeue", "--all"])
-            run("clear --yes", [*jobq, "clear", "--yes"])
-    raw = statistics.median(rows["raw SDK: send 1 message"])
+            base_env = {**os.environ, "JOBQ_CONNECTION_STRING": cs}
+            rows.setdefault(("-", "python -c pass"), []).append(
+                timed([sys.executable, "-c", "pass"], base_env)
+            )
+            raw = [sys.executable, "-c", RAW_SEND, queues["now"], f"raw-{i}"]
+            rows.setdefault(("-", "raw SDK: send 1 message"), []).append(timed(raw, base_env))
+            for v in variants:
+                env = {**base_env, "JOBQ_QUEUE": f"sb://bench/{queues[v.name]}"}
+                if i == 0:  # first run: .pyc files, the queue's first message
+                    timed([*v.jobq, "push", "-c", "echo warm-up"], env, v.cwd)
+
+                def run(label: str, *argv: str, v: Variant = v, env: dict[str, str] = env) -> None:
+                    rows.setdefault((v.name, label), []).append(timed([*v.jobq, *argv], env, v.cwd))
+
+                run("push 1 task", "push", "-c", f"echo {i}")
+                run("size", "size")
+                run("peek", "peek")
+                dead_letter_one(env, v, f"dl-{i}")
+                run("dlq list", "dlq", "list")
+                run("dlq requeue --all (1)", "dlq", "requeue", "--all")
+                run("clear --yes", "clear", "--yes")
+    report(rows, args.repeat, [v.name for v in variants])
+
+
+def report(rows: dict[tuple[str, str], list[Timing]], repeat: int, names: list[str]) -> None:
+    def med(key: tuple[str, str], what: str = "wall") -> float:
+        return statistics.median(getattr(t, what) for t in rows[key])
+
+    raw = med(("-", "raw SDK: send 1 message"))
     load = os.getloadavg()
     print(
-        f"whole-process wall time, {args.repeat} interleaved runs each, emulator on loopback; "
+        f"whole-process times, {repeat} interleaved runs each, emulator on loopback; "
         f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
     )
-    print(f"  {'command':28} {'median':>7}  {'min-max':>11}  {'÷ raw SDK send':>14}")
-    for label, values in rows.items():
-        med = statistics.median(values)
+    print(
+        f"  {'':9}{'command':24} {'wall':>6}  {'min-max':>11}  {'cpu':>5}  "
+        f"{'÷ raw SDK':>9}  {'÷ baseline':>10}"
+    )
+    for (name, label), values in rows.items():
+        wall = med((name, label))
         goal = ""
-        if label in GOALS:
-            verdict = "PASS" if med <= GOAL_SECONDS else "MISS"
+        if name == "now" and label in GOALS:
+            verdict = "PASS" if wall <= GOAL_SECONDS else "MISS"
             goal = f"  [{verdict} <= {GOAL_SECONDS:.1f}s]"
+        versus = ""
+        if name == "now" and ("baseline", label) in rows:
+            versus = f"{wall / med(('baseline', label)):9.2f}x"
+        walls = [t.wall for t in values]
         print(
-            f"  {label:28} {med:6.2f}s  {min(values):4.2f}-{max(values):4.2f}s  "
-            f"{med / raw:13.2f}x{goal}"
+            f"  {name:9}{label:24} {wall:5.2f}s  {min(walls):4.2f}-{max(walls):5.2f}s  "
+            f"{med((name, label), 'cpu'):4.2f}s  {wall / raw:8.2f}x  {versus:>10}{goal}"
         )
 
 
