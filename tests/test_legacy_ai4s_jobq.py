@@ -160,3 +160,38 @@ async def test_servicebus_peek_shows_their_tasks_decoded(ai4s_venv, sb_cs, sb_qu
     )
     assert out.returncode == 0, out.stderr
     assert task_id in out.stdout and "echo hi" in out.stdout
+
+
+# ---------------------------------------------------------------------- moving them
+
+
+async def test_their_storage_queue_moves_to_servicebus_and_runs_there(
+    ai4s_venv, azurite, sb_cs, sb_queue, tmp_path
+):
+    """`jobq migrate` copies their messages as they are; our worker runs them there."""
+    cs, queue = azurite.connection_string, f"legacymv{uuid.uuid4().hex[:12]}"
+    source, out = f"devstoreaccount1/{queue}", tmp_path / "out.txt"
+    commands = [SHELL_LINE.format(n=n, out=out) for n in range(2)]
+    legacy_support.their_cli_push(
+        cs, source, *[a for c in commands for a in ("-c", c)], "-e", "GREETING=moved"
+    )
+    moved = jobq_cli(
+        "--queue",
+        source,
+        "migrate",
+        "--to",
+        support.spec(sb_queue),
+        "--to-conn-str",
+        sb_cs,
+        "--wait",
+        "2",
+        "--json",
+        env={"JOBQ_CONNECTION_STRING": cs},
+    )
+    assert moved.returncode == 0, moved.stderr
+    assert json.loads(moved.stdout)["moved"] == 2
+
+    run_worker(sb_cs, support.spec(sb_queue))
+
+    assert [line[:3] for line in shell_lines(out)] == [["0", "moved", "1"], ["1", "moved", "1"]]
+    assert sizes(cs, source) == (0, 0)
