@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .ids import IdentifiedArgs, identify
+from .legacy import LegacyFormatError, decode_legacy, is_legacy
 
 ENVELOPE_VERSION = 1
 DEFAULT_NUM_RETRIES = 2
@@ -69,6 +70,12 @@ class Task:
             raise MalformedTaskError(f"message body is not JSON ({exc})") from None
         if not isinstance(envelope, dict):
             raise MalformedTaskError("message body is not a JSON object")
+        if is_legacy(envelope):  # queued by the original ai4s-jobq 3.x (see legacy.py)
+            try:
+                old = decode_legacy(envelope)
+            except LegacyFormatError as exc:
+                raise MalformedTaskError(str(exc)) from None
+            return cls(id=old.id, args=old.args, num_retries=old.num_retries, extra=old.extra)
         task_id, args = envelope.get("id"), envelope.get("args")
         num_retries = envelope.get("num_retries", DEFAULT_NUM_RETRIES)
         if not isinstance(task_id, str) or not task_id:

@@ -16,7 +16,9 @@ duplicate detection on:
    vs. the raw SDK's receive + complete loop (loopback only).
 
 Raw SDK messages carry bodies of the same size as the task envelopes.  Goals (from
-the issue): push ≥ 10× one-by-one, and within 1.3× of raw batch send.  The exit
+the issues): push ≥ 10× one-by-one; ``push_many`` within 1.1× of raw batch send
+(issue 14; raw batch's time ÷ ``push_many``'s, so ≤ 1.1 passes); ``jobq push FILE``
+within 1.3×.  The exit
 status is always 0: a benchmark, not a test; goals are reported as PASS/MISS.
 
 Why the push comparison is repeated at several round-trip times (``--rtt-ms``,
@@ -302,7 +304,7 @@ def print_push(
     print(
         f"  JobQ.push_many            : {f.many:8.0f}   {f.many / f.single:5.1f}x one-by-one "
         f"[{verdict(f.many / f.single >= 10)} >= 10x]   raw batch is {f.raw / f.many:4.2f}x "
-        f"[{verdict(f.raw / f.many <= 1.3)} <= 1.3x]"
+        f"[{verdict(f.raw / f.many <= 1.1)} <= 1.1x]"
     )
     cli, cli_net = n / f.cli_wall, n / f.cli_push
     print(

@@ -45,3 +45,15 @@ def hang_first_time(marker: str, log: str) -> None:
     if not os.path.exists(marker):
         Path(marker).write_text(str(os.getpid()))
         time.sleep(600)
+
+
+def legacy_record(path: str, value: object, **rest: object) -> None:
+    """Append one JSON line per call (a Python task queued by ai4s-jobq)."""
+    import json
+
+    from ai4s_jobq import current_task
+
+    context = current_task()
+    line = {"value": value, "rest": rest, "id": context and context.task_id}
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")

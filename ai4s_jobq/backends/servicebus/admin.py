@@ -1,18 +1,31 @@
 """Service Bus management plane: create the queue, read its settings and counts.
 
-Everything here goes through the official ``ServiceBusAdministrationClient``
-(aio).  Reading settings is best effort: a principal without Manage rights can
-still send and receive, so the startup checker reports "could not read" instead
-of failing.
+Everything here goes through the official ``ServiceBusAdministrationClient``.
+Reading settings is best effort: a principal without Manage rights can still
+send and receive, so the startup checker reports "could not read" instead of
+failing.
+
+Why the *sync* client, run in a worker thread: ``import azure.servicebus``
+already loads it (and ``requests``, its transport), while the aio client imports
+aiohttp at module load, which measured as a third of a ``jobq`` command's
+import time (see bench/bench_sb_commands.py).  The handful of management calls
+a command makes gain nothing from aiohttp.  With Azure AD the sync client signs
+its requests with the backend's one async credential (:class:`SyncTokenBridge`),
+so there is one sign-in and one token cache, not two.
+
+Opening a queue costs one request when it exists: ``create_queue`` reads the
+queue first and keeps its properties, which the startup check then uses.
 """
 
 from __future__ import annotations
 
+import asyncio
 import html
 import logging
 import re
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from azure.core.exceptions import (
     ClientAuthenticationError,
@@ -20,7 +33,7 @@ from azure.core.exceptions import (
     ResourceExistsError,
     ResourceNotFoundError,
 )
-from azure.servicebus.aio.management import ServiceBusAdministrationClient
+from azure.servicebus.management import QueueProperties, ServiceBusAdministrationClient
 
 from ...durations import format_duration
 from ...redact import redact
@@ -34,6 +47,10 @@ MAX_DEDUP_WINDOW = timedelta(days=7)
 #: Azure's limits for a queue's lock duration
 MIN_LOCK_DURATION = timedelta(seconds=5)
 MAX_LOCK_DURATION = timedelta(minutes=5)
+#: longest wait for a token the sync client asks the async credential for
+TOKEN_TIMEOUT = 120.0
+
+T = TypeVar("T")
 
 
 class ServiceBusSettingsError(BackendError, ValueError):
@@ -87,6 +104,20 @@ def _service_detail(exc: BaseException) -> str:
     return redact(html.unescape(match.group(1)).strip())[:300] if match else ""
 
 
+class SyncTokenBridge:
+    """A sync ``TokenCredential`` backed by an async one, for the sync management
+    client.  ``get_token`` runs in the admin worker thread and waits for the
+    credential on the event loop, which stays free meanwhile."""
+
+    def __init__(self, credential: Any, loop: asyncio.AbstractEventLoop):
+        self.credential = credential
+        self.loop = loop
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        coroutine = self.credential.get_token(*scopes, **kwargs)
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(TOKEN_TIMEOUT)
+
+
 class AdminPlane:
     """The management operations the backend needs, on one queue."""
 
@@ -96,9 +127,17 @@ class AdminPlane:
         self.description = description
         #: the queue's lock duration once read or set (for the renewal period)
         self.lock_duration: timedelta | None = None
+        #: the queue's properties as read or created by ``create_queue``
+        self._properties: QueueProperties | None = None
+        #: one request at a time: the client shares one HTTP session
+        self._lock = asyncio.Lock()
+
+    async def _call(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        async with self._lock:
+            return await asyncio.to_thread(operation, *args, **kwargs)
 
     async def close(self) -> None:
-        await self.client.close()
+        await self._call(self.client.close)
 
     async def create_queue(self, settings: QueueSettings) -> None:
         """Create the queue if missing; never alters an existing one."""
@@ -111,21 +150,21 @@ class AdminPlane:
         if settings.duplicate_detection:
             kwargs["duplicate_detection_history_time_window"] = settings.dedup_window
         try:
-            await self.client.create_queue(self.queue_name, **kwargs)
-        except ResourceExistsError:
+            self._properties = await self._call(self.client.get_queue, self.queue_name)
             log.debug("queue %s exists already; leaving its settings alone", self.description)
             return
+        except ResourceNotFoundError:
+            pass
         except Exception as exc:  # no Manage rights, or management endpoint unreachable
-            if _is_denied(exc):
-                log.info(
-                    "cannot create %s (no Manage rights?): %s; assuming it exists",
-                    self.description,
-                    _short(exc),
-                )
-            else:
-                log.info(
-                    "could not create %s (%s); assuming it exists", self.description, _short(exc)
-                )
+            self._cannot_create(exc)
+            return
+        try:
+            self._properties = await self._call(self.client.create_queue, self.queue_name, **kwargs)
+        except ResourceExistsError:  # created by someone else since we looked
+            log.debug("queue %s exists already; leaving its settings alone", self.description)
+            return
+        except Exception as exc:
+            self._cannot_create(exc)
             return
         self.lock_duration = settings.lock_duration
         log.info(
@@ -135,21 +174,33 @@ class AdminPlane:
             format_duration(settings.dedup_window),
         )
 
-    async def dedup_info(self) -> DedupInfo:
-        """Best effort: never raises."""
-        try:
-            props = await self.client.get_queue(self.queue_name)
-        except ResourceNotFoundError:
-            return DedupInfo(
-                "servicebus", False, None, None, "none", "the queue does not exist yet"
+    def _cannot_create(self, exc: BaseException) -> None:
+        if _is_denied(exc):
+            log.info(
+                "cannot create %s (no Manage rights?): %s; assuming it exists",
+                self.description,
+                _short(exc),
             )
-        except Exception as exc:
-            if _is_denied(exc):
-                note = "no Manage rights to read the queue's properties"
-            else:
-                note = f"the management endpoint failed ({_short(exc)})"
-            log.debug("startup check of %s skipped: %s", self.description, note)
-            return DedupInfo("servicebus", True, None, None, "broker", note)
+        else:
+            log.info("could not create %s (%s); assuming it exists", self.description, _short(exc))
+
+    async def dedup_info(self) -> DedupInfo:
+        """Best effort: never raises.  Uses the properties ``create_queue`` read."""
+        props, self._properties = self._properties, None
+        if props is None:
+            try:
+                props = await self._call(self.client.get_queue, self.queue_name)
+            except ResourceNotFoundError:
+                return DedupInfo(
+                    "servicebus", False, None, None, "none", "the queue does not exist yet"
+                )
+            except Exception as exc:
+                if _is_denied(exc):
+                    note = "no Manage rights to read the queue's properties"
+                else:
+                    note = f"the management endpoint failed ({_short(exc)})"
+                log.debug("startup check of %s skipped: %s", self.description, note)
+                return DedupInfo("servicebus", True, None, None, "broker", note)
         self.lock_duration = _as_timedelta(props.lock_duration)
         enabled = bool(props.requires_duplicate_detection)
         return DedupInfo(
@@ -162,7 +213,7 @@ class AdminPlane:
 
     async def counts(self) -> QueueCounts:
         try:
-            props = await self.client.get_queue_runtime_properties(self.queue_name)
+            props = await self._call(self.client.get_queue_runtime_properties, self.queue_name)
         except ResourceNotFoundError:
             raise QueueUnavailableError(f"queue {self.description} does not exist") from None
         except Exception as exc:

@@ -20,7 +20,6 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from azure.servicebus import (
@@ -29,19 +28,15 @@ from azure.servicebus import (
     ServiceBusSubQueue,
 )
 from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBusSender
-from azure.servicebus.aio.management import ServiceBusAdministrationClient
-from azure.servicebus.amqp import AmqpAnnotatedMessage
 from azure.servicebus.exceptions import (
     MessageAlreadySettled,
     MessageLockLostError,
     MessageSizeExceededError,
     MessagingEntityNotFoundError,
-    ServiceBusAuthenticationError,
-    ServiceBusAuthorizationError,
     ServiceBusError,
 )
+from azure.servicebus.management import ServiceBusAdministrationClient
 
-from ...redact import redact
 from ..base import (
     Backend,
     BackendError,
@@ -55,18 +50,23 @@ from ..base import (
     QueueUnavailableError,
     ReceivedMessage,
 )
-from .admin import AdminPlane, validate_settings
+from .admin import AdminPlane, SyncTokenBridge, validate_settings
+from .closing import close_all
 from .endpoint import (
     EndpointOverride,
     emulator_admin_kwargs,
     endpoint_host,
     without_entity_path,
 )
+from .errors import _auth_failure, _reason, _short
+from .messages import _body, _outgoing, _timestamp
 
 log = logging.getLogger("ai4s_jobq.servicebus")
 
 #: longest single wait inside ``receive`` (see _ReceiverSlot.lock)
 RECEIVE_SLICE = 0.25
+#: how long ``clear`` waits for a batch (the counts usually end it before)
+CLEAR_WAIT = 1.0
 #: attempts for one batch send (the SDK retries inside each attempt too)
 SEND_ATTEMPTS = 4
 #: Service Bus's MessageId limit (the SDK's ``ServiceBusMessage`` checks it; see _outgoing)
@@ -75,66 +75,6 @@ MAX_MESSAGE_ID = 128
 MAX_DEAD_LETTER_TEXT = 4096
 #: SDK retry settings: fail fast enough that our own recovery (new link) kicks in
 SDK_RETRY: dict[str, Any] = {"retry_total": 2, "retry_backoff_factor": 0.5, "retry_backoff_max": 8}
-
-
-def _timestamp(value: datetime | None) -> float | None:
-    return value.timestamp() if value is not None else None
-
-
-def _body(message: ServiceBusReceivedMessage) -> bytes:
-    body = message.body
-    if isinstance(body, (bytes, bytearray)):
-        return bytes(body)
-    if isinstance(body, str):
-        return body.encode("utf-8")
-    try:
-        return b"".join(bytes(part) for part in body)
-    except TypeError:  # a value or sequence body: not one of ours; let the worker reject it
-        return str(body).encode("utf-8")
-
-
-def _outgoing(message: OutgoingMessage) -> AmqpAnnotatedMessage:
-    """The SDK message for one push.
-
-    ``AmqpAnnotatedMessage`` (public; ``ServiceBusMessageBatch.add_message`` takes
-    it) encodes to the same bytes as ``ServiceBusMessage(body, message_id=...)`` but
-    costs far less to build: ``ServiceBusMessage.__init__`` runs a dozen property
-    setters, each of which lists the AMQP properties' fields to test them for truth;
-    that measured as ~30 % of the client's CPU per pushed task.  It skips the SDK's
-    MessageId length check, which ``_push_with`` does instead."""
-    return AmqpAnnotatedMessage(
-        data_body=message.body,
-        properties={"message_id": message.message_id},
-        application_properties=message.properties,
-    )
-
-
-def _short(exc: BaseException) -> str:
-    lines = redact(str(exc)).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
-
-
-def _auth_failure(exc: BaseException) -> BaseException | None:
-    """The error that says a credential was refused, if ``exc`` is or wraps one.
-
-    Through a ``custom_endpoint_address`` the SDK reports a refused CBS token as a
-    retryable ``ServiceBusConnectionError`` (for uamqp parity) that carries the
-    AMQP layer's ``TokenAuthFailure`` -- with the service's reason -- as
-    ``inner_exception``."""
-    if isinstance(exc, (ServiceBusAuthenticationError, ServiceBusAuthorizationError)):
-        return exc
-    inner = getattr(exc, "inner_exception", None)
-    if isinstance(inner, BaseException) and any(
-        cls.__name__ == "AuthenticationException" for cls in type(inner).__mro__
-    ):
-        return inner
-    return None
-
-
-def _reason(exc: BaseException) -> str:
-    """All lines of a (redacted) error, for one whose details span several lines."""
-    text = " ".join(line.strip() for line in redact(str(exc)).strip().splitlines())
-    return f"{type(exc).__name__}: {text[:500]}"
 
 
 @dataclass(eq=False)
@@ -240,7 +180,7 @@ class ServiceBusBackend(Backend):
             )
             admin = ServiceBusAdministrationClient(
                 self.endpoint.admin_namespace(self.namespace),
-                self._credential,
+                SyncTokenBridge(self._credential, asyncio.get_running_loop()),
                 **self.endpoint.admin_kwargs(),
             )
         self._admin = AdminPlane(admin, self.queue_name, self.description)
@@ -250,17 +190,15 @@ class ServiceBusBackend(Backend):
         slots = list(self._receivers.values()) + list(self._retired)
         self._receivers.clear()
         self._retired.clear()
-        for slot in slots:
-            await _quiet_close(slot.receiver)
-        if self._senders is not None:
-            while not self._senders.empty():
-                await _quiet_close(self._senders.get_nowait())
-        for closer in (self._client, self._admin):
-            if closer is not None:
-                await _quiet_close(closer)
+        senders = []
+        while self._senders is not None and not self._senders.empty():
+            senders.append(self._senders.get_nowait())
+        # Links first, then what they were made from (see closing.py for the grace).
+        await close_all([slot.receiver for slot in slots] + senders)
+        await close_all([self._client, self._admin])
         self._client = self._admin = None
         if self._owns_credential and self._credential is not None:
-            await _quiet_close(self._credential)
+            await close_all([self._credential])
             self._credential = None
 
     @property
@@ -399,7 +337,7 @@ class ServiceBusBackend(Backend):
     async def _replace_sender(
         self, sender: ServiceBusSender, what: str, exc: BaseException, attempt: int
     ) -> ServiceBusSender:
-        await _quiet_close(sender)
+        await close_all([sender])
         fatal = isinstance(exc, MessagingEntityNotFoundError) or _auth_failure(exc) is not None
         if fatal or attempt >= SEND_ATTEMPTS:
             raise self._error(what, exc) from None
@@ -432,7 +370,7 @@ class ServiceBusBackend(Backend):
                 # have to fit in that call's (possibly short) wait.
                 await receiver.__aenter__()
             except Exception as exc:
-                await _quiet_close(receiver)
+                await close_all([receiver])
                 raise self._error("opening a receiver", exc) from None
             slot = self._receivers[dead_letter] = _ReceiverSlot(receiver)
         return slot
@@ -449,8 +387,9 @@ class ServiceBusBackend(Backend):
     def _close_if_idle(self, slot: _ReceiverSlot) -> None:
         if slot.retired and slot.outstanding <= 0 and slot.closing is None:
             self._retired.discard(slot)
-            # Closing drains the link and releases messages sent against leftover credit.
-            slot.closing = closing = asyncio.ensure_future(_quiet_close(slot.receiver))
+            # Closing releases messages sent against leftover credit (the detach does
+            # that; close_all does not wait out the SDK's keep-alive after it).
+            slot.closing = closing = asyncio.ensure_future(close_all([slot.receiver]))
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)
 
@@ -465,6 +404,8 @@ class ServiceBusBackend(Backend):
     ) -> list[ReceivedMessage]:
         if max_count <= 0:
             return []
+        if dead_letter and not await self._may_hold_messages(dead_letter=True):
+            return []  # the dead-letter tools' last round: no link to open, no wait
         await self._closed()
         slot = await self._slot(dead_letter)
         deadline = time.monotonic() + max_wait
@@ -572,39 +513,54 @@ class ServiceBusBackend(Backend):
     async def peek(self, max_count: int, *, dead_letter: bool = False) -> list[ReceivedMessage]:
         await self._closed()
         found: list[ReceivedMessage] = []
+        receiver = self._new_receiver(dead_letter)
         try:
-            async with self._new_receiver(dead_letter) as receiver:
-                next_sequence = 0
-                while len(found) < max_count:
-                    batch = await receiver.peek_messages(
-                        max_message_count=max_count - len(found), sequence_number=next_sequence
-                    )
-                    if not batch:
-                        break
-                    found.extend(self._to_received(m, None) for m in batch)
-                    next_sequence = (batch[-1].sequence_number or 0) + 1
+            await receiver.__aenter__()  # opening, not bounded by an operation's wait
+            next_sequence = 0
+            while len(found) < max_count:
+                batch = await receiver.peek_messages(
+                    max_message_count=max_count - len(found), sequence_number=next_sequence
+                )
+                if not batch:
+                    break
+                found.extend(self._to_received(m, None) for m in batch)
+                next_sequence = (batch[-1].sequence_number or 0) + 1
         except ServiceBusError as exc:
             raise self._error("peeking", exc) from None
+        finally:
+            await close_all([receiver])
         return found
 
     async def clear(self, *, dead_letter: bool = False) -> int:
+        """Receive-and-delete until the queue is empty.  The runtime counts say when it
+        is, so the last round does not have to wait out an empty receive."""
         await self._closed()
         deleted = 0
+        receiver = self._new_receiver(
+            dead_letter, receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE, prefetch_count=0
+        )
         try:
-            async with self._new_receiver(
-                dead_letter,
-                receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE,
-                prefetch_count=0,
-            ) as receiver:
-                while True:
-                    batch = await receiver.receive_messages(
-                        max_message_count=500, max_wait_time=1.0
-                    )
-                    if not batch:
-                        return deleted
-                    deleted += len(batch)
+            await receiver.__aenter__()  # not inside receive_messages' short wait
+            while await self._may_hold_messages(dead_letter):
+                batch = await receiver.receive_messages(
+                    max_message_count=500, max_wait_time=CLEAR_WAIT
+                )
+                if not batch:
+                    break
+                deleted += len(batch)
         except ServiceBusError as exc:
             raise self._error("clearing", exc) from None
+        finally:
+            await close_all([receiver])
+        return deleted
+
+    async def _may_hold_messages(self, dead_letter: bool) -> bool:
+        """False only when the runtime counts say the (dead-letter) queue is empty."""
+        try:
+            counts = await self.admin.counts()
+        except BackendError:  # e.g. no Manage rights: an empty receive has to tell
+            return True
+        return (counts.dead_letter if dead_letter else counts.active) > 0
 
     def extra_info(self) -> dict[str, Any]:
         return {
@@ -612,10 +568,3 @@ class ServiceBusBackend(Backend):
             "prefetch": self.prefetch,
             "auth": "connection string" if self._connection_string else "Azure AD",
         }
-
-
-async def _quiet_close(closable: Any) -> None:
-    try:
-        await closable.close()
-    except Exception as exc:  # closing a broken link: nothing left to save
-        log.debug("closing %s: %s", type(closable).__name__, _short(exc))
