@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .common import confirm, open_queue, run
 from .output import print_tasks
 
 
@@ -18,10 +19,9 @@ def dlq() -> None:
 @click.pass_context
 def dlq_list(ctx: click.Context, max_count: int, as_json: bool) -> None:
     """Show dead-lettered tasks with their reasons."""
-    from .main import _open, run
 
     async def main():  # type: ignore[no-untyped-def]
-        async with _open(ctx, check=False) as q:
+        async with open_queue(ctx, check=False) as q:
             return await q.dlq_list(max_count)
 
     print_tasks(run(main()), as_json=as_json)
@@ -33,13 +33,11 @@ def dlq_list(ctx: click.Context, max_count: int, as_json: bool) -> None:
 @click.pass_context
 def dlq_requeue(ctx: click.Context, ids: tuple[str, ...], requeue_all: bool) -> None:
     """Give dead-lettered tasks (by task ID, or --all) a fresh set of attempts."""
-    from .main import _open, run
-
     if bool(ids) == requeue_all:
         raise click.UsageError("give task IDs or --all (not both)")
 
     async def main() -> int:
-        async with _open(ctx, check=False) as q:
+        async with open_queue(ctx, check=False) as q:
             return await q.dlq_requeue(None if requeue_all else ids)
 
     moved = run(main())
@@ -53,12 +51,10 @@ def dlq_requeue(ctx: click.Context, ids: tuple[str, ...], requeue_all: bool) -> 
 @click.pass_context
 def dlq_purge(ctx: click.Context, yes: bool) -> None:
     """Delete every dead-lettered task."""
-    from .main import _confirm, _open, run
-
-    _confirm(yes, "Delete every dead-lettered task")
+    confirm(yes, "Delete every dead-lettered task")
 
     async def main() -> int:
-        async with _open(ctx, check=False) as q:
+        async with open_queue(ctx, check=False) as q:
             return await q.dlq_purge()
 
     click.echo(f"purged {run(main())} task(s)")

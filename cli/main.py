@@ -8,36 +8,24 @@ or connection error; 128+N stopped by signal N (130 SIGINT, 143 SIGTERM).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from ai4s_jobq.backends.base import BackendError
 from ai4s_jobq.durations import DurationError, parse_duration
-from ai4s_jobq.ids import ConfigError, TaskEncodingError, canonical_json, identify
-from ai4s_jobq.jobq import JobQ
-from ai4s_jobq.redact import redact
-from ai4s_jobq.spec import SpecError
+from ai4s_jobq.ids import TaskEncodingError, canonical_json, identify
 from ai4s_jobq.task import task_args
 from ai4s_jobq.worker.loop import Worker, WorkerPolicy
 from ai4s_jobq.worker.processors import make_processor
 
+from .common import Settings, confirm, open_queue, run
+from .dlq import dlq
 from .push_input import read_tasks, run_push
-
-T = TypeVar("T")
-EXIT_CONFIG = 4
-
-
-class Settings:
-    def __init__(self, queue: str | None, conn_str: str | None):
-        self.queue = queue
-        self.conn_str = conn_str
 
 
 def _duration(bare_unit: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
@@ -52,26 +40,6 @@ def _duration(bare_unit: str) -> Callable[[click.Context, click.Parameter, Any],
             raise click.BadParameter(str(exc)) from None
 
     return convert
-
-
-def run(coro: Awaitable[T]) -> T:
-    """Run a coroutine, turning our known errors into clean messages (no tracebacks,
-    no secrets)."""
-    try:
-        return asyncio.run(coro)  # type: ignore[arg-type]
-    except (SpecError, ConfigError, TaskEncodingError, BackendError, ValueError) as exc:
-        click.echo(f"error: {redact(str(exc))}", err=True)
-        sys.exit(EXIT_CONFIG)
-    except Exception as exc:  # SDK errors: message only, redacted
-        if logging.getLogger().isEnabledFor(logging.DEBUG):
-            raise
-        click.echo(f"error: {type(exc).__name__}: {redact(str(exc))}", err=True)
-        sys.exit(EXIT_CONFIG)
-
-
-def _open(ctx: click.Context, **options: Any) -> Any:
-    settings: Settings = ctx.obj
-    return JobQ.open(settings.queue, connection_string=settings.conn_str, **options)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -203,7 +171,7 @@ def push(
     show_progress = sys.stderr.isatty() if progress is None else progress
 
     async def main() -> int:
-        async with _open(ctx, dedup_window=dedup_window, lock_duration=lock_duration) as q:
+        async with open_queue(ctx, dedup_window=dedup_window, lock_duration=lock_duration) as q:
             return await run_push(
                 q,
                 tasks,
@@ -257,7 +225,7 @@ def _run_worker(ctx: click.Context, proc: str | None, policy: WorkerPolicy) -> i
         raise click.BadParameter(str(exc), param_hint="--proc") from None
 
     async def main() -> int:
-        async with _open(ctx) as q:
+        async with open_queue(ctx) as q:
             stats = await Worker(q.backend, processor, policy).run()
             return stats.exit_code
 
@@ -345,7 +313,7 @@ def peek(ctx: click.Context, max_count: int, dead_letter: bool, as_json: bool) -
     """Show tasks at the head of the queue without taking them."""
 
     async def main() -> list[Any]:
-        async with _open(ctx, check=False) as q:
+        async with open_queue(ctx, check=False) as q:
             return await q.peek(max_count, dead_letter=dead_letter)
 
     from .output import print_tasks
@@ -360,7 +328,7 @@ def size(ctx: click.Context, as_json: bool) -> None:
     """Count active, dead-lettered and scheduled messages."""
 
     async def main() -> Any:
-        async with _open(ctx, check=False) as q:
+        async with open_queue(ctx, check=False) as q:
             return await q.counts()
 
     counts = run(main())
@@ -379,21 +347,13 @@ def size(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def clear(ctx: click.Context, dead_letter: bool, yes: bool) -> None:
     """Delete every message in the queue."""
-    _confirm(yes, "Delete every message" + (" in the dead-letter queue" if dead_letter else ""))
+    confirm(yes, "Delete every message" + (" in the dead-letter queue" if dead_letter else ""))
 
     async def main() -> int:
-        async with _open(ctx, check=False) as q:
+        async with open_queue(ctx, check=False) as q:
             return await q.clear(dead_letter=dead_letter)
 
     click.echo(f"deleted {run(main())} message(s)")
-
-
-def _confirm(yes: bool, what: str) -> None:
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise click.UsageError(f"{what}? Pass --yes to confirm when not interactive.")
-    click.confirm(f"{what}?", abort=True)
 
 
 @cli.command("id")
@@ -446,7 +406,7 @@ def check(ctx: click.Context, as_json: bool, strict: bool, dedup_window: timedel
     """Report whether the queue's deduplication matches JOBQ_DETERMINISTIC_IDS."""
 
     async def main() -> Any:
-        async with _open(ctx, check=False, create=False, dedup_window=dedup_window) as q:
+        async with open_queue(ctx, check=False, create=False, dedup_window=dedup_window) as q:
             return await q.check()
 
     findings = run(main())
@@ -467,8 +427,6 @@ def check(ctx: click.Context, as_json: bool, strict: bool, dedup_window: timedel
     if strict and any(f.level == "warning" for f in findings):
         sys.exit(1)
 
-
-from .dlq import dlq  # noqa: E402
 
 cli.add_command(dlq)
 
