@@ -37,7 +37,6 @@ from azure.core.exceptions import (
     ResourceExistsError,
     ResourceNotFoundError,
 )
-from azure.storage.queue._shared.policies_async import ExponentialRetry
 
 from ..base import (
     Backend,
@@ -52,10 +51,10 @@ from ..base import (
     QueueUnavailableError,
     ReceivedMessage,
 )
+from .clients import account_clients
 from .dedup import LEDGER_TABLE, DedupLedger, ensure_ledger_table, first_occurrences
-from .endpoint import StorageEndpointOverride
 from .prefetch import PollBackoff, ReadAhead
-from .rest import RestError, StorageRest, parse_connection_string
+from .rest import RestError, StorageRest
 from .wire import (
     MESSAGE_TEXT_LIMIT,
     Lease,
@@ -152,49 +151,10 @@ class StorageQueueBackend(Backend):
     # -------------------------------------------------------------- connection
 
     async def open(self) -> None:
-        from azure.data.tables.aio import TableServiceClient
-        from azure.storage.queue.aio import QueueServiceClient
-
-        # The SDK default backs off 15 s and more: too slow to tell a user about a typo.
-        retry: dict[str, Any] = {
-            "retry_policy": ExponentialRetry(
-                initial_backoff=0.5,  # type: ignore[arg-type]
-                increment_base=2,
-                retry_total=3,
-                random_jitter_range=0.5,  # type: ignore[arg-type]
-            )
-        }
-        table_retry: dict[str, Any] = {"retry_total": 3, "retry_backoff_factor": 0.5}
-        if self.connection_string:
-            self._service = QueueServiceClient.from_connection_string(
-                self.connection_string, **retry
-            )
-            self._tables = TableServiceClient.from_connection_string(
-                self.connection_string, **table_retry
-            )
-            endpoints = parse_connection_string(self.connection_string)
-            tls = None
-        else:
-            from azure.identity.aio import DefaultAzureCredential
-
-            # Azure AD: the public endpoints unless JOBQ_STORAGE_*_ENDPOINT / _CA say
-            # otherwise (Azurite, a gateway, a sovereign cloud; see .endpoint).
-            override = StorageEndpointOverride.from_env()
-            account = str(self._account_arg)
-            self._credential = DefaultAzureCredential()
-            self._service = QueueServiceClient(
-                override.queue_url(account),
-                credential=self._credential,
-                **retry,
-                **override.sdk_kwargs(),
-            )
-            self._tables = TableServiceClient(
-                override.table_url(account),
-                credential=self._credential,
-                **table_retry,
-                **override.sdk_kwargs(),
-            )
-            endpoints, tls = override.rest_endpoints(account), override.ssl_context()
+        clients = account_clients(self.connection_string, self._account_arg)
+        self._service, self._tables = clients.service, clients.tables
+        self._credential = clients.credential
+        endpoints, tls = clients.endpoints, clients.tls
         self._queue = self._service.get_queue_client(self.queue_name)
         self._dlq = self._service.get_queue_client(self.dlq_name)
         if endpoints is not None:
