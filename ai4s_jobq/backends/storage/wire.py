@@ -133,7 +133,7 @@ def decode_text(text: str) -> tuple[dict[str, Any] | None, bytes]:
         return None, raw
     try:
         header, end = _DECODER.raw_decode(text, len(_FRAME_PREFIX))
-    except ValueError:
+    except (ValueError, RecursionError):  # foreign text, however hostile, is kept raw
         return None, raw
     if not isinstance(header, dict) or text[end : end + len(_BODY_KEY)] != _BODY_KEY:
         return None, raw
@@ -147,7 +147,7 @@ def decode_text(text: str) -> tuple[dict[str, Any] | None, bytes]:
             return header, value.encode("utf-8")
         if encoding == "base64" and isinstance(value, str):
             return header, base64.b64decode(value, validate=True)
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     return None, raw
 
@@ -342,9 +342,13 @@ def to_received(item: Any, dead_letter: bool, *, with_handle: bool) -> ReceivedM
             item.next_visible_on.timestamp() if with_handle and item.next_visible_on else None
         ),
         handle=(Lease(item.id, item.pop_receipt, dead_letter, frame) if with_handle else None),
-        dead_letter_reason=header.get("reason"),
-        dead_letter_description=header.get("description"),
+        dead_letter_reason=_text_or_none(header.get("reason")),
+        dead_letter_description=_text_or_none(header.get("description")),
     )
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def unstarted_text(header: dict[str, Any] | None, body: bytes) -> str | None:
