@@ -15,19 +15,17 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from .backends.base import Backend, QueueUnavailableError
+from .queue_names import QueueNameError, validate_queue_name
 
 QUEUE_ENV = "JOBQ_QUEUE"
 CONNECTION_STRING_ENV = "JOBQ_CONNECTION_STRING"
 LOCAL_DIR_ENV = "JOBQ_LOCAL_DIR"
 DEFAULT_SPEC = "local://default"
-
-_LOCAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class SpecError(ValueError):
@@ -57,19 +55,25 @@ def local_dir() -> Path:
 
 
 def parse_spec(spec: str | None, connection_string: str | None = None) -> QueueSpec:
+    """The backend and queue ``spec`` names, its queue name checked against the
+    backend's rules (:mod:`ai4s_jobq.queue_names`) before anything is contacted."""
+    parsed = _parse(spec, connection_string)
+    try:
+        validate_queue_name(parsed.kind, parsed.queue)
+    except QueueNameError as exc:
+        raise SpecError(f"queue {str(parsed)!r}: {exc}") from None
+    return parsed
+
+
+def _parse(spec: str | None, connection_string: str | None) -> QueueSpec:
     text = (spec or "").strip() or os.environ.get(QUEUE_ENV, "").strip() or DEFAULT_SPEC
     if text.startswith("local://"):
-        name = text[len("local://") :]
-        if not _LOCAL_NAME.match(name):
-            raise SpecError(
-                f"{text!r}: a local queue name uses letters, digits, '.', '_' or '-' "
-                "(up to 128 characters)"
-            )
-        return QueueSpec("local", name)
+        return QueueSpec("local", text[len("local://") :])
     if text.startswith("sb://"):
-        rest = text[len("sb://") :].strip("/")
-        namespace, _, queue = rest.partition("/")
-        if not namespace or not queue or "/" in queue:
+        # A Service Bus queue name may hold '/' (path segments): all after the
+        # namespace is the queue.
+        namespace, _, queue = text[len("sb://") :].rstrip("/").partition("/")
+        if not namespace or not queue:
             raise SpecError(f"{text!r}: expected sb://NAMESPACE/QUEUE")
         fqdn = namespace if "." in namespace else f"{namespace}.servicebus.windows.net"
         return QueueSpec("servicebus", queue, fqdn)
