@@ -22,6 +22,7 @@ from .backends.base import (
     Backend,
     BackendError,
     OutgoingMessage,
+    PermanentBackendError,
     PushOutcome,
     QueueCounts,
     QueueSettings,
@@ -271,6 +272,8 @@ class JobQ:
     async def check(self) -> list[checker.Finding]:
         try:
             info = await self.backend.dedup_info()
+        except PermanentBackendError:
+            raise
         except BackendError as exc:
             return [checker.Finding("info", "unreadable", f"could not read queue settings: {exc}")]
         deterministic = (

@@ -39,6 +39,11 @@ class QueueUnavailableError(BackendError):
     """The queue cannot be reached (not found, not configured, not available yet)."""
 
 
+class PermanentBackendError(BackendError):
+    """Retrying cannot help (e.g. a damaged local queue file): a worker stops on it
+    instead of retrying forever."""
+
+
 @dataclass
 class QueueSettings:
     """What a backend needs to create a queue on first use."""
