@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from . import options
 from .common import confirm, open_queue, run
 from .output import print_tasks
 
@@ -14,14 +15,14 @@ def dlq() -> None:
 
 
 @dlq.command("list")
-@click.option("-n", "max_count", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("-n", "max_count", type=options.LISTED, default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def dlq_list(ctx: click.Context, max_count: int, as_json: bool) -> None:
     """Show dead-lettered tasks with their reasons."""
 
     async def main():  # type: ignore[no-untyped-def]
-        async with open_queue(ctx, check=False) as q:
+        async with open_queue(ctx, check=False, create=False) as q:
             return await q.dlq_list(max_count)
 
     print_tasks(run(main()), as_json=as_json)

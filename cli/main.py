@@ -17,29 +17,15 @@ from typing import Any
 
 import click
 
-from ai4s_jobq.durations import DurationError, parse_duration
 from ai4s_jobq.ids import TaskEncodingError, canonical_json, identify
 from ai4s_jobq.task import task_args
 from ai4s_jobq.worker.loop import Worker, WorkerPolicy
 from ai4s_jobq.worker.processors import make_processor
 
-from .common import Settings, confirm, open_queue, run
+from . import options
+from .common import Settings, accept_global_options, apply_log_level, confirm, open_queue, run
 from .dlq import dlq
 from .push_input import read_tasks, run_push
-
-
-def _duration(bare_unit: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
-    def convert(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        if value is None:
-            return None
-        if bare_unit == "s" and str(value).strip() == "0":
-            return timedelta(0)
-        try:
-            return parse_duration(value, bare_unit=bare_unit)
-        except DurationError as exc:
-            raise click.BadParameter(str(exc)) from None
-
-    return convert
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,19 +50,11 @@ def _duration(bare_unit: str) -> Callable[[click.Context, click.Parameter, Any],
 def cli(
     ctx: click.Context, queue: str | None, conn_str: str | None, verbose: int, quiet: bool
 ) -> None:
-    """Push tasks with deterministic, deduplicating IDs and run workers that drain them."""
-    level = (
-        logging.ERROR
-        if quiet
-        else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
-    )
+    """Push tasks with deterministic, deduplicating IDs and run workers that drain them.
+
+    The options above may also follow the command (jobq push --queue X)."""
     ctx.ensure_object(dict)
-    ctx.meta["log_level_explicit"] = quiet or verbose > 0
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for noisy in ("azure", "uamqp", "proton"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    apply_log_level(ctx, verbose, quiet)
     ctx.obj = Settings(queue, conn_str)
 
 
@@ -93,13 +71,13 @@ def cli(
 @click.argument("file", type=click.File("r", encoding="utf-8"), required=False)
 @click.option(
     "--num-retries",
-    type=click.IntRange(min=0),
+    type=options.NUM_RETRIES,
     default=None,
     help="Retries after the first attempt (default 2).",
 )
 @click.option(
     "--dedup-window",
-    callback=_duration("d"),
+    type=options.Duration("d"),
     metavar="W",
     help="Duplicate-detection window for a new queue: days (7) or 12h, 30m, 2d. "
     "Default 7 days. Env: JOBQ_DEDUP_WINDOW.",
@@ -135,7 +113,7 @@ def cli(
 )
 @click.option(
     "--lock-duration",
-    callback=_duration("s"),
+    type=options.Duration("s", maximum=options.MAX_LOCK),
     metavar="D",
     hidden=False,
     help="Lock duration for a new queue (default 5m).",
@@ -196,7 +174,7 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
 
 
 def _worker_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
+    decorators = [
         click.option(
             "--proc",
             metavar="MODULE:FUNCTION",
@@ -204,14 +182,14 @@ def _worker_options(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--grace-period",
-            callback=_duration("s"),
+            type=options.Duration("s", zero_ok=True),
             default="30s",
             show_default=True,
             metavar="D",
             help="On SIGTERM/SIGINT, how long running tasks may finish.",
         ),
     ]
-    for option in reversed(options):
+    for option in reversed(decorators):
         func = option(func)
     return func
 
@@ -236,14 +214,14 @@ def _run_worker(ctx: click.Context, proc: str | None, policy: WorkerPolicy) -> i
 @click.option(
     "-n",
     "--slots",
-    type=click.IntRange(min=1),
+    type=options.SLOTS,
     default=1,
     show_default=True,
     help="Tasks run concurrently.",
 )
 @click.option(
     "--idle-timeout",
-    callback=_duration("s"),
+    type=options.Duration("s", zero_ok=True),
     default="5s",
     show_default=True,
     metavar="D",
@@ -251,13 +229,13 @@ def _run_worker(ctx: click.Context, proc: str | None, policy: WorkerPolicy) -> i
 )
 @click.option(
     "--time-limit",
-    callback=_duration("s"),
+    type=options.Duration("s", zero_ok=True),
     metavar="D",
     help="Stop taking new tasks after this long (running ones finish).",
 )
 @click.option(
     "--max-consecutive-failures",
-    type=click.IntRange(min=1),
+    type=options.FAILURES,
     help="Exit (code 3) after this many failed tasks in a row.",
 )
 @_worker_options
@@ -285,7 +263,7 @@ def worker(
 @cli.command()
 @click.option(
     "--wait",
-    callback=_duration("s"),
+    type=options.Duration("s", zero_ok=True),
     default="5s",
     show_default=True,
     metavar="D",
@@ -305,7 +283,7 @@ def pull(ctx: click.Context, wait: timedelta, proc: str | None, grace_period: ti
 
 
 @cli.command()
-@click.option("-n", "max_count", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("-n", "max_count", type=options.LISTED, default=10, show_default=True)
 @click.option("--dead-letter", is_flag=True, help="Peek the dead-letter queue.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -313,7 +291,7 @@ def peek(ctx: click.Context, max_count: int, dead_letter: bool, as_json: bool) -
     """Show tasks at the head of the queue without taking them."""
 
     async def main() -> list[Any]:
-        async with open_queue(ctx, check=False) as q:
+        async with open_queue(ctx, check=False, create=False) as q:
             return await q.peek(max_count, dead_letter=dead_letter)
 
     from .output import print_tasks
@@ -328,7 +306,7 @@ def size(ctx: click.Context, as_json: bool) -> None:
     """Count active, dead-lettered and scheduled messages."""
 
     async def main() -> Any:
-        async with open_queue(ctx, check=False) as q:
+        async with open_queue(ctx, check=False, create=False) as q:
             return await q.counts()
 
     counts = run(main())
@@ -397,7 +375,7 @@ def id_command(
 @click.option("--strict", is_flag=True, help="Exit 1 when a warning is found.")
 @click.option(
     "--dedup-window",
-    callback=_duration("d"),
+    type=options.Duration("d"),
     metavar="W",
     help="The window you expect the queue to have.",
 )
@@ -446,6 +424,7 @@ def _register_optional() -> None:
 
 
 _register_optional()
+accept_global_options(cli)
 
 
 def main() -> None:
