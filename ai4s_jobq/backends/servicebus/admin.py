@@ -19,12 +19,20 @@ from azure.core.exceptions import (
     HttpResponseError,
     ResourceExistsError,
     ResourceNotFoundError,
+    ServiceRequestError,
 )
 from azure.servicebus.aio.management import ServiceBusAdministrationClient
 
 from ...durations import format_duration
 from ...redact import redact
-from ..base import BackendError, DedupInfo, QueueCounts, QueueSettings, QueueUnavailableError
+from ..base import (
+    BackendError,
+    ConnectionFailedError,
+    DedupInfo,
+    QueueCounts,
+    QueueSettings,
+    QueueUnavailableError,
+)
 
 log = logging.getLogger("ai4s_jobq.servicebus")
 
@@ -100,6 +108,12 @@ class AdminPlane:
     async def close(self) -> None:
         await self.client.close()
 
+    def unreachable(self, exc: BaseException) -> ConnectionFailedError:
+        return ConnectionFailedError(
+            f"cannot connect to the Service Bus namespace of {self.description} "
+            f"({_short(exc)}); check the namespace / connection string endpoint and the network"
+        )
+
     async def create_queue(self, settings: QueueSettings) -> None:
         """Create the queue if missing; never alters an existing one."""
         validate_settings(settings)
@@ -115,7 +129,9 @@ class AdminPlane:
         except ResourceExistsError:
             log.debug("queue %s exists already; leaving its settings alone", self.description)
             return
-        except Exception as exc:  # no Manage rights, or management endpoint unreachable
+        except ServiceRequestError as exc:
+            raise self.unreachable(exc) from None
+        except Exception as exc:  # no Manage rights, or management endpoint failed
             if _is_denied(exc):
                 log.info(
                     "cannot create %s (no Manage rights?): %s; assuming it exists",
@@ -143,6 +159,8 @@ class AdminPlane:
             return DedupInfo(
                 "servicebus", False, None, None, "none", "the queue does not exist yet"
             )
+        except ServiceRequestError as exc:
+            raise self.unreachable(exc) from None
         except Exception as exc:
             if _is_denied(exc):
                 note = "no Manage rights to read the queue's properties"
@@ -165,6 +183,8 @@ class AdminPlane:
             props = await self.client.get_queue_runtime_properties(self.queue_name)
         except ResourceNotFoundError:
             raise QueueUnavailableError(f"queue {self.description} does not exist") from None
+        except ServiceRequestError as exc:
+            raise self.unreachable(exc) from None
         except Exception as exc:
             hint = " (counting needs Manage rights)" if _is_denied(exc) else ""
             raise BackendError(

@@ -38,10 +38,15 @@ def account_clients(connection_string: str | None, account_arg: str | None) -> A
             initial_backoff=0.5,  # type: ignore[arg-type]
             increment_base=2,
             retry_total=3,
+            retry_connect=1,  # a refused connection is a wrong endpoint, not a blip
             random_jitter_range=0.5,  # type: ignore[arg-type]
         )
     }
-    table_retry: dict[str, Any] = {"retry_total": 3, "retry_backoff_factor": 0.5}
+    table_retry: dict[str, Any] = {
+        "retry_total": 3,
+        "retry_connect": 1,
+        "retry_backoff_factor": 0.5,
+    }
     if connection_string:
         service = QueueServiceClient.from_connection_string(connection_string, **retry)
         tables = TableServiceClient.from_connection_string(connection_string, **table_retry)

@@ -37,7 +37,13 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
-from ..base import BackendError, QueueSettings, QueueUnavailableError, ReceivedMessage
+from ..base import (
+    BackendError,
+    ConnectionFailedError,
+    QueueSettings,
+    QueueUnavailableError,
+    ReceivedMessage,
+)
 from .dedup import LedgerError
 from .rest import RestError, auth_reason
 
@@ -185,7 +191,7 @@ def translate_errors(what: str, account: str) -> Iterator[None]:
             what, account, error_code(exc) or type(exc).__name__, auth_failure_reason(exc)
         ) from None
     except ServiceRequestError as exc:
-        raise BackendError(
+        raise ConnectionFailedError(
             f"{what}: cannot reach storage account {account!r} ({type(exc).__name__}). "
             "Check the account name or the endpoints in the connection string, and the network."
         ) from None
@@ -207,7 +213,7 @@ def translate_errors(what: str, account: str) -> Iterator[None]:
 
 
 def credentials_refused(what: str, account: str, code: str, reason: str = "") -> BackendError:
-    return BackendError(
+    return ConnectionFailedError(
         f"{what}: storage account {account!r} refused the credentials ({code}"
         f"{': ' + reason if reason else ''}). "
         "Check the account key or SAS in the connection string (JOBQ_CONNECTION_STRING / "
@@ -248,7 +254,7 @@ def rest_error(exc: RestError, what: str, account: str) -> BackendError:
     if exc.status in (401, 403):
         return credentials_refused(what, account, exc.code or "AuthenticationFailed", exc.reason)
     if exc.status == 0:
-        return BackendError(
+        return ConnectionFailedError(
             f"{what}: cannot reach storage account {account!r} ({exc.code}). "
             "Check the account name or the endpoints in the connection string, and the network."
         )
@@ -264,8 +270,7 @@ def rest_error(exc: RestError, what: str, account: str) -> BackendError:
 
 def is_account_error(exc: BackendError) -> bool:
     """Errors about the account rather than the message: abort the whole push."""
-    text = str(exc)
-    return "refused the credentials" in text or "cannot reach" in text
+    return isinstance(exc, ConnectionFailedError)
 
 
 def as_backend_error(exc: BaseException | None, what: str, account: str) -> BaseException:
