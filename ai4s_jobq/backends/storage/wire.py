@@ -122,7 +122,7 @@ def encode_text(header: dict[str, Any], body: bytes) -> str:
                 raise ValueError("not XML-safe as is")
             json.loads(text)
             payload = text
-        except ValueError:
+        except (ValueError, RecursionError):  # framed as a string, whatever it holds
             header = {**header, "enc": "text"}
             payload = json.dumps(text, ensure_ascii=unsafe)
     else:
