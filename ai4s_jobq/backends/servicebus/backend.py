@@ -75,8 +75,9 @@ SEND_ATTEMPTS = 4
 MAX_MESSAGE_ID = 128
 #: Azure caps DeadLetterReason/Description; keep them well inside the header limit
 MAX_DEAD_LETTER_TEXT = 4096
-#: SDK retry settings: fail fast enough that our own recovery (new link) kicks in
-SDK_RETRY: dict[str, Any] = {"retry_total": 2, "retry_backoff_factor": 0.5, "retry_backoff_max": 8}
+#: SDK retry settings: fail fast enough that our own recovery (new link) kicks in; the
+#: SDK retries a refused credential too, and each try costs a TLS + CBS handshake
+SDK_RETRY: dict[str, Any] = {"retry_total": 1, "retry_backoff_factor": 0.5, "retry_backoff_max": 8}
 #: the management client: a refused connection is a wrong endpoint, not a blip
 ADMIN_RETRY: dict[str, Any] = {"retry_connect": 1, "retry_backoff_factor": 0.5}
 
