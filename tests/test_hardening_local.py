@@ -96,6 +96,15 @@ def test_check_on_a_missing_local_queue_creates_nothing(local_dir, jobq):
     assert not local_dir.exists() or not list(local_dir.iterdir())
 
 
+def test_an_unusable_local_dir_is_a_configuration_error(tmp_path, jobq):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    env = {"JOBQ_LOCAL_DIR": str(not_a_dir / "sub")}
+    for command in (("push", "-c", "true"), ("worker",), ("size",)):
+        result = jobq(*command, env=env)
+        assert result.returncode == 4 and "JOBQ_LOCAL_DIR" in result.stderr, result.stderr
+
+
 def test_push_creates_the_file_whole(local_dir, jobq):
     jobq("--queue", "local://new", "push", "-c", "true", check=True)
     assert [p.name for p in local_dir.iterdir()] == ["new.sqlite3"]  # no temporary left

@@ -146,7 +146,13 @@ class ReadOnlyCore(broker_core.BrokerCore):
 
 def create_atomically(path: Path) -> None:
     """Create an empty queue store at ``path`` unless one appears there first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise QueueUnavailableError(
+            f"cannot create the local queue directory {path.parent} ({exc.strerror}); "
+            "check JOBQ_LOCAL_DIR"
+        ) from None
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.new")
     try:
         broker_core.BrokerCore(temporary).close()
