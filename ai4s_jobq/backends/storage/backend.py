@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ from azure.core.exceptions import (
     ResourceNotFoundError,
 )
 
+from ...queue_names import STORAGE_DLQ_SUFFIX, QueueNameError, validate_queue_name
 from ..base import (
     Backend,
     BackendError,
@@ -76,11 +76,9 @@ from .wire import (
 
 log = logging.getLogger("ai4s_jobq.storage")
 
-DLQ_SUFFIX = "-failed"
+DLQ_SUFFIX = STORAGE_DLQ_SUFFIX
 SEND_CONCURRENCY = 32  # sends in flight per backend
 RECEIVE_BATCH = 32  # Storage Queue's maximum per receive call
-
-_QUEUE_NAME = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9-]{1,54}[a-z0-9]$")
 
 
 # ---------------------------------------------------------------------- backend
@@ -100,12 +98,10 @@ class StorageQueueBackend(Backend):
         account: str | None = None,
         dedup_window: timedelta | None = None,
     ):
-        if not _QUEUE_NAME.match(queue_name):
-            raise QueueUnavailableError(
-                f"{queue_name!r} is not a valid Storage Queue name for jobq: use 3-56 "
-                "lowercase letters, digits and single hyphens, starting and ending with a "
-                f"letter or digit (jobq adds {DLQ_SUFFIX!r} for the dead-letter queue)"
-            )
+        try:
+            validate_queue_name("storage", queue_name)
+        except QueueNameError as exc:
+            raise QueueUnavailableError(f"not a valid Storage Queue name: {exc}") from None
         if not connection_string and not account:
             raise QueueUnavailableError(
                 "a Storage Queue needs ACCOUNT/QUEUE or a connection string "
