@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .ids import IdentifiedArgs, identify
+from .ids import IdentifiedArgs, TaskEncodingError, identify
 
 ENVELOPE_VERSION = 1
 DEFAULT_NUM_RETRIES = 2
@@ -145,9 +145,12 @@ def make_task(
         or not 0 <= num_retries <= MAX_NUM_RETRIES
     ):
         raise ValueError(f"num_retries must be an integer from 0 to {MAX_NUM_RETRIES}")
-    identified: IdentifiedArgs = identify(
-        task_args(task, env), id=id, dedup_keys=dedup_keys, deterministic=deterministic
-    )
+    try:
+        identified: IdentifiedArgs = identify(
+            task_args(task, env), id=id, dedup_keys=dedup_keys, deterministic=deterministic
+        )
+    except RecursionError:  # a reported bad task, like any other that cannot be encoded
+        raise TaskEncodingError("the task's arguments are nested too deeply to encode") from None
     return Task(
         id=identified.id,
         args=identified.args,

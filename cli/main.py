@@ -357,7 +357,7 @@ def id_command(
         identified = identify(
             task_args(args, _parse_env(env_pairs) or None), dedup_keys=keys, deterministic=True
         )
-    except (json.JSONDecodeError, TaskEncodingError, ValueError, TypeError) as exc:
+    except (TaskEncodingError, ValueError, TypeError, RecursionError) as exc:
         raise click.UsageError(str(exc)) from None
     if as_json:
         click.echo(
