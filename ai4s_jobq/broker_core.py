@@ -78,13 +78,24 @@ _DELETE_LOCKED = "DELETE FROM messages WHERE lock_token = ? AND locked_until > ?
 class BrokerCore:
     """A set of queues in one SQLite file (``":memory:"`` for a private in-memory store)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Callable[[], float] = time.time,
+        read_only: bool = False,
+    ):
+        """``read_only``: an existing store we only read (a subclass connects read-only):
+        no schema is created and ``counts`` skips its lock-expiry sweep."""
         self.path = str(path)
         self.clock = clock
+        self.read_only = read_only
         self._local = threading.local()
         self._memory_conn: sqlite3.Connection | None = None
         self._memory_lock = threading.RLock()
         self._listeners: list[Callable[[str], None]] = []
+        if read_only:
+            return
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         with self._write() as conn:
@@ -250,8 +261,9 @@ class BrokerCore:
     def counts(self, queue: str) -> QueueCounts:
         props = self.get_queue(queue)
         now = self.clock()
-        with self._write() as conn:
-            self._sweep(conn, props, now)
+        if not self.read_only:
+            with self._write() as conn:
+                self._sweep(conn, props, now)
         conn = self._conn()
         active, scheduled, deferred, dead = conn.execute(
             "SELECT"

@@ -21,7 +21,9 @@ from . import checker
 from .backends.base import (
     Backend,
     BackendError,
+    ConnectionFailedError,
     OutgoingMessage,
+    PermanentBackendError,
     PushOutcome,
     QueueCounts,
     QueueSettings,
@@ -212,6 +214,8 @@ class JobQ:
                     result = PushFailure(index, None, str(built))
                 else:
                     outcome = next(sent)
+                    if isinstance(outcome.error, ConnectionFailedError):
+                        raise outcome.error  # the same for every task: stop (see drain)
                     result = (
                         PushFailure(index, built.id, str(outcome.error))
                         if outcome.error is not None
@@ -237,6 +241,12 @@ class JobQ:
                 batch, job = pending.pop(0)
                 try:
                     outcomes = await job
+                except ConnectionFailedError:
+                    # A broker that cannot be reached or refuses the credentials fails
+                    # every task alike: one clear error, not one rejection per task.
+                    for _, later in pending:
+                        later.cancel()
+                    raise
                 except Exception as exc:  # the whole batch failed (after the backend's retries)
                     outcomes = [
                         PushOutcome(t.id, None, exc) for _, t in batch if isinstance(t, Task)
@@ -281,6 +291,8 @@ class JobQ:
     async def check(self) -> list[checker.Finding]:
         try:
             info = await self.backend.dedup_info()
+        except (PermanentBackendError, ConnectionFailedError):
+            raise
         except BackendError as exc:
             return [checker.Finding("info", "unreadable", f"could not read queue settings: {exc}")]
         deterministic = (

@@ -18,11 +18,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .ids import IdentifiedArgs, identify
+from .ids import IdentifiedArgs, TaskEncodingError, identify
 from .legacy import LegacyFormatError, decode_legacy, is_legacy
 
 ENVELOPE_VERSION = 1
 DEFAULT_NUM_RETRIES = 2
+#: A retry budget beyond this is a mistake, not a policy (and a huge one would
+#: overflow the brokers' delivery counters).
+MAX_NUM_RETRIES = 1000
 
 
 # Built once: ``json.dumps`` with options builds an encoder per call.
@@ -62,8 +65,28 @@ class Task:
 
     @classmethod
     def from_body(cls, body: bytes) -> Task:
+        """The task a message body carries.  Any body that is not one (whatever the
+        reason: not UTF-8, not JSON, nested too deep for the decoder, an integer
+        beyond Python's conversion limit, a wrong type) raises
+        :class:`MalformedTaskError` and nothing else, so a worker can always
+        dead-letter it instead of leaving it to come back forever."""
         try:
-            envelope = json.loads(body.decode("utf-8"))
+            return cls._from_body(body)
+        except MalformedTaskError:
+            raise
+        except RecursionError:
+            raise MalformedTaskError("message body is nested too deeply to decode") from None
+        except Exception as exc:  # noqa: BLE001 - any undecodable body is malformed
+            raise MalformedTaskError(
+                f"message body cannot be decoded ({type(exc).__name__}: {str(exc)[:200]})"
+            ) from None
+
+    @classmethod
+    def _from_body(cls, body: bytes) -> Task:
+        if not isinstance(body, (bytes, bytearray, memoryview)):
+            raise MalformedTaskError(f"message body is {type(body).__name__}, not bytes")
+        try:
+            envelope = json.loads(bytes(body).decode("utf-8"))
         except UnicodeDecodeError as exc:
             raise MalformedTaskError(f"message body is not UTF-8 text ({exc})") from None
         except json.JSONDecodeError as exc:
@@ -84,6 +107,10 @@ class Task:
             raise MalformedTaskError("task envelope has no 'args' object")
         if not isinstance(num_retries, int) or isinstance(num_retries, bool) or num_retries < 0:
             raise MalformedTaskError("task envelope's 'num_retries' is not a non-negative integer")
+        if num_retries > MAX_NUM_RETRIES:
+            raise MalformedTaskError(
+                f"task envelope's 'num_retries' is {num_retries}; at most {MAX_NUM_RETRIES}"
+            )
         extra = {k: v for k, v in envelope.items() if k not in ("v", "id", "args", "num_retries")}
         return cls(id=task_id, args=args, num_retries=num_retries, extra=extra)
 
@@ -119,11 +146,18 @@ def make_task(
     """Build a :class:`Task`, computing its ID (see :func:`ai4s_jobq.ids.identify`)."""
     if isinstance(task, Task):
         return task
-    if num_retries is not None and (not isinstance(num_retries, int) or num_retries < 0):
-        raise ValueError("num_retries must be a non-negative integer")
-    identified: IdentifiedArgs = identify(
-        task_args(task, env), id=id, dedup_keys=dedup_keys, deterministic=deterministic
-    )
+    if num_retries is not None and (
+        not isinstance(num_retries, int)
+        or isinstance(num_retries, bool)
+        or not 0 <= num_retries <= MAX_NUM_RETRIES
+    ):
+        raise ValueError(f"num_retries must be an integer from 0 to {MAX_NUM_RETRIES}")
+    try:
+        identified: IdentifiedArgs = identify(
+            task_args(task, env), id=id, dedup_keys=dedup_keys, deterministic=deterministic
+        )
+    except RecursionError:  # a reported bad task, like any other that cannot be encoded
+        raise TaskEncodingError("the task's arguments are nested too deeply to encode") from None
     return Task(
         id=identified.id,
         args=identified.args,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from . import options
+from .common import confirm, open_queue, run
 from .output import print_tasks
 
 
@@ -13,15 +15,14 @@ def dlq() -> None:
 
 
 @dlq.command("list")
-@click.option("-n", "max_count", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("-n", "max_count", type=options.LISTED, default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def dlq_list(ctx: click.Context, max_count: int, as_json: bool) -> None:
     """Show dead-lettered tasks with their reasons."""
-    from .main import _open, run
 
     async def main():  # type: ignore[no-untyped-def]
-        async with _open(ctx, check=False) as q:
+        async with open_queue(ctx, check=False, create=False) as q:
             return await q.dlq_list(max_count)
 
     print_tasks(run(main()), as_json=as_json)
@@ -33,13 +34,11 @@ def dlq_list(ctx: click.Context, max_count: int, as_json: bool) -> None:
 @click.pass_context
 def dlq_requeue(ctx: click.Context, ids: tuple[str, ...], requeue_all: bool) -> None:
     """Give dead-lettered tasks (by task ID, or --all) a fresh set of attempts."""
-    from .main import _open, run
-
     if bool(ids) == requeue_all:
         raise click.UsageError("give task IDs or --all (not both)")
 
     async def main() -> int:
-        async with _open(ctx, check=False) as q:
+        async with open_queue(ctx, check=False) as q:
             return await q.dlq_requeue(None if requeue_all else ids)
 
     moved = run(main())
@@ -53,12 +52,10 @@ def dlq_requeue(ctx: click.Context, ids: tuple[str, ...], requeue_all: bool) -> 
 @click.pass_context
 def dlq_purge(ctx: click.Context, yes: bool) -> None:
     """Delete every dead-lettered task."""
-    from .main import _confirm, _open, run
-
-    _confirm(yes, "Delete every dead-lettered task")
+    confirm(yes, "Delete every dead-lettered task")
 
     async def main() -> int:
-        async with _open(ctx, check=False) as q:
+        async with open_queue(ctx, check=False) as q:
             return await q.dlq_purge()
 
     click.echo(f"purged {run(main())} task(s)")

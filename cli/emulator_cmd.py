@@ -2,7 +2,8 @@
 
 Prints the connection string (give it to ``--conn-str`` / ``JOBQ_CONN_STR`` or to
 the azure-servicebus SDK) and serves until Ctrl-C / SIGTERM.  Needs the
-``emulator`` extra (``pip install ai4s_jobq[emulator]``).
+``emulator`` extra (``pip install ai4s_jobq[emulator]``; see the README for what
+building its python-qpid-proton needs).
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ def emulator(
         from ai4s_jobq.emulator.__main__ import run
     except ImportError as exc:  # proton / cryptography missing
         raise click.ClickException(
-            f"the emulator needs the 'emulator' extra: pip install 'ai4s_jobq[emulator]' ({exc})"
+            f"the emulator needs the 'emulator' extra ({exc}): pip install "
+            "'ai4s_jobq[emulator]'. It builds python-qpid-proton from source, which needs a C "
+            "compiler, the Python headers and OpenSSL's (Debian/Ubuntu: sudo apt-get install "
+            "build-essential python3-dev pkg-config libssl-dev)"
         ) from exc
     logging.basicConfig(level=log_level.upper())
 

@@ -8,74 +8,28 @@ or connection error; 128+N stopped by signal N (130 SIGINT, 143 SIGTERM).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from click.core import ParameterSource
 
-from ai4s_jobq.backends.base import BackendError
-from ai4s_jobq.durations import DurationError, parse_duration
-from ai4s_jobq.ids import ConfigError, TaskEncodingError, canonical_json, identify
-from ai4s_jobq.jobq import JobQ
-from ai4s_jobq.redact import redact
-from ai4s_jobq.spec import SpecError
+from ai4s_jobq.ids import TaskEncodingError, canonical_json, identify
 from ai4s_jobq.task import task_args
 from ai4s_jobq.telemetry.setup import telemetry_session
 from ai4s_jobq.worker.build import ProcessorOptions, build_processor
 from ai4s_jobq.worker.loop import Worker, WorkerPolicy
 from ai4s_jobq.worker.processors import started
 
+from . import options
+from .common import Settings, accept_global_options, apply_log_level, confirm, open_queue, run
+from .dlq import dlq
 from .push_input import read_tasks, run_push
 from .worker_options import processor_options
-
-T = TypeVar("T")
-EXIT_CONFIG = 4
-
-
-class Settings:
-    def __init__(self, queue: str | None, conn_str: str | None):
-        self.queue = queue
-        self.conn_str = conn_str
-
-
-def _duration(bare_unit: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
-    def convert(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        if value is None:
-            return None
-        if bare_unit == "s" and str(value).strip() == "0":
-            return timedelta(0)
-        try:
-            return parse_duration(value, bare_unit=bare_unit)
-        except DurationError as exc:
-            raise click.BadParameter(str(exc)) from None
-
-    return convert
-
-
-def run(coro: Awaitable[T]) -> T:
-    """Run a coroutine, turning our known errors into clean messages (no tracebacks,
-    no secrets)."""
-    try:
-        return asyncio.run(coro)  # type: ignore[arg-type]
-    except (SpecError, ConfigError, TaskEncodingError, BackendError, ValueError) as exc:
-        click.echo(f"error: {redact(str(exc))}", err=True)
-        sys.exit(EXIT_CONFIG)
-    except Exception as exc:  # SDK errors: message only, redacted
-        if logging.getLogger().isEnabledFor(logging.DEBUG):
-            raise
-        click.echo(f"error: {type(exc).__name__}: {redact(str(exc))}", err=True)
-        sys.exit(EXIT_CONFIG)
-
-
-def _open(ctx: click.Context, **options: Any) -> Any:
-    settings: Settings = ctx.obj
-    return JobQ.open(settings.queue, connection_string=settings.conn_str, **options)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -100,19 +54,11 @@ def _open(ctx: click.Context, **options: Any) -> Any:
 def cli(
     ctx: click.Context, queue: str | None, conn_str: str | None, verbose: int, quiet: bool
 ) -> None:
-    """Push tasks with deterministic, deduplicating IDs and run workers that drain them."""
-    level = (
-        logging.ERROR
-        if quiet
-        else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
-    )
+    """Push tasks with deterministic, deduplicating IDs and run workers that drain them.
+
+    The options above may also follow the command (jobq push --queue X)."""
     ctx.ensure_object(dict)
-    ctx.meta["log_level_explicit"] = quiet or verbose > 0
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for noisy in ("azure", "uamqp", "proton"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    apply_log_level(ctx, verbose, quiet)
     ctx.obj = Settings(queue, conn_str)
 
 
@@ -129,13 +75,13 @@ def cli(
 @click.argument("file", type=click.File("r", encoding="utf-8"), required=False)
 @click.option(
     "--num-retries",
-    type=click.IntRange(min=0),
+    type=options.NUM_RETRIES,
     default=None,
     help="Retries after the first attempt (default 2).",
 )
 @click.option(
     "--dedup-window",
-    callback=_duration("d"),
+    type=options.Duration("d"),
     metavar="W",
     help="Duplicate-detection window for a new queue: days (7) or 12h, 30m, 2d. "
     "Default 7 days. Env: JOBQ_DEDUP_WINDOW.",
@@ -171,7 +117,7 @@ def cli(
 )
 @click.option(
     "--lock-duration",
-    callback=_duration("s"),
+    type=options.Duration("s", maximum=options.MAX_LOCK),
     metavar="D",
     hidden=False,
     help="Lock duration for a new queue (default 5m).",
@@ -207,7 +153,7 @@ def push(
     show_progress = sys.stderr.isatty() if progress is None else progress
 
     async def main() -> int:
-        async with _open(ctx, dedup_window=dedup_window, lock_duration=lock_duration) as q:
+        async with open_queue(ctx, dedup_window=dedup_window, lock_duration=lock_duration) as q:
             return await run_push(
                 q,
                 tasks,
@@ -234,7 +180,7 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
 
 
 def _worker_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
+    decorators = [
         click.option(
             "--proc",
             metavar="MODULE:FUNCTION",
@@ -244,14 +190,14 @@ def _worker_options(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--grace-period",
-            callback=_duration("s"),
+            type=options.Duration("s", zero_ok=True),
             default="30s",
             show_default=True,
             metavar="D",
             help="On SIGTERM/SIGINT, how long running tasks may finish.",
         ),
     ]
-    for option in reversed(options):
+    for option in reversed(decorators):
         func = option(func)
     return func
 
@@ -267,7 +213,7 @@ def _run_worker(ctx: click.Context, options: ProcessorOptions, policy: WorkerPol
     policy.slots = built.slots
 
     async def main() -> int:
-        async with _open(ctx) as q, started(built.processor):
+        async with open_queue(ctx) as q, started(built.processor):
             hooks = telemetry.worker_hooks(q.backend)  # none unless telemetry is configured
             stats = await Worker(q.backend, built.processor, policy, hooks=hooks).run()
             return stats.exit_code
@@ -280,14 +226,14 @@ def _run_worker(ctx: click.Context, options: ProcessorOptions, policy: WorkerPol
 @click.option(
     "-n",
     "--slots",
-    type=click.IntRange(min=1),
+    type=options.SLOTS,
     default=1,
     show_default=True,
     help="Tasks run concurrently.",
 )
 @click.option(
     "--idle-timeout",
-    callback=_duration("s"),
+    type=options.Duration("s", zero_ok=True),
     default="5s",
     show_default=True,
     metavar="D",
@@ -295,13 +241,13 @@ def _run_worker(ctx: click.Context, options: ProcessorOptions, policy: WorkerPol
 )
 @click.option(
     "--time-limit",
-    callback=_duration("s"),
+    type=options.Duration("s", zero_ok=True),
     metavar="D",
     help="Stop taking new tasks after this long (running ones finish).",
 )
 @click.option(
     "--max-consecutive-failures",
-    type=click.IntRange(min=1),
+    type=options.FAILURES,
     help="Exit (code 3) after this many failed tasks in a row.",
 )
 @_worker_options
@@ -331,7 +277,7 @@ def worker(
 @cli.command()
 @click.option(
     "--wait",
-    callback=_duration("s"),
+    type=options.Duration("s", zero_ok=True),
     default="5s",
     show_default=True,
     metavar="D",
@@ -351,7 +297,7 @@ def pull(ctx: click.Context, wait: timedelta, proc: str | None, grace_period: ti
 
 
 @cli.command()
-@click.option("-n", "max_count", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("-n", "max_count", type=options.LISTED, default=10, show_default=True)
 @click.option("--dead-letter", is_flag=True, help="Peek the dead-letter queue.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -359,7 +305,7 @@ def peek(ctx: click.Context, max_count: int, dead_letter: bool, as_json: bool) -
     """Show tasks at the head of the queue without taking them."""
 
     async def main() -> list[Any]:
-        async with _open(ctx, check=False) as q:
+        async with open_queue(ctx, check=False, create=False) as q:
             return await q.peek(max_count, dead_letter=dead_letter)
 
     from .output import print_tasks
@@ -374,7 +320,7 @@ def size(ctx: click.Context, as_json: bool) -> None:
     """Count active, dead-lettered and scheduled messages."""
 
     async def main() -> Any:
-        async with _open(ctx, check=False) as q:
+        async with open_queue(ctx, check=False, create=False) as q:
             return await q.counts()
 
     counts = run(main())
@@ -393,21 +339,13 @@ def size(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def clear(ctx: click.Context, dead_letter: bool, yes: bool) -> None:
     """Delete every message in the queue."""
-    _confirm(yes, "Delete every message" + (" in the dead-letter queue" if dead_letter else ""))
+    confirm(yes, "Delete every message" + (" in the dead-letter queue" if dead_letter else ""))
 
     async def main() -> int:
-        async with _open(ctx, check=False) as q:
+        async with open_queue(ctx, check=False) as q:
             return await q.clear(dead_letter=dead_letter)
 
     click.echo(f"deleted {run(main())} message(s)")
-
-
-def _confirm(yes: bool, what: str) -> None:
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise click.UsageError(f"{what}? Pass --yes to confirm when not interactive.")
-    click.confirm(f"{what}?", abort=True)
 
 
 @cli.command("id")
@@ -433,7 +371,7 @@ def id_command(
         identified = identify(
             task_args(args, _parse_env(env_pairs) or None), dedup_keys=keys, deterministic=True
         )
-    except (json.JSONDecodeError, TaskEncodingError, ValueError, TypeError) as exc:
+    except (TaskEncodingError, ValueError, TypeError, RecursionError) as exc:
         raise click.UsageError(str(exc)) from None
     if as_json:
         click.echo(
@@ -451,7 +389,7 @@ def id_command(
 @click.option("--strict", is_flag=True, help="Exit 1 when a warning is found.")
 @click.option(
     "--dedup-window",
-    callback=_duration("d"),
+    type=options.Duration("d"),
     metavar="W",
     help="The window you expect the queue to have.",
 )
@@ -460,7 +398,7 @@ def check(ctx: click.Context, as_json: bool, strict: bool, dedup_window: timedel
     """Report whether the queue's deduplication matches JOBQ_DETERMINISTIC_IDS."""
 
     async def main() -> Any:
-        async with _open(ctx, check=False, create=False, dedup_window=dedup_window) as q:
+        async with open_queue(ctx, check=False, create=False, dedup_window=dedup_window) as q:
             return await q.check()
 
     findings = run(main())
@@ -482,8 +420,6 @@ def check(ctx: click.Context, as_json: bool, strict: bool, dedup_window: timedel
         sys.exit(1)
 
 
-from .dlq import dlq  # noqa: E402
-
 cli.add_command(dlq)
 
 
@@ -502,6 +438,7 @@ def _register_optional() -> None:
 
 
 _register_optional()
+accept_global_options(cli)
 
 
 def main() -> None:

@@ -77,7 +77,7 @@ def migrate(
     from ai4s_jobq.jobq import JobQ
     from ai4s_jobq.migrate import migrate as run_migration
 
-    from .main import _open, run
+    from .common import open_queue, run
 
     window = None
     if dedup_window is not None:
@@ -94,7 +94,7 @@ def migrate(
 
     async def main() -> Any:
         async with (
-            _open(ctx, check=False, create=False) as src,
+            open_queue(ctx, check=False, create=False) as src,
             JobQ.open(
                 destination,
                 connection_string=dest_cs,

@@ -48,6 +48,10 @@ def read_tasks(
                 number, BadLine(f"line {number}: not valid JSON ({exc.msg} at column {exc.colno})")
             )
             continue
+        except (ValueError, RecursionError) as exc:  # an int past the digit limit, deep nesting
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:120]
+            yield _Numbered(number, BadLine(f"line {number}: not usable JSON ({reason})"))
+            continue
         if not isinstance(value, dict):
             yield _Numbered(
                 number,

@@ -10,25 +10,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 import click
 
-from ai4s_jobq.durations import DurationError, parse_duration
 from ai4s_jobq.worker.build import ISOLATION_CHOICES, ProcessorOptions
 
+from . import options as option_types
+
 _NAMES = ("isolation", "gpus", "gpus_per_task", "task_timeout", "tty")
-
-
-def _seconds(ctx: click.Context, param: click.Parameter, value: Any) -> float | None:
-    if value is None:
-        return None
-    try:
-        delta: timedelta = parse_duration(value, bare_unit="s")
-    except DurationError as exc:
-        raise click.BadParameter(str(exc)) from None
-    return delta.total_seconds()
 
 
 def processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -58,7 +48,7 @@ def processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--gpus-per-task",
-            type=click.IntRange(min=1),
+            type=option_types.count(1, 64),
             default=1,
             show_default=True,
             metavar="K",
@@ -66,7 +56,8 @@ def processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--task-timeout",
-            callback=_seconds,
+            type=option_types.Duration("s"),
+            callback=lambda ctx, param, value: None if value is None else value.total_seconds(),
             metavar="D",
             help="Stop a task that runs longer (SIGTERM, then SIGKILL) and count it as a "
             "failed attempt with reason Timeout: seconds or 90s, 30m, 2h.",

@@ -70,6 +70,7 @@ from azurite_fixtures import ACCOUNT, Azurite, start_azurite, stop_azurite
 from conftest import ROOT
 
 from ai4s_jobq import JobQ
+from ai4s_jobq.backends.base import ConnectionFailedError
 from ai4s_jobq.backends.storage.dedup import LEDGER_TABLE
 
 pytest.importorskip("azure.identity")
@@ -300,14 +301,15 @@ async def test_check_reads_queue_settings_with_the_token(aad, oauth_azurite):
     assert_no_token_in(result.stdout + result.stderr, aad)
 
     aad.mode = "wrong_audience"  # a new JobQ gets a new credential, hence a new token
+    # A refused credential is a configuration error, not an unreadable setting: check
+    # raises it (the CLI exits 4) rather than reporting the queue as unverifiable.
     async with JobQ.open(f"{ACCOUNT}/{queue}", check=False, create=False) as q:
-        findings = await q.check()
-    assert [f.code for f in findings] == ["unreadable"], findings
-    assert (
-        "refused the credentials (AuthenticationFailed: Invalid token audience.)"
-        in findings[0].message
-    ), findings[0].message
-    assert_no_token_in(findings[0].message, aad)
+        with pytest.raises(ConnectionFailedError) as refused:
+            await q.check()
+    assert "refused the credentials (AuthenticationFailed: Invalid token audience.)" in str(
+        refused.value
+    ), refused.value
+    assert_no_token_in(str(refused.value), aad)
 
 
 async def test_push_and_complete_go_through_the_rest_path_with_the_bearer_token(aad, oauth_azurite):

@@ -39,6 +39,17 @@ class QueueUnavailableError(BackendError):
     """The queue cannot be reached (not found, not configured, not available yet)."""
 
 
+class ConnectionFailedError(QueueUnavailableError):
+    """The broker cannot be reached, or refused our credentials: a configuration
+    problem, the same for every task, so commands stop on it (exit 4) instead of
+    reporting each task as rejected."""
+
+
+class PermanentBackendError(BackendError):
+    """Retrying cannot help (e.g. a damaged local queue file): a worker stops on it
+    instead of retrying forever."""
+
+
 @dataclass
 class QueueSettings:
     """What a backend needs to create a queue on first use."""

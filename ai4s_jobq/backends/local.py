@@ -25,8 +25,16 @@ from .base import (
     PushOutcome,
     QueueCounts,
     QueueSettings,
-    QueueUnavailableError,
     ReceivedMessage,
+)
+from .local_file import (
+    LocalQueueNotFoundError,
+    ReadOnlyCore,
+    check_queue_file,
+    create_atomically,
+    may_write,
+    missing_queue_error,
+    translate_sqlite_errors,
 )
 
 _POLL_MIN = 0.005
@@ -56,14 +64,29 @@ class LocalBackend(Backend):
     @property
     def core(self) -> broker_core.BrokerCore:
         if self._core is None:
-            raise RuntimeError("backend is not open")
+            if self._loop is None:
+                raise RuntimeError("backend is not open")
+            raise missing_queue_error(self.queue_name, self.path)
         return self._core
 
     async def open(self) -> None:
-        self._core = broker_core.BrokerCore(self.path)
+        """Open the queue's file if it exists (read-only if we may not write it); a
+        missing file is created only by ``ensure_queue`` (see :mod:`.local_file`)."""
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
-        self._core.add_listener(self._on_available)
+        if self.path.exists():
+            self._open_core()
+
+    def _open_core(self) -> None:
+        check_queue_file(self.path)
+        with translate_sqlite_errors(self.path):
+            core = (
+                broker_core.BrokerCore(self.path)
+                if may_write(self.path)
+                else ReadOnlyCore(self.path)
+            )
+        core.add_listener(self._on_available)
+        self._core = core
 
     async def close(self) -> None:
         if self._completions:
@@ -79,14 +102,23 @@ class LocalBackend(Backend):
 
     def _props(self) -> broker_core.QueueProperties:
         try:
-            return self.core.get_queue(self.queue_name)
+            with translate_sqlite_errors(self.path):
+                return self.core.get_queue(self.queue_name)
         except broker_core.QueueNotFound:
-            raise QueueUnavailableError(
-                f"local queue {self.queue_name!r} does not exist yet in {self.path} "
-                "(it is created by the first push)"
-            ) from None
+            raise missing_queue_error(self.queue_name, self.path) from None
 
     async def ensure_queue(self, settings: QueueSettings) -> None:
+        if self._core is None:
+            with translate_sqlite_errors(self.path):
+                create_atomically(self.path)
+            self._open_core()
+        if self.core.read_only:
+            self._props()  # exists: nothing to create (and nothing may be written)
+            return
+        with translate_sqlite_errors(self.path):
+            self._create_queue(settings)
+
+    def _create_queue(self, settings: QueueSettings) -> None:
         self.core.create_queue(
             broker_core.QueueProperties(
                 name=self.queue_name,
@@ -111,7 +143,8 @@ class LocalBackend(Backend):
                 to_send.append(broker_core.NewMessage(message.message_id, message.body))
                 positions.append(i)
         if to_send:
-            results = self.core.send(self.queue_name, to_send)
+            with translate_sqlite_errors(self.path):
+                results = self.core.send(self.queue_name, to_send)
             for i, result in zip(positions, results):
                 outcomes[i] = PushOutcome(messages[i].message_id, result.duplicate)
         return [o for o in outcomes if o is not None]
@@ -126,7 +159,8 @@ class LocalBackend(Backend):
         assert self._wakeup is not None
         while True:
             self._wakeup.clear()
-            stored = self.core.receive(self.queue_name, max_count, sub_queue=sub_queue)
+            with translate_sqlite_errors(self.path):
+                stored = self.core.receive(self.queue_name, max_count, sub_queue=sub_queue)
             if stored:
                 return [_to_received(m) for m in stored]
             remaining = deadline - time.monotonic()
@@ -140,13 +174,15 @@ class LocalBackend(Backend):
 
     def _settle(self, action, message: ReceivedMessage, *args: object) -> None:
         try:
-            action(message.handle, *args)
+            with translate_sqlite_errors(self.path):
+                action(message.handle, *args)
         except broker_core.LockLost as exc:
             raise LockLostError(str(exc)) from None
 
     async def renew(self, message: ReceivedMessage) -> None:
         try:
-            message.locked_until = self.core.renew_lock(message.handle)
+            with translate_sqlite_errors(self.path):
+                message.locked_until = self.core.renew_lock(message.handle)
         except broker_core.LockLost as exc:
             raise LockLostError(str(exc)) from None
 
@@ -169,9 +205,10 @@ class LocalBackend(Backend):
         if not batch:
             return
         try:
-            outcomes: list[Exception | None] = list(
-                self.core.complete_many([token for token, _ in batch])
-            )
+            with translate_sqlite_errors(self.path):
+                outcomes: list[Exception | None] = list(
+                    self.core.complete_many([token for token, _ in batch])
+                )
         except Exception as exc:  # the transaction failed: every caller sees why
             outcomes = [exc] * len(batch)
         for (_, future), error in zip(batch, outcomes):
@@ -193,24 +230,27 @@ class LocalBackend(Backend):
     async def peek(self, max_count: int, *, dead_letter: bool = False) -> list[ReceivedMessage]:
         self._props()
         sub_queue = broker_core.DEAD_LETTER if dead_letter else broker_core.ACTIVE
-        stored = self.core.peek(self.queue_name, max_count, sub_queue=sub_queue)
+        with translate_sqlite_errors(self.path):
+            stored = self.core.peek(self.queue_name, max_count, sub_queue=sub_queue)
         return [_to_received(m, with_handle=False) for m in stored]
 
     async def counts(self) -> QueueCounts:
         self._props()
-        counts = self.core.counts(self.queue_name)
+        with translate_sqlite_errors(self.path):
+            counts = self.core.counts(self.queue_name)
         return QueueCounts(counts.active, counts.dead_letter, counts.scheduled)
 
     async def clear(self, *, dead_letter: bool = False) -> int:
         self._props()
         sub_queue = broker_core.DEAD_LETTER if dead_letter else broker_core.ACTIVE
-        return self.core.purge(self.queue_name, sub_queue=sub_queue)
+        with translate_sqlite_errors(self.path):
+            return self.core.purge(self.queue_name, sub_queue=sub_queue)
 
     async def dedup_info(self) -> DedupInfo:
         try:
-            props = self.core.get_queue(self.queue_name)
-        except broker_core.QueueNotFound:
-            return DedupInfo(self.kind, False, None, None, "none", "the queue does not exist yet")
+            props = self._props()
+        except LocalQueueNotFoundError as exc:
+            return DedupInfo(self.kind, False, None, None, "none", str(exc))
         return DedupInfo(
             backend=self.kind,
             queue_exists=True,

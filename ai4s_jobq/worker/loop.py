@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from ..backends.base import Backend, LockLostError, ReceivedMessage
+from ..backends.base import Backend, LockLostError, PermanentBackendError, ReceivedMessage
 from ..redact import redact
 from ..task import MalformedTaskError, Task
 from .context import TaskContext, task_context
@@ -167,6 +167,8 @@ class Worker:
                 free = min(free, policy.max_tasks - self._taken)
             try:
                 messages = await self.backend.receive(free, self._receive_wait(last_activity))
+            except PermanentBackendError:  # e.g. a damaged queue file: retrying cannot help
+                raise
             except Exception as exc:  # broker down or connection dropped: back off, retry
                 receive_errors += 1
                 delay = min(RECEIVE_RETRY_MAX, 0.5 * 2 ** min(receive_errors, 6))

@@ -32,12 +32,20 @@ from azure.core.exceptions import (
     HttpResponseError,
     ResourceExistsError,
     ResourceNotFoundError,
+    ServiceRequestError,
 )
 from azure.servicebus.management import QueueProperties, ServiceBusAdministrationClient
 
 from ...durations import format_duration
 from ...redact import redact
-from ..base import BackendError, DedupInfo, QueueCounts, QueueSettings, QueueUnavailableError
+from ..base import (
+    BackendError,
+    ConnectionFailedError,
+    DedupInfo,
+    QueueCounts,
+    QueueSettings,
+    QueueUnavailableError,
+)
 
 log = logging.getLogger("ai4s_jobq.servicebus")
 
@@ -139,6 +147,12 @@ class AdminPlane:
     async def close(self) -> None:
         await self._call(self.client.close)
 
+    def unreachable(self, exc: BaseException) -> ConnectionFailedError:
+        return ConnectionFailedError(
+            f"cannot connect to the Service Bus namespace of {self.description} "
+            f"({_short(exc)}); check the namespace / connection string endpoint and the network"
+        )
+
     async def create_queue(self, settings: QueueSettings) -> None:
         """Create the queue if missing; never alters an existing one."""
         validate_settings(settings)
@@ -155,7 +169,9 @@ class AdminPlane:
             return
         except ResourceNotFoundError:
             pass
-        except Exception as exc:  # no Manage rights, or management endpoint unreachable
+        except ServiceRequestError as exc:
+            raise self.unreachable(exc) from None
+        except Exception as exc:  # no Manage rights, or management endpoint failed
             self._cannot_create(exc)
             return
         try:
@@ -163,6 +179,8 @@ class AdminPlane:
         except ResourceExistsError:  # created by someone else since we looked
             log.debug("queue %s exists already; leaving its settings alone", self.description)
             return
+        except ServiceRequestError as exc:
+            raise self.unreachable(exc) from None
         except Exception as exc:
             self._cannot_create(exc)
             return
@@ -194,6 +212,8 @@ class AdminPlane:
                 return DedupInfo(
                     "servicebus", False, None, None, "none", "the queue does not exist yet"
                 )
+            except ServiceRequestError as exc:
+                raise self.unreachable(exc) from None
             except Exception as exc:
                 if _is_denied(exc):
                     note = "no Manage rights to read the queue's properties"
@@ -216,6 +236,8 @@ class AdminPlane:
             props = await self._call(self.client.get_queue_runtime_properties, self.queue_name)
         except ResourceNotFoundError:
             raise QueueUnavailableError(f"queue {self.description} does not exist") from None
+        except ServiceRequestError as exc:
+            raise self.unreachable(exc) from None
         except Exception as exc:
             hint = " (counting needs Manage rights)" if _is_denied(exc) else ""
             raise BackendError(

@@ -33,6 +33,7 @@ from azure.servicebus.exceptions import (
     MessageLockLostError,
     MessageSizeExceededError,
     MessagingEntityNotFoundError,
+    ServiceBusConnectionError,
     ServiceBusError,
 )
 from azure.servicebus.management import ServiceBusAdministrationClient
@@ -40,6 +41,7 @@ from azure.servicebus.management import ServiceBusAdministrationClient
 from ..base import (
     Backend,
     BackendError,
+    ConnectionFailedError,
     DedupInfo,
     LockLostError,
     MessageTooLargeError,
@@ -73,8 +75,11 @@ SEND_ATTEMPTS = 4
 MAX_MESSAGE_ID = 128
 #: Azure caps DeadLetterReason/Description; keep them well inside the header limit
 MAX_DEAD_LETTER_TEXT = 4096
-#: SDK retry settings: fail fast enough that our own recovery (new link) kicks in
-SDK_RETRY: dict[str, Any] = {"retry_total": 2, "retry_backoff_factor": 0.5, "retry_backoff_max": 8}
+#: SDK retry settings: fail fast enough that our own recovery (new link) kicks in; the
+#: SDK retries a refused credential too, and each try costs a TLS + CBS handshake
+SDK_RETRY: dict[str, Any] = {"retry_total": 1, "retry_backoff_factor": 0.5, "retry_backoff_max": 8}
+#: the management client: a refused connection is a wrong endpoint, not a blip
+ADMIN_RETRY: dict[str, Any] = {"retry_connect": 1, "retry_backoff_factor": 0.5}
 
 
 @dataclass(eq=False)
@@ -167,7 +172,7 @@ class ServiceBusBackend(Backend):
             cs = self._connection_string
             self._client = ServiceBusClient.from_connection_string(cs, **SDK_RETRY)
             admin = ServiceBusAdministrationClient.from_connection_string(
-                cs, **emulator_admin_kwargs(cs)
+                cs, **ADMIN_RETRY, **emulator_admin_kwargs(cs)
             )
         else:
             if self._credential is None:
@@ -181,6 +186,7 @@ class ServiceBusBackend(Backend):
             admin = ServiceBusAdministrationClient(
                 self.endpoint.admin_namespace(self.namespace),
                 SyncTokenBridge(self._credential, asyncio.get_running_loop()),
+                **ADMIN_RETRY,
                 **self.endpoint.admin_kwargs(),
             )
         self._admin = AdminPlane(admin, self.queue_name, self.description)
@@ -218,9 +224,14 @@ class ServiceBusBackend(Backend):
             return QueueUnavailableError(f"queue {self.description} does not exist")
         refused = _auth_failure(exc)
         if refused is not None:
-            return BackendError(
+            return ConnectionFailedError(
                 f"{what} on {self.description} was refused (check the "
                 f"credentials and their rights): {_reason(refused)}"
+            )
+        if isinstance(exc, (ServiceBusConnectionError, OSError)):
+            return ConnectionFailedError(
+                f"{what} on {self.description}: cannot connect ({_short(exc)}); check the "
+                "namespace / connection string endpoint and the network"
             )
         return BackendError(f"{what} on {self.description} failed: {_short(exc)}")
 

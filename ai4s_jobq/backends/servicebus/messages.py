@@ -16,15 +16,17 @@ def _timestamp(value: datetime | None) -> float | None:
 
 
 def _body(message: ServiceBusReceivedMessage) -> bytes:
+    """Ours are data bodies; any other (an AMQP value or sequence from another client)
+    becomes its text, never an exception, so the worker dead-letters it as malformed."""
     body = message.body
     if isinstance(body, (bytes, bytearray)):
         return bytes(body)
     if isinstance(body, str):
-        return body.encode("utf-8")
+        return body.encode("utf-8", "surrogatepass")
     try:
         return b"".join(bytes(part) for part in body)
-    except TypeError:  # a value or sequence body: not one of ours; let the worker reject it
-        return str(body).encode("utf-8")
+    except Exception:  # noqa: BLE001 - e.g. bytes([300]) is a ValueError, not a TypeError
+        return str(body).encode("utf-8", "surrogatepass")
 
 
 def _outgoing(message: OutgoingMessage) -> AmqpAnnotatedMessage:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -37,8 +36,8 @@ from azure.core.exceptions import (
     ResourceExistsError,
     ResourceNotFoundError,
 )
-from azure.storage.queue._shared.policies_async import ExponentialRetry
 
+from ...queue_names import STORAGE_DLQ_SUFFIX, QueueNameError, validate_queue_name
 from ..base import (
     Backend,
     BackendError,
@@ -52,10 +51,10 @@ from ..base import (
     QueueUnavailableError,
     ReceivedMessage,
 )
+from .clients import account_clients
 from .dedup import LEDGER_TABLE, DedupLedger, ensure_ledger_table, first_occurrences
-from .endpoint import StorageEndpointOverride
 from .prefetch import PollBackoff, ReadAhead
-from .rest import RestError, StorageRest, parse_connection_string
+from .rest import RestError, StorageRest
 from .wire import (
     MESSAGE_TEXT_LIMIT,
     Lease,
@@ -77,11 +76,9 @@ from .wire import (
 
 log = logging.getLogger("ai4s_jobq.storage")
 
-DLQ_SUFFIX = "-failed"
+DLQ_SUFFIX = STORAGE_DLQ_SUFFIX
 SEND_CONCURRENCY = 32  # sends in flight per backend
 RECEIVE_BATCH = 32  # Storage Queue's maximum per receive call
-
-_QUEUE_NAME = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9-]{1,54}[a-z0-9]$")
 
 
 # ---------------------------------------------------------------------- backend
@@ -101,12 +98,10 @@ class StorageQueueBackend(Backend):
         account: str | None = None,
         dedup_window: timedelta | None = None,
     ):
-        if not _QUEUE_NAME.match(queue_name):
-            raise QueueUnavailableError(
-                f"{queue_name!r} is not a valid Storage Queue name for jobq: use 3-56 "
-                "lowercase letters, digits and single hyphens, starting and ending with a "
-                f"letter or digit (jobq adds {DLQ_SUFFIX!r} for the dead-letter queue)"
-            )
+        try:
+            validate_queue_name("storage", queue_name)
+        except QueueNameError as exc:
+            raise QueueUnavailableError(f"not a valid Storage Queue name: {exc}") from None
         if not connection_string and not account:
             raise QueueUnavailableError(
                 "a Storage Queue needs ACCOUNT/QUEUE or a connection string "
@@ -152,49 +147,10 @@ class StorageQueueBackend(Backend):
     # -------------------------------------------------------------- connection
 
     async def open(self) -> None:
-        from azure.data.tables.aio import TableServiceClient
-        from azure.storage.queue.aio import QueueServiceClient
-
-        # The SDK default backs off 15 s and more: too slow to tell a user about a typo.
-        retry: dict[str, Any] = {
-            "retry_policy": ExponentialRetry(
-                initial_backoff=0.5,  # type: ignore[arg-type]
-                increment_base=2,
-                retry_total=3,
-                random_jitter_range=0.5,  # type: ignore[arg-type]
-            )
-        }
-        table_retry: dict[str, Any] = {"retry_total": 3, "retry_backoff_factor": 0.5}
-        if self.connection_string:
-            self._service = QueueServiceClient.from_connection_string(
-                self.connection_string, **retry
-            )
-            self._tables = TableServiceClient.from_connection_string(
-                self.connection_string, **table_retry
-            )
-            endpoints = parse_connection_string(self.connection_string)
-            tls = None
-        else:
-            from azure.identity.aio import DefaultAzureCredential
-
-            # Azure AD: the public endpoints unless JOBQ_STORAGE_*_ENDPOINT / _CA say
-            # otherwise (Azurite, a gateway, a sovereign cloud; see .endpoint).
-            override = StorageEndpointOverride.from_env()
-            account = str(self._account_arg)
-            self._credential = DefaultAzureCredential()
-            self._service = QueueServiceClient(
-                override.queue_url(account),
-                credential=self._credential,
-                **retry,
-                **override.sdk_kwargs(),
-            )
-            self._tables = TableServiceClient(
-                override.table_url(account),
-                credential=self._credential,
-                **table_retry,
-                **override.sdk_kwargs(),
-            )
-            endpoints, tls = override.rest_endpoints(account), override.ssl_context()
+        clients = account_clients(self.connection_string, self._account_arg)
+        self._service, self._tables = clients.service, clients.tables
+        self._credential = clients.credential
+        endpoints, tls = clients.endpoints, clients.tls
         self._queue = self._service.get_queue_client(self.queue_name)
         self._dlq = self._service.get_queue_client(self.dlq_name)
         if endpoints is not None:

@@ -37,7 +37,13 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
-from ..base import BackendError, QueueSettings, QueueUnavailableError, ReceivedMessage
+from ..base import (
+    BackendError,
+    ConnectionFailedError,
+    QueueSettings,
+    QueueUnavailableError,
+    ReceivedMessage,
+)
 from .dedup import LedgerError
 from .rest import RestError, auth_reason
 
@@ -116,7 +122,7 @@ def encode_text(header: dict[str, Any], body: bytes) -> str:
                 raise ValueError("not XML-safe as is")
             json.loads(text)
             payload = text
-        except ValueError:
+        except (ValueError, RecursionError):  # framed as a string, whatever it holds
             header = {**header, "enc": "text"}
             payload = json.dumps(text, ensure_ascii=unsafe)
     else:
@@ -133,7 +139,7 @@ def decode_text(text: str) -> tuple[dict[str, Any] | None, bytes]:
         return None, raw
     try:
         header, end = _DECODER.raw_decode(text, len(_FRAME_PREFIX))
-    except ValueError:
+    except (ValueError, RecursionError):  # foreign text, however hostile, is kept raw
         return None, raw
     if not isinstance(header, dict) or text[end : end + len(_BODY_KEY)] != _BODY_KEY:
         return None, raw
@@ -147,7 +153,7 @@ def decode_text(text: str) -> tuple[dict[str, Any] | None, bytes]:
             return header, value.encode("utf-8")
         if encoding == "base64" and isinstance(value, str):
             return header, base64.b64decode(value, validate=True)
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     return None, raw
 
@@ -185,7 +191,7 @@ def translate_errors(what: str, account: str) -> Iterator[None]:
             what, account, error_code(exc) or type(exc).__name__, auth_failure_reason(exc)
         ) from None
     except ServiceRequestError as exc:
-        raise BackendError(
+        raise ConnectionFailedError(
             f"{what}: cannot reach storage account {account!r} ({type(exc).__name__}). "
             "Check the account name or the endpoints in the connection string, and the network."
         ) from None
@@ -207,7 +213,7 @@ def translate_errors(what: str, account: str) -> Iterator[None]:
 
 
 def credentials_refused(what: str, account: str, code: str, reason: str = "") -> BackendError:
-    return BackendError(
+    return ConnectionFailedError(
         f"{what}: storage account {account!r} refused the credentials ({code}"
         f"{': ' + reason if reason else ''}). "
         "Check the account key or SAS in the connection string (JOBQ_CONNECTION_STRING / "
@@ -248,7 +254,7 @@ def rest_error(exc: RestError, what: str, account: str) -> BackendError:
     if exc.status in (401, 403):
         return credentials_refused(what, account, exc.code or "AuthenticationFailed", exc.reason)
     if exc.status == 0:
-        return BackendError(
+        return ConnectionFailedError(
             f"{what}: cannot reach storage account {account!r} ({exc.code}). "
             "Check the account name or the endpoints in the connection string, and the network."
         )
@@ -264,8 +270,7 @@ def rest_error(exc: RestError, what: str, account: str) -> BackendError:
 
 def is_account_error(exc: BackendError) -> bool:
     """Errors about the account rather than the message: abort the whole push."""
-    text = str(exc)
-    return "refused the credentials" in text or "cannot reach" in text
+    return isinstance(exc, ConnectionFailedError)
 
 
 def as_backend_error(exc: BaseException | None, what: str, account: str) -> BaseException:
@@ -342,9 +347,13 @@ def to_received(item: Any, dead_letter: bool, *, with_handle: bool) -> ReceivedM
             item.next_visible_on.timestamp() if with_handle and item.next_visible_on else None
         ),
         handle=(Lease(item.id, item.pop_receipt, dead_letter, frame) if with_handle else None),
-        dead_letter_reason=header.get("reason"),
-        dead_letter_description=header.get("description"),
+        dead_letter_reason=_text_or_none(header.get("reason")),
+        dead_letter_description=_text_or_none(header.get("description")),
     )
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def unstarted_text(header: dict[str, Any] | None, body: bytes) -> str | None:

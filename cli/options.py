@@ -1,0 +1,61 @@
+"""Bounded click parameter types for the durations and counts users type.
+
+Every duration or count option goes through these types, so an absurd value
+(``--dedup-window 99999999999``, ``-n 10**30``, a negative number) is a usage
+error (exit 2) with a message saying the allowed range, never a traceback or an
+overflow deep in a broker call.  The bounds are generous: they only catch typos.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import click
+
+from ai4s_jobq.durations import MAX_DURATION, DurationError, format_duration, parse_duration
+from ai4s_jobq.task import MAX_NUM_RETRIES
+
+#: Largest count for ``-n`` of ``peek`` / ``dlq list`` (they hold it all in memory).
+MAX_LISTED = 100_000
+#: Longest lock any backend accepts (Storage Queue's visibility timeout: 7 days;
+#: Service Bus allows 5 minutes and says so itself).
+MAX_LOCK = timedelta(days=7)
+#: Largest number of worker slots (concurrent tasks in one process).
+MAX_SLOTS = 10_000
+
+
+class Duration(click.ParamType):
+    """``7``, ``12h``, ``1d12h``...: a bare number is in ``bare_unit``; ``zero_ok``
+    lets ``0`` through (e.g. "0 = never")."""
+
+    name = "duration"
+
+    def __init__(self, bare_unit: str, *, maximum: timedelta = MAX_DURATION, zero_ok: bool = False):
+        self.bare_unit = bare_unit
+        self.maximum = maximum
+        self.zero_ok = zero_ok
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, timedelta):
+            return value
+        if self.zero_ok and str(value).strip() in ("0", f"0{self.bare_unit}"):
+            return timedelta(0)
+        try:
+            return parse_duration(value, bare_unit=self.bare_unit, maximum=self.maximum)
+        except DurationError as exc:
+            self.fail(str(exc), param, ctx)
+
+    def __repr__(self) -> str:
+        return f"Duration(bare_unit={self.bare_unit!r}, max={format_duration(self.maximum)})"
+
+
+def count(minimum: int, maximum: int) -> click.IntRange:
+    """An integer count from ``minimum`` to ``maximum``; outside is a usage error."""
+    return click.IntRange(minimum, maximum)
+
+
+NUM_RETRIES = count(0, MAX_NUM_RETRIES)
+SLOTS = count(1, MAX_SLOTS)
+LISTED = count(1, MAX_LISTED)
+FAILURES = count(1, 1_000_000)
