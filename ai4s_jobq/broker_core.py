@@ -75,9 +75,21 @@ _DELETE_LOCKED = "DELETE FROM messages WHERE lock_token = ? AND locked_until > ?
 class BrokerCore:
     """A set of queues in one SQLite file (``":memory:"`` for a private in-memory store)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Callable[[], float] = time.time,
+        synchronous: str = "NORMAL",
+    ):
+        """``synchronous`` is SQLite's setting for every connection: ``NORMAL`` (a
+        commit survives a process crash) or ``FULL`` (also a power loss); see
+        :mod:`ai4s_jobq.backends.durability`."""
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
         self.path = str(path)
         self.clock = clock
+        self.synchronous = synchronous
         self._local = threading.local()
         self._memory_conn: sqlite3.Connection | None = None
         self._memory_lock = threading.RLock()
@@ -109,7 +121,7 @@ class BrokerCore:
         conn.execute("PRAGMA busy_timeout = 60000")
         if self.path != ":memory:":
             conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         return conn
 
     class _Txn:

@@ -28,6 +28,7 @@ from .base import (
     QueueUnavailableError,
     ReceivedMessage,
 )
+from .durability import DURABILITY_ENV, SYNCHRONOUS, local_durability
 
 _POLL_MIN = 0.005
 _POLL_MAX = 0.1
@@ -41,9 +42,16 @@ class LocalBackend(Backend):
     #: queue holds ~100k IDs.  A batch holds the write lock for tens of ms.
     push_batch_size = 2000
 
-    def __init__(self, path: str | Path, queue_name: str = "default"):
+    def __init__(
+        self, path: str | Path, queue_name: str = "default", *, durability: str | None = None
+    ):
+        """``durability``: ``normal`` or ``full``; None reads ``JOBQ_LOCAL_DURABILITY``
+        (a bad value raises ``ConfigError`` here, before anything is opened)."""
         super().__init__(queue_name)
         self.path = Path(path)
+        self.durability = local_durability(
+            None if durability is None else {DURABILITY_ENV: durability}
+        )
         self._core: broker_core.BrokerCore | None = None
         self._wakeup: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -60,7 +68,7 @@ class LocalBackend(Backend):
         return self._core
 
     async def open(self) -> None:
-        self._core = broker_core.BrokerCore(self.path)
+        self._core = broker_core.BrokerCore(self.path, synchronous=SYNCHRONOUS[self.durability])
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         self._core.add_listener(self._on_available)
