@@ -108,8 +108,12 @@ class LocalBackend(Backend):
 
     async def push(self, messages: Sequence[OutgoingMessage]) -> list[PushOutcome]:
         limit = self._props().max_message_size
+        if all(len(message.body) <= limit for message in messages):  # the usual case
+            to_send = [broker_core.NewMessage(m.message_id, m.body) for m in messages]
+            results = self.core.send(self.queue_name, to_send)
+            return [PushOutcome(m.message_id, r.duplicate) for m, r in zip(messages, results)]
         outcomes: list[PushOutcome | None] = [None] * len(messages)
-        to_send: list[broker_core.NewMessage] = []
+        to_send = []
         positions: list[int] = []
         for i, message in enumerate(messages):
             if len(message.body) > limit:
