@@ -131,14 +131,17 @@ class LocalBackend(Backend):
     async def receive(
         self, max_count: int, max_wait: float, *, dead_letter: bool = False
     ) -> list[ReceivedMessage]:
-        self._props()
         sub_queue = broker_core.DEAD_LETTER if dead_letter else broker_core.ACTIVE
         deadline = time.monotonic() + max_wait
         delay = _POLL_MIN
         assert self._wakeup is not None
         while True:
             self._wakeup.clear()
-            stored = self.core.receive(self.queue_name, max_count, sub_queue=sub_queue)
+            try:  # (no look-up of the queue first: a worker receives once per task or two)
+                stored = self.core.receive(self.queue_name, max_count, sub_queue=sub_queue)
+            except broker_core.QueueNotFound:
+                self._props()  # raises QueueUnavailableError, with what to do
+                raise
             if stored:
                 return [_to_received(m) for m in stored]
             remaining = deadline - time.monotonic()
