@@ -32,6 +32,9 @@ from .durability import DURABILITY_ENV, SYNCHRONOUS, local_durability
 
 _POLL_MIN = 0.005
 _POLL_MAX = 0.1
+#: How long the completion of a receive's last message waits for the next receive to
+#: commit it (see ``complete``); short, because a caller awaits it.
+_LAST_COMPLETE_LINGER = 0.002
 
 
 class LocalBackend(Backend):
@@ -56,6 +59,8 @@ class LocalBackend(Backend):
         self._wakeup: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._completions: list[tuple[str, asyncio.Future[None]]] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._unsettled: set[str] = set()  # lock tokens of the latest receive not yet settled
 
     @property
     def description(self) -> str:
@@ -138,11 +143,12 @@ class LocalBackend(Backend):
         while True:
             self._wakeup.clear()
             try:  # (no look-up of the queue first: a worker receives once per task or two)
-                stored = self.core.receive(self.queue_name, max_count, sub_queue=sub_queue)
+                stored = self._receive_stored(max_count, sub_queue)
             except broker_core.QueueNotFound:
                 self._props()  # raises QueueUnavailableError, with what to do
                 raise
             if stored:
+                self._unsettled = {m.lock_token for m in stored if m.lock_token}
                 return [_to_received(m) for m in stored]
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -153,7 +159,23 @@ class LocalBackend(Backend):
             except asyncio.TimeoutError:
                 delay = min(delay * 2, _POLL_MAX)
 
+    def _receive_stored(self, max_count: int, sub_queue: str) -> list[broker_core.StoredMessage]:
+        """Receive, committing the pending completions in the same transaction."""
+        batch = self._take_completions() if self._completions else []
+        if not batch:
+            return self.core.receive(self.queue_name, max_count, sub_queue=sub_queue)
+        try:
+            outcomes, stored = self.core.complete_and_receive(
+                [token for token, _ in batch], self.queue_name, max_count, sub_queue=sub_queue
+            )
+        except Exception as exc:  # neither took effect: the completions' callers see why
+            _resolve_completions(batch, [exc] * len(batch))
+            raise
+        _resolve_completions(batch, outcomes)
+        return stored
+
     def _settle(self, action, message: ReceivedMessage, *args: object) -> None:
+        self._unsettled.discard(message.handle)
         try:
             action(message.handle, *args)
         except broker_core.LockLost as exc:
@@ -168,36 +190,44 @@ class LocalBackend(Backend):
     async def complete(self, message: ReceivedMessage) -> None:
         """Completions requested in the same event-loop turn (e.g. by a worker's
         slots finishing together) share one transaction; each caller still returns
-        only once its message is completed, or gets its own ``LockLostError``."""
+        only once its message is completed, or gets its own ``LockLostError``.
+
+        The completion of the last unsettled message of the latest receive waits up
+        to ``_LAST_COMPLETE_LINGER`` seconds for the next receive, which commits it
+        in its own transaction: a worker that finishes its tasks and takes the next
+        ones then pays one commit instead of two."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        if not self._completions:
-            loop.call_soon(self._flush_completions)
+        self._unsettled.discard(message.handle)
+        if self._flush_handle is None:
+            if self._unsettled:
+                self._flush_handle = loop.call_soon(self._flush_completions)
+            else:
+                self._flush_handle = loop.call_later(_LAST_COMPLETE_LINGER, self._flush_completions)
         self._completions.append((message.handle, future))
         await future
 
-    def _flush_completions(self) -> None:
-        # A caller cancelled before the flush never got its completion, as when
-        # ``complete`` ran inline: leave its message locked.
+    def _take_completions(self) -> list[tuple[str, asyncio.Future[None]]]:
+        """The pending completions, minus those whose caller was cancelled (as when
+        ``complete`` ran inline, it never got its completion: its message stays locked)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         batch = [(token, f) for token, f in self._completions if not f.cancelled()]
         self._completions = []
+        return batch
+
+    def _flush_completions(self) -> None:
+        batch = self._take_completions()
         if not batch:
             return
         try:
-            outcomes: list[Exception | None] = list(
-                self.core.complete_many([token for token, _ in batch])
+            outcomes: Sequence[Exception | None] = self.core.complete_many(
+                [token for token, _ in batch]
             )
         except Exception as exc:  # the transaction failed: every caller sees why
             outcomes = [exc] * len(batch)
-        for (_, future), error in zip(batch, outcomes):
-            if future.done():
-                continue
-            if error is None:
-                future.set_result(None)
-            elif isinstance(error, broker_core.LockLost):
-                future.set_exception(LockLostError(str(error)))
-            else:
-                future.set_exception(error)
+        _resolve_completions(batch, outcomes)
 
     async def abandon(self, message: ReceivedMessage) -> None:
         self._settle(self.core.abandon, message)
@@ -233,6 +263,20 @@ class LocalBackend(Backend):
             window=timedelta(seconds=props.duplicate_detection_window),
             mechanism="broker" if props.requires_duplicate_detection else "none",
         )
+
+
+def _resolve_completions(
+    batch: list[tuple[str, asyncio.Future[None]]], outcomes: Sequence[Exception | None]
+) -> None:
+    for (_, future), error in zip(batch, outcomes):
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        elif isinstance(error, broker_core.LockLost):
+            future.set_exception(LockLostError(str(error)))
+        else:
+            future.set_exception(error)
 
 
 def _to_received(
