@@ -126,3 +126,17 @@ async def test_a_sync_task_sees_its_own_current_task_in_a_worker(local_dir):
     assert sorted(task_id for task_id, _, _ in seen) == sorted(p.id for p in pushed)
     assert {attempt for _, attempt, _ in seen} == {1}
     assert all(name != threading.main_thread().name for _, _, name in seen)
+
+
+async def test_idle_threads_exit_and_a_later_call_starts_a_new_one(monkeypatch):
+    from ai4s_jobq.worker import sync_calls
+
+    pool = sync_calls._Pool()
+    monkeypatch.setattr(sync_calls, "_pool", pool)
+    monkeypatch.setattr(sync_calls, "IDLE_SECONDS", 0.05)
+    threads = [await run_sync(threading.current_thread, {}) for _ in range(5)]
+    # Serial calls are served by one thread: it is idle before its caller hears back.
+    assert pool.started == 1 and len(set(threads)) == 1
+    await wait_until(lambda: pool.idle == 0 and not threads[0].is_alive())
+    assert await run_sync(lambda: "again", {}) == "again"
+    assert pool.started == 2

@@ -115,11 +115,13 @@ class _Pool:
                 result = context.run(function, **kwargs)
             except BaseException as exc:  # handed to the awaiting task, as to_thread does
                 error = exc
+            # Idle before the caller hears of the outcome: its next call (a slot's next
+            # task) then finds this thread instead of starting another one.
+            with self.lock:
+                self.idle += 1
             inbox.deliver(future, result, error)
             # Do not pin the task's objects while waiting for the next job.
             del context, function, kwargs, future, inbox, result, error
-            with self.lock:
-                self.idle += 1
 
 
 _pool = _Pool()
