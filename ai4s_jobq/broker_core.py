@@ -84,12 +84,19 @@ class BrokerCore:
         *,
         clock: Callable[[], float] = time.time,
         read_only: bool = False,
+        synchronous: str = "NORMAL",
     ):
         """``read_only``: an existing store we only read (a subclass connects read-only):
-        no schema is created and ``counts`` skips its lock-expiry sweep."""
+        no schema is created and ``counts`` skips its lock-expiry sweep.
+        ``synchronous`` is SQLite's setting for every connection: ``NORMAL`` (a
+        commit survives a process crash) or ``FULL`` (also a power loss); see
+        :mod:`ai4s_jobq.backends.durability`."""
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
         self.path = str(path)
         self.clock = clock
         self.read_only = read_only
+        self.synchronous = synchronous
         self._local = threading.local()
         self._memory_conn: sqlite3.Connection | None = None
         self._memory_lock = threading.RLock()
@@ -130,16 +137,23 @@ class BrokerCore:
         conn.execute("PRAGMA busy_timeout = 60000")
         if self.path != ":memory:":
             conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         return conn
 
     class _Txn:
+        """A write transaction; inside another one on the same connection it joins it
+        (the outer one commits or rolls back), so operations compose into one commit."""
+
         def __init__(self, core: BrokerCore, conn: sqlite3.Connection):
             self.core = core
             self.conn = conn
+            self.joined = False
 
         def __enter__(self) -> sqlite3.Connection:
             self.core._memory_lock.acquire()
+            self.joined = self.conn.in_transaction
+            if self.joined:
+                return self.conn
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
             except BaseException:
@@ -149,7 +163,9 @@ class BrokerCore:
 
         def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
             try:
-                if exc_type is None:
+                if self.joined:
+                    pass
+                elif exc_type is None:
                     self.conn.execute("COMMIT")
                 else:
                     self.conn.execute("ROLLBACK")
@@ -592,6 +608,16 @@ class BrokerCore:
                 deleted = conn.execute(_DELETE_LOCKED, (token, now)).rowcount
                 outcomes.append(None if deleted else LockLost(LOCK_LOST_TEXT))
         return outcomes
+
+    def complete_and_receive(
+        self, lock_tokens: Sequence[str], queue: str, max_count: int = 1, *, sub_queue: str = ACTIVE
+    ) -> tuple[list[LockLost | None], list[StoredMessage]]:
+        """``complete_many(lock_tokens)`` then ``receive(queue, max_count)`` in one
+        transaction: a worker that finishes a task and takes the next pays one commit,
+        not two.  If the transaction fails, neither took effect."""
+        with self._write():
+            outcomes = self.complete_many(lock_tokens)
+            return outcomes, self.receive(queue, max_count, sub_queue=sub_queue)
 
     def abandon(self, lock_token: str, properties_to_modify: dict[str, Any] | None = None) -> None:
         """Release the lock so the message can be received again at once; after

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .ids import IdentifiedArgs, TaskEncodingError, identify
+from .ids import IdentifiedArgs, TaskEncodingError, identify, json_string
 from .legacy import LegacyFormatError, decode_legacy, is_legacy
 
 ENVELOPE_VERSION = 1
@@ -44,6 +44,9 @@ class Task:
     args: dict[str, Any]
     num_retries: int = DEFAULT_NUM_RETRIES
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: The canonical JSON of ``args`` when it is already known (it was hashed into the
+    #: ID), so :meth:`to_body` need not encode the arguments a second time.
+    args_json: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_shell(self) -> bool:
@@ -54,6 +57,13 @@ class Task:
         return self.num_retries + 1
 
     def to_body(self) -> bytes:
+        if self.args_json is not None and not self.extra and type(self.num_retries) is int:
+            # The envelope's keys in sorted order, as _ENVELOPE_JSON writes them; the
+            # arguments' canonical text is what that encoder would write for them.
+            return (
+                f'{{"args":{self.args_json},"id":{json_string(self.id)},'
+                f'"num_retries":{self.num_retries},"v":{ENVELOPE_VERSION}}}'
+            ).encode()
         envelope = {
             "v": ENVELOPE_VERSION,
             "id": self.id,
@@ -162,4 +172,5 @@ def make_task(
         id=identified.id,
         args=identified.args,
         num_retries=DEFAULT_NUM_RETRIES if num_retries is None else num_retries,
+        args_json=identified.hashed if identified.how == "content" else None,
     )

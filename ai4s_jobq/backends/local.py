@@ -27,6 +27,7 @@ from .base import (
     QueueSettings,
     ReceivedMessage,
 )
+from .durability import DURABILITY_ENV, SYNCHRONOUS, local_durability
 from .local_file import (
     LocalQueueNotFoundError,
     ReadOnlyCore,
@@ -39,6 +40,9 @@ from .local_file import (
 
 _POLL_MIN = 0.005
 _POLL_MAX = 0.1
+#: How long the completion of a receive's last message waits for the next receive to
+#: commit it (see ``complete``); short, because a caller awaits it.
+_LAST_COMPLETE_LINGER = 0.002
 
 
 class LocalBackend(Backend):
@@ -49,13 +53,22 @@ class LocalBackend(Backend):
     #: queue holds ~100k IDs.  A batch holds the write lock for tens of ms.
     push_batch_size = 2000
 
-    def __init__(self, path: str | Path, queue_name: str = "default"):
+    def __init__(
+        self, path: str | Path, queue_name: str = "default", *, durability: str | None = None
+    ):
+        """``durability``: ``normal`` or ``full``; None reads ``JOBQ_LOCAL_DURABILITY``
+        (a bad value raises ``ConfigError`` here, before anything is opened)."""
         super().__init__(queue_name)
         self.path = Path(path)
+        self.durability = local_durability(
+            None if durability is None else {DURABILITY_ENV: durability}
+        )
         self._core: broker_core.BrokerCore | None = None
         self._wakeup: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._completions: list[tuple[str, asyncio.Future[None]]] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._unsettled: set[str] = set()  # lock tokens of the latest receive not yet settled
 
     @property
     def description(self) -> str:
@@ -81,7 +94,7 @@ class LocalBackend(Backend):
         check_queue_file(self.path)
         with translate_sqlite_errors(self.path):
             core = (
-                broker_core.BrokerCore(self.path)
+                broker_core.BrokerCore(self.path, synchronous=SYNCHRONOUS[self.durability])
                 if may_write(self.path)
                 else ReadOnlyCore(self.path)
             )
@@ -132,8 +145,12 @@ class LocalBackend(Backend):
 
     async def push(self, messages: Sequence[OutgoingMessage]) -> list[PushOutcome]:
         limit = self._props().max_message_size
+        if all(len(message.body) <= limit for message in messages):  # the usual case
+            to_send = [broker_core.NewMessage(m.message_id, m.body) for m in messages]
+            results = self.core.send(self.queue_name, to_send)
+            return [PushOutcome(m.message_id, r.duplicate) for m, r in zip(messages, results)]
         outcomes: list[PushOutcome | None] = [None] * len(messages)
-        to_send: list[broker_core.NewMessage] = []
+        to_send = []
         positions: list[int] = []
         for i, message in enumerate(messages):
             if len(message.body) > limit:
@@ -152,7 +169,6 @@ class LocalBackend(Backend):
     async def receive(
         self, max_count: int, max_wait: float, *, dead_letter: bool = False
     ) -> list[ReceivedMessage]:
-        self._props()
         sub_queue = broker_core.DEAD_LETTER if dead_letter else broker_core.ACTIVE
         deadline = time.monotonic() + max_wait
         delay = _POLL_MIN
@@ -160,8 +176,13 @@ class LocalBackend(Backend):
         while True:
             self._wakeup.clear()
             with translate_sqlite_errors(self.path):
-                stored = self.core.receive(self.queue_name, max_count, sub_queue=sub_queue)
+                try:  # (no look-up of the queue first: a worker receives once per task or two)
+                    stored = self._receive_stored(max_count, sub_queue)
+                except broker_core.QueueNotFound:
+                    self._props()  # raises the backend's error, with what to do
+                    raise
             if stored:
+                self._unsettled = {m.lock_token for m in stored if m.lock_token}
                 return [_to_received(m) for m in stored]
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -172,7 +193,23 @@ class LocalBackend(Backend):
             except asyncio.TimeoutError:
                 delay = min(delay * 2, _POLL_MAX)
 
+    def _receive_stored(self, max_count: int, sub_queue: str) -> list[broker_core.StoredMessage]:
+        """Receive, committing the pending completions in the same transaction."""
+        batch = self._take_completions() if self._completions else []
+        if not batch:
+            return self.core.receive(self.queue_name, max_count, sub_queue=sub_queue)
+        try:
+            outcomes, stored = self.core.complete_and_receive(
+                [token for token, _ in batch], self.queue_name, max_count, sub_queue=sub_queue
+            )
+        except Exception as exc:  # neither took effect: the completions' callers see why
+            _resolve_completions(batch, [exc] * len(batch))
+            raise
+        _resolve_completions(batch, outcomes)
+        return stored
+
     def _settle(self, action, message: ReceivedMessage, *args: object) -> None:
+        self._unsettled.discard(message.handle)
         try:
             with translate_sqlite_errors(self.path):
                 action(message.handle, *args)
@@ -189,37 +226,45 @@ class LocalBackend(Backend):
     async def complete(self, message: ReceivedMessage) -> None:
         """Completions requested in the same event-loop turn (e.g. by a worker's
         slots finishing together) share one transaction; each caller still returns
-        only once its message is completed, or gets its own ``LockLostError``."""
+        only once its message is completed, or gets its own ``LockLostError``.
+
+        The completion of the last unsettled message of the latest receive waits up
+        to ``_LAST_COMPLETE_LINGER`` seconds for the next receive, which commits it
+        in its own transaction: a worker that finishes its tasks and takes the next
+        ones then pays one commit instead of two."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        if not self._completions:
-            loop.call_soon(self._flush_completions)
+        self._unsettled.discard(message.handle)
+        if self._flush_handle is None:
+            if self._unsettled:
+                self._flush_handle = loop.call_soon(self._flush_completions)
+            else:
+                self._flush_handle = loop.call_later(_LAST_COMPLETE_LINGER, self._flush_completions)
         self._completions.append((message.handle, future))
         await future
 
-    def _flush_completions(self) -> None:
-        # A caller cancelled before the flush never got its completion, as when
-        # ``complete`` ran inline: leave its message locked.
+    def _take_completions(self) -> list[tuple[str, asyncio.Future[None]]]:
+        """The pending completions, minus those whose caller was cancelled (as when
+        ``complete`` ran inline, it never got its completion: its message stays locked)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         batch = [(token, f) for token, f in self._completions if not f.cancelled()]
         self._completions = []
+        return batch
+
+    def _flush_completions(self) -> None:
+        batch = self._take_completions()
         if not batch:
             return
         try:
             with translate_sqlite_errors(self.path):
-                outcomes: list[Exception | None] = list(
-                    self.core.complete_many([token for token, _ in batch])
+                outcomes: Sequence[Exception | None] = self.core.complete_many(
+                    [token for token, _ in batch]
                 )
         except Exception as exc:  # the transaction failed: every caller sees why
             outcomes = [exc] * len(batch)
-        for (_, future), error in zip(batch, outcomes):
-            if future.done():
-                continue
-            if error is None:
-                future.set_result(None)
-            elif isinstance(error, broker_core.LockLost):
-                future.set_exception(LockLostError(str(error)))
-            else:
-                future.set_exception(error)
+        _resolve_completions(batch, outcomes)
 
     async def abandon(self, message: ReceivedMessage) -> None:
         self._settle(self.core.abandon, message)
@@ -258,6 +303,20 @@ class LocalBackend(Backend):
             window=timedelta(seconds=props.duplicate_detection_window),
             mechanism="broker" if props.requires_duplicate_detection else "none",
         )
+
+
+def _resolve_completions(
+    batch: list[tuple[str, asyncio.Future[None]]], outcomes: Sequence[Exception | None]
+) -> None:
+    for (_, future), error in zip(batch, outcomes):
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        elif isinstance(error, broker_core.LockLost):
+            future.set_exception(LockLostError(str(error)))
+        else:
+            future.set_exception(error)
 
 
 def _to_received(
