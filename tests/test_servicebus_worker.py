@@ -18,12 +18,13 @@ from servicebus_support import run_counts, sb_env, short_lock_queue, spec, start
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
 from ai4s_jobq.emulator.process import EmulatorProcess
 from ai4s_jobq.worker.processors import CallableProcessor
+from ai4s_jobq.worker.retry import RetryDelay
 
 sb_process, sb_cs, sb_queue = support.sb_process, support.sb_cs, support.sb_queue
 
 
 def policy(**kwargs) -> WorkerPolicy:
-    return WorkerPolicy(**{"idle_timeout": 1.0, **kwargs})
+    return WorkerPolicy(**{"idle_timeout": 1.0, "retry_delay": RetryDelay.immediate(), **kwargs})
 
 
 async def test_success_retry_and_dead_letter_with_reason(sb_cs, sb_queue):

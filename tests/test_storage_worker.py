@@ -21,6 +21,7 @@ from conftest import ROOT, jobq_cli, wait_for, worker_env
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
 from ai4s_jobq.backends.base import OutgoingMessage
 from ai4s_jobq.worker.processors import CallableProcessor
+from ai4s_jobq.worker.retry import RetryDelay
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def policy(**kwargs) -> WorkerPolicy:
-    return WorkerPolicy(**{"idle_timeout": 1.0, **kwargs})
+    return WorkerPolicy(**{"idle_timeout": 1.0, "retry_delay": RetryDelay.immediate(), **kwargs})
 
 
 def cli(azurite, *args: str, **kwargs) -> subprocess.CompletedProcess[str]:

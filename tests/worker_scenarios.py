@@ -9,6 +9,7 @@ import sample_tasks
 
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
 from ai4s_jobq.backends.base import OutgoingMessage
+from ai4s_jobq.worker.attempts import RunCounters
 from ai4s_jobq.worker.loop import ExitCode
 from ai4s_jobq.worker.processors import CallableProcessor, ShellProcessor
 
@@ -25,7 +26,7 @@ async def success_retry_then_dead_letter(q: JobQ, policy: WorkerPolicy) -> None:
     assert (counts.active, counts.dead_letter) == (0, 1)
     (dead,) = await q.dlq_list()
     assert dead.task is not None and dead.task.id == bad.id
-    assert dead.delivery_count == 3
+    assert RunCounters.of(dead.task).attempt == 3  # counted in the envelope, not by the broker
     assert dead.reason == "NonZeroExit"
     assert "exit code 3" in (dead.description or "")
     assert "something broke" in (dead.description or "")

@@ -37,7 +37,13 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
-from ..base import BackendError, QueueSettings, QueueUnavailableError, ReceivedMessage
+from ..base import (
+    BackendError,
+    CredentialsRefusedError,
+    QueueSettings,
+    QueueUnavailableError,
+    ReceivedMessage,
+)
 from .dedup import LedgerError
 from .rest import RestError, auth_reason
 
@@ -207,7 +213,7 @@ def translate_errors(what: str, account: str) -> Iterator[None]:
 
 
 def credentials_refused(what: str, account: str, code: str, reason: str = "") -> BackendError:
-    return BackendError(
+    return CredentialsRefusedError(
         f"{what}: storage account {account!r} refused the credentials ({code}"
         f"{': ' + reason if reason else ''}). "
         "Check the account key or SAS in the connection string (JOBQ_CONNECTION_STRING / "
