@@ -29,6 +29,7 @@ from ai4s_jobq.worker.loop import Worker, WorkerPolicy
 from ai4s_jobq.worker.processors import make_processor
 
 from .push_input import read_tasks, run_push
+from .worker_options import policy_fields, worker_policy_options
 
 T = TypeVar("T")
 EXIT_CONFIG = 4
@@ -245,14 +246,16 @@ def _worker_options(func: Callable[..., Any]) -> Callable[..., Any]:
     ]
     for option in reversed(options):
         func = option(func)
-    return func
+    return worker_policy_options(func)
 
 
-def _run_worker(ctx: click.Context, proc: str | None, policy: WorkerPolicy) -> int:
+def _run_worker(
+    ctx: click.Context, proc: str | None, policy: WorkerPolicy, pass_env: tuple[str, ...] = ()
+) -> int:
     if not ctx.meta.get("log_level_explicit"):
         logging.getLogger().setLevel(logging.INFO)
     try:
-        processor = make_processor(proc)
+        processor = make_processor(proc, pass_env=pass_env)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--proc") from None
 
@@ -302,6 +305,7 @@ def worker(
     max_consecutive_failures: int | None,
     proc: str | None,
     grace_period: timedelta,
+    **options: Any,
 ) -> None:
     """Run tasks from the queue until it stays empty (or a limit is hit)."""
     policy = WorkerPolicy(
@@ -310,8 +314,9 @@ def worker(
         time_limit=time_limit.total_seconds() if time_limit else None,
         max_consecutive_failures=max_consecutive_failures,
         grace_period=grace_period.total_seconds(),
+        **policy_fields(options),
     )
-    sys.exit(_run_worker(ctx, proc, policy))
+    sys.exit(_run_worker(ctx, proc, policy, options["pass_env"]))
 
 
 @cli.command()
@@ -325,15 +330,18 @@ def worker(
 )
 @_worker_options
 @click.pass_context
-def pull(ctx: click.Context, wait: timedelta, proc: str | None, grace_period: timedelta) -> None:
+def pull(
+    ctx: click.Context, wait: timedelta, proc: str | None, grace_period: timedelta, **options: Any
+) -> None:
     """Run exactly one task (exit 0 if it succeeded or none came, 1 if it failed)."""
     policy = WorkerPolicy(
         slots=1,
         max_tasks=1,
         idle_timeout=max(wait.total_seconds(), 0.001),
         grace_period=grace_period.total_seconds(),
+        **policy_fields(options),
     )
-    sys.exit(_run_worker(ctx, proc, policy))
+    sys.exit(_run_worker(ctx, proc, policy, options["pass_env"]))
 
 
 @cli.command()

@@ -35,12 +35,15 @@ import email.utils
 import json
 import logging
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger("ai4s_jobq.worker")
 
@@ -91,17 +94,17 @@ class PreemptionWatcher:
         self._vm_name: str | None = None
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> bool:
-        """Probe (for ``auto``) and start polling; False if the watch is off."""
-        if self.policy.mode == "off":
-            return False
-        answered = await asyncio.to_thread(self._probe)
+    async def start(self) -> None:
+        """Start watching in the background (the probe never delays the worker)."""
+        if self.policy.mode != "off":
+            self._task = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        answered = await _in_daemon_thread(self._probe)
         if not answered:
             if self.policy.mode == "auto":
-                log.debug(
-                    "no Scheduled Events endpoint at %s: preemption watch off", self.policy.endpoint
-                )
-                return False
+                log.debug("no Scheduled Events at %s: preemption watch off", self.policy.endpoint)
+                return
             log.warning(
                 "Scheduled Events endpoint %s did not answer; watching anyway (--preemption imds)",
                 self.policy.endpoint,
@@ -111,8 +114,7 @@ class PreemptionWatcher:
             self.policy.endpoint,
             "/".join(self.policy.event_types),
         )
-        self._task = asyncio.ensure_future(self._poll())
-        return True
+        await self._poll()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -129,7 +131,7 @@ class PreemptionWatcher:
             return
         body = json.dumps({"StartRequests": [{"EventId": self.notice.event_id}]}).encode()
         try:
-            await asyncio.to_thread(self._request, EVENTS_PATH, body, POLL_TIMEOUT)
+            await _in_daemon_thread(self._request, EVENTS_PATH, body, POLL_TIMEOUT)
             log.info("acknowledged scheduled event %s", self.notice.event_id)
         except OSError as exc:
             log.warning("could not acknowledge scheduled event %s: %s", self.notice.event_id, exc)
@@ -151,7 +153,7 @@ class PreemptionWatcher:
         failures = 0
         while self.notice is None:
             try:
-                raw = await asyncio.to_thread(self._request, EVENTS_PATH, None, POLL_TIMEOUT)
+                raw = await _in_daemon_thread(self._request, EVENTS_PATH, None, POLL_TIMEOUT)
                 notice = self._eviction(json.loads(raw))
                 failures = 0
             except (OSError, ValueError) as exc:
@@ -192,6 +194,34 @@ class PreemptionWatcher:
         with opener.open(request, timeout=timeout) as response:
             data: bytes = response.read()
             return data
+
+
+async def _in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
+    """Run a blocking call in a daemon thread of its own, not the loop's default
+    executor: ``asyncio.run`` waits for that executor at exit, and a probe of an
+    address that does not answer would hold every short-lived worker up to its timeout."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def deliver(outcome: Callable[[], None]) -> None:
+        if not future.done():
+            outcome()
+
+    def run() -> None:
+        try:
+            result = function(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            error = exc
+            call = lambda: deliver(lambda: future.set_exception(error))  # noqa: E731
+        else:
+            call = lambda: deliver(lambda: future.set_result(result))  # noqa: E731
+        try:
+            loop.call_soon_threadsafe(call)
+        except RuntimeError:  # the loop has closed: nobody is waiting any more
+            pass
+
+    threading.Thread(target=run, name="jobq-imds", daemon=True).start()
+    return await future
 
 
 def _parse_time(value: Any) -> float | None:

@@ -19,9 +19,12 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..redact import redact
 from ..task import Task
 from .context import current_task
+from .permanent import PERMANENT_REASON, is_permanent
 from .sync_calls import run_sync
+from .task_env import task_environment
 
 log = logging.getLogger("ai4s_jobq.task")
 
@@ -35,11 +38,19 @@ KILL_GRACE_SECONDS = 5.0
 class TaskFailed(Exception):
     """The task ran and failed; ``description`` says how (exit code, stderr tail)."""
 
-    def __init__(self, reason: str, description: str, *, exit_code: int | None = None):
+    def __init__(
+        self,
+        reason: str,
+        description: str,
+        *,
+        exit_code: int | None = None,
+        permanent: bool = False,
+    ):
         super().__init__(f"{reason}: {description}")
         self.reason = reason
         self.description = description
         self.exit_code = exit_code
+        self.permanent = permanent  # retrying cannot help: dead-letter at once
 
 
 class ShellProcessor:
@@ -50,17 +61,22 @@ class ShellProcessor:
     task ID; the tail of stderr is kept for the dead-letter description.
     """
 
-    def __init__(self, *, kill_grace: float = KILL_GRACE_SECONDS):
+    def __init__(self, *, kill_grace: float = KILL_GRACE_SECONDS, pass_env: tuple[str, ...] = ()):
         self.kill_grace = kill_grace
+        self.pass_env = pass_env  # credential variables the task may still see
 
     async def __call__(self, task: Task) -> None:
         cmd = task.args.get("cmd")
         if not isinstance(cmd, str) or not cmd:
-            raise TaskFailed("BadTask", "a shell task needs a 'cmd' string argument")
-        env = os.environ.copy()
+            raise TaskFailed(
+                PERMANENT_REASON, "a shell task needs a 'cmd' string argument", permanent=True
+            )
+        env = task_environment(self.pass_env)
         extra_env = task.args.get("env") or {}
         if not isinstance(extra_env, dict):
-            raise TaskFailed("BadTask", "a shell task's 'env' must be an object")
+            raise TaskFailed(
+                PERMANENT_REASON, "a shell task's 'env' must be an object", permanent=True
+            )
         env.update({str(k): str(v) for k, v in extra_env.items()})
         context = current_task()
         env.update(context.env() if context is not None else {"JOBQ_TASK_ID": task.id})
@@ -99,8 +115,13 @@ class ShellProcessor:
             )
 
     async def _kill(self, proc: asyncio.subprocess.Process) -> None:
-        """SIGTERM the group, then SIGKILL it if it has not gone within the grace."""
-        for sig, wait in ((signal.SIGTERM, self.kill_grace), (signal.SIGKILL, None)):
+        """SIGTERM the group, then SIGKILL it if it has not gone within the grace (the
+        loop's, e.g. bounded by a preemption deadline, else our own)."""
+        context = current_task()
+        grace = self.kill_grace
+        if context is not None and context.stop.grace is not None:
+            grace = context.stop.grace
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
             try:
                 os.killpg(proc.pid, sig)
             except ProcessLookupError:
@@ -125,7 +146,7 @@ async def _stream(
         line = await stream.readline()
         if not line:
             return
-        text = line.decode("utf-8", "replace").rstrip("\n")
+        text = redact(line.decode("utf-8", "replace").rstrip("\n"))
         if tail is not None:
             tail.append(text)
         log.log(level, "[%s] %s", task_id, text)
@@ -146,19 +167,47 @@ class CallableProcessor:
     async def __call__(self, task: Task) -> Any:
         try:
             if self.is_async:
-                return await self.function(**task.args)
-            return await run_sync(self.function, task.args)
+                result = await self.function(**task.args)
+            else:
+                result = await run_sync(self.function, task.args)
         except (asyncio.CancelledError, TaskFailed):
             raise
-        except Exception as exc:  # a task's own error is a failure, not a worker crash
-            raise TaskFailed(type(exc).__name__, _exception_text(exc)) from exc
+        except BaseException as exc:
+            # A task's own error -- even sys.exit(), KeyboardInterrupt, GeneratorExit --
+            # is a failed task, not a dead worker.
+            _restore_std_streams()
+            if is_permanent(exc):
+                raise TaskFailed(PERMANENT_REASON, _exception_text(exc), permanent=True) from None
+            raise TaskFailed(type(exc).__name__, _exception_text(exc)) from None
+        if _restore_std_streams():
+            raise TaskFailed("ClosedStream", "the task closed the worker's stdout or stderr")
+        return result
+
+
+def _restore_std_streams() -> bool:
+    """Reopen stdout/stderr if an in-process task closed (or removed) them, so the
+    worker can still log and print; True if it had to."""
+    restored = False
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        stream = getattr(sys, name)
+        if stream is None or stream.closed:
+            setattr(sys, name, open(fd, "w", closefd=False, encoding="utf-8", errors="replace"))
+            restored = True
+    if restored:
+        # Handlers created with the old stream (e.g. logging.StreamHandler) follow.
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler) and getattr(
+                handler.stream, "closed", False
+            ):
+                handler.setStream(sys.stderr)
+    return restored
 
 
 def _exception_text(exc: BaseException) -> str:
     import traceback
 
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return text[-STDERR_TAIL_CHARS:]
+    return redact(text)[-STDERR_TAIL_CHARS:]
 
 
 def load_callable(reference: str) -> Callable[..., Any]:
@@ -188,10 +237,11 @@ def load_callable(reference: str) -> Callable[..., Any]:
     return target
 
 
-def make_processor(reference: str | None) -> Processor:
-    """``None`` or ``"shell"`` runs shell tasks; anything else is ``module:function``."""
+def make_processor(reference: str | None, *, pass_env: tuple[str, ...] = ()) -> Processor:
+    """``None`` or ``"shell"`` runs shell tasks; anything else is ``module:function``.
+    ``pass_env``: credential variables shell tasks may still inherit."""
     if reference in (None, "", "shell"):
-        return ShellProcessor()
+        return ShellProcessor(pass_env=pass_env)
     return CallableProcessor(load_callable(reference))
 
 
