@@ -143,7 +143,8 @@ def crash_mid_reschedule(spec: str, env: dict[str, str], log: Path, marker: Path
     async def drain() -> None:
         from ai4s_jobq.worker.retry import RetryDelay
 
-        async with JobQ.open(spec, check=False) as q:
+        cs = env.get("JOBQ_CONNECTION_STRING")
+        async with JobQ.open(spec, connection_string=cs, check=False) as q:
             # idle timeout past the original's lock (3 s): its redelivery is seen too
             policy = WorkerPolicy(idle_timeout=6, retry_delay=RetryDelay.fixed(1))
             stats = await Worker(

@@ -63,6 +63,9 @@ log = logging.getLogger("ai4s_jobq.worker")
 RECEIVE_WAIT_SECONDS = 1.0
 RECEIVE_RETRY_MAX = 30.0
 RECEIVE_LINGER_SECONDS = 0.05
+#: After a delayed retry comes due, how long an idle worker still waits for it at least
+#: (whole-second visibility timeouts, a poll back-off in between).
+RETRY_SLACK = 3.0
 
 
 class ExitCode(IntEnum):
@@ -224,8 +227,8 @@ class Worker:
     async def _retries_pending(self) -> bool:
         """Whether delayed retries will still come due: ours (every broker), or any
         scheduled message where the broker counts them (Service Bus, local)."""
-        if time.monotonic() < self._delayed_until:
-            return True
+        if time.monotonic() < self._delayed_until + max(self.policy.idle_timeout, RETRY_SLACK):
+            return True  # the idle time counts from when our last retry comes due
         try:
             scheduled = (await self.backend.counts()).scheduled
         except Exception as exc:  # e.g. a Listen-only key cannot read counts
