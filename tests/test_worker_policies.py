@@ -267,3 +267,15 @@ def test_kill_mid_reschedule_neither_loses_nor_doubles_local(local_dir, tmp_path
     asyncio.run(setup())
     env = {**os.environ, **worker_env(local_dir)}
     worker_scenarios.crash_mid_reschedule("local://crash", env, log, marker)
+
+
+async def test_a_queue_that_disappears_stops_the_worker_with_code_4(local_dir):
+    """Not a transient error: no retries, no waiting for --idle-timeout."""
+    async with JobQ.open("local://vanishing") as q:
+        worker = asyncio.ensure_future(
+            Worker(q.backend, ShellProcessor(), WorkerPolicy(idle_timeout=0)).run()
+        )
+        await asyncio.sleep(0.2)  # the worker is polling the empty queue
+        q.backend.core.delete_queue("vanishing")
+        stats = await asyncio.wait_for(worker, 10)
+        assert stats.exit_code == 4 and stats.stop_reason == "configuration error"

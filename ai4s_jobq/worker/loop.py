@@ -226,7 +226,10 @@ class Worker:
 
     async def _retries_pending(self) -> bool:
         """Whether delayed retries will still come due: ours (every broker), or any
-        scheduled message where the broker counts them (Service Bus, local)."""
+        scheduled message where the broker counts them (Service Bus, local) -- not for
+        ``jobq pull``, which waits ``--wait`` for one task and no longer."""
+        if self.policy.max_tasks is not None:
+            return False
         if time.monotonic() < self._delayed_until + max(self.policy.idle_timeout, RETRY_SLACK):
             return True  # the idle time counts from when our last retry comes due
         try:
@@ -242,7 +245,7 @@ class Worker:
         trip (notably on Storage Queue) costs more than a short task."""
         deadline = time.monotonic() + RECEIVE_LINGER_SECONDS
         half = (self.policy.slots + 1) // 2
-        while self._signal is None:
+        while self._stop is None:
             free = self._free_slots()
             left = deadline - time.monotonic()
             if free >= half or left <= 0 or not self._running:
