@@ -81,6 +81,7 @@ log = logging.getLogger("ai4s_jobq.storage")
 DLQ_SUFFIX = "-failed"
 SEND_CONCURRENCY = 32  # sends in flight per backend
 RECEIVE_BATCH = 32  # Storage Queue's maximum per receive call
+MAX_VISIBILITY_SECONDS = 7 * 24 * 3600 - 1  # Azure's limit for a visibility timeout
 
 _QUEUE_NAME = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9-]{1,54}[a-z0-9]$")
 
@@ -582,7 +583,7 @@ class StorageQueueBackend(Backend):
                     lease.azure_id,
                     pop_receipt=lease.pop_receipt,
                     content=text,
-                    visibility_timeout=max(0, math.ceil(delay)),
+                    visibility_timeout=min(MAX_VISIBILITY_SECONDS, max(0, math.ceil(delay))),
                 )
             lease.pop_receipt = updated.pop_receipt
 
