@@ -138,7 +138,7 @@ def crash_mid_reschedule(spec: str, env: dict[str, str], log: Path, marker: Path
         timeout=120,
     )
     assert crashed.returncode == 9, crashed.stderr
-    assert log.read_text().splitlines() == ["1 0"]
+    assert log.read_text().splitlines() == ["1 0"], (log.read_text(), crashed.stderr[-3000:])
 
     async def drain() -> None:
         from ai4s_jobq.worker.retry import RetryDelay

@@ -64,7 +64,7 @@ class RunCounters:
         of the wrong type counts as absent rather than failing the task)."""
         raw = task.extra.get(RUN_KEY)
         if not isinstance(raw, dict):
-            return cls()
+            return _FRESH  # the common case: on the hot path, no allocation
 
         def count(name: str, default: int) -> int:
             value = raw.get(name)
@@ -100,6 +100,9 @@ class RunCounters:
             "copy": self.copy,
             "root": self.root,
         }
+
+
+_FRESH = RunCounters()
 
 
 @dataclass(frozen=True)
