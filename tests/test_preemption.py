@@ -102,3 +102,37 @@ async def test_notice_deadline_bounds_the_grace(imds):
     assert left is not None and 15 < left <= 20
     assert grace_for(notice, 300) == pytest.approx(left - 3, abs=1)
     assert grace_for(notice, 5) == 5
+
+
+def test_cli_worker_reads_the_endpoint_from_the_environment(local_dir, tmp_path, imds):
+    """The real `jobq worker` (default --preemption auto) finds the fake IMDS through
+    JOBQ_IMDS_ENDPOINT, gives the task back on a Terminate notice and exits 0."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, jobq_cli, wait_for, worker_env
+
+    env = {**os.environ, **worker_env(local_dir), "JOBQ_IMDS_ENDPOINT": imds.endpoint}
+    jobq_cli("push", "-c", worker_scenarios.checkpointing_task(tmp_path), env=env, check=True)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "ai4s_jobq_cli", "worker", "--idle-timeout", "0"],
+        env=env,
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for((tmp_path / "started").exists, what="the task to start")
+        wait_for(lambda: imds.requests >= 2, what="the worker to poll IMDS")
+        imds.schedule("Terminate", in_seconds=60)
+        _, err = worker.communicate(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    assert worker.returncode == 0, err
+    assert "worker stopped (preempted (Terminate))" in err
+    assert (tmp_path / "ckpt").exists()
+    assert imds.acks == []
