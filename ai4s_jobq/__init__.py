@@ -7,9 +7,11 @@ from .jobq import JobQ, PushFailure, PushResult, PushSummary
 from .task import Task, make_task
 from .worker import Worker, WorkerPolicy
 from .worker.context import TaskContext, current_task
+from .worker.permanent import PermanentError
 
 __all__ = [
     "JobQ",
+    "PermanentError",
     "PushFailure",
     "PushResult",
     "PushSummary",

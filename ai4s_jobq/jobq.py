@@ -346,7 +346,9 @@ class JobQ:
         except MalformedTaskError:
             body, task_id = message.body, message.message_id
         else:
-            body, task_id = message.body, task.id
+            from .worker.attempts import fresh_body  # a fresh set of attempts
+
+            body, task_id = fresh_body(task), task.id
         new_id = requeue_message_id(task_id, _dlq_key(message))
         (outcome,) = await self.backend.push([OutgoingMessage(new_id, body)])
         if outcome.error is not None:

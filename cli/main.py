@@ -8,6 +8,7 @@ or connection error; 128+N stopped by signal N (130 SIGINT, 143 SIGTERM).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -28,6 +29,7 @@ from ai4s_jobq.worker.processors import started
 from . import options
 from .common import Settings, accept_global_options, apply_log_level, confirm, open_queue, run
 from .dlq import dlq
+from .policy_options import policy_fields, worker_policy_options
 from .push_input import read_tasks, run_push
 from .worker_options import processor_options
 
@@ -199,7 +201,7 @@ def _worker_options(func: Callable[..., Any]) -> Callable[..., Any]:
     ]
     for option in reversed(decorators):
         func = option(func)
-    return func
+    return worker_policy_options(func)
 
 
 def _run_worker(ctx: click.Context, options: ProcessorOptions, policy: WorkerPolicy) -> int:
@@ -262,6 +264,7 @@ def worker(
     proc: str | None,
     grace_period: timedelta,
     processor_options: ProcessorOptions,
+    **options: Any,
 ) -> None:
     """Run tasks from the queue until it stays empty (or a limit is hit)."""
     policy = WorkerPolicy(
@@ -270,8 +273,10 @@ def worker(
         time_limit=time_limit.total_seconds() if time_limit else None,
         max_consecutive_failures=max_consecutive_failures,
         grace_period=grace_period.total_seconds(),
+        **policy_fields(options),
     )
-    sys.exit(_run_worker(ctx, processor_options, policy))
+    how = dataclasses.replace(processor_options, pass_env=options["pass_env"])
+    sys.exit(_run_worker(ctx, how, policy))
 
 
 @cli.command()
@@ -285,15 +290,18 @@ def worker(
 )
 @_worker_options
 @click.pass_context
-def pull(ctx: click.Context, wait: timedelta, proc: str | None, grace_period: timedelta) -> None:
+def pull(
+    ctx: click.Context, wait: timedelta, proc: str | None, grace_period: timedelta, **options: Any
+) -> None:
     """Run exactly one task (exit 0 if it succeeded or none came, 1 if it failed)."""
     policy = WorkerPolicy(
         slots=1,
         max_tasks=1,
         idle_timeout=max(wait.total_seconds(), 0.001),
         grace_period=grace_period.total_seconds(),
+        **policy_fields(options),
     )
-    sys.exit(_run_worker(ctx, ProcessorOptions(proc=proc), policy))
+    sys.exit(_run_worker(ctx, ProcessorOptions(proc=proc, pass_env=options["pass_env"]), policy))
 
 
 @cli.command()

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from ai4s_jobq.jobq import DeadLetteredTask
+from ai4s_jobq.worker.attempts import RunCounters
 
 
 def task_dict(item: DeadLetteredTask) -> dict[str, Any]:
@@ -17,6 +18,8 @@ def task_dict(item: DeadLetteredTask) -> dict[str, Any]:
     }
     if item.task is not None:
         out.update(id=item.task.id, args=item.task.args, num_retries=item.task.num_retries)
+        counters = RunCounters.of(item.task)
+        out.update(attempt=counters.attempt, interruptions=counters.interruptions)
     else:
         out["raw"] = item.raw.decode("utf-8", "replace")[:1000]
     if item.reason or item.description:
@@ -33,7 +36,11 @@ def print_tasks(items: list[DeadLetteredTask], *, as_json: bool) -> None:
     for item in items:
         if item.task is not None:
             what = item.task.args.get("cmd") or json.dumps(item.task.args, sort_keys=True)
-            click.echo(f"{item.task.id}  attempts={item.delivery_count}  {what}")
+            counters = RunCounters.of(item.task)
+            click.echo(
+                f"{item.task.id}  attempt={counters.attempt}"
+                f"  interruptions={counters.interruptions}  {what}"
+            )
         else:
             click.echo(f"{item.message_id}  (not a task) {item.raw[:80]!r}")
         if item.reason or item.description:

@@ -80,3 +80,13 @@ def worker_env(local_dir: Path) -> dict[str, str]:
     """Environment for subprocess workers that import ``sample_tasks``."""
     tests_dir = str(Path(__file__).resolve().parent)
     return {"JOBQ_LOCAL_DIR": str(local_dir), "PYTHONPATH": os.pathsep.join([tests_dir, str(ROOT)])}
+
+
+def free_port_url() -> str:
+    """An http:// address on 127.0.0.1 where nothing listens (connections are refused)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"

@@ -57,3 +57,57 @@ def legacy_record(path: str, value: object, **rest: object) -> None:
     line = {"value": value, "rest": rest, "id": context and context.task_id}
     with open(path, "a") as f:
         f.write(json.dumps(line) + "\n")
+
+
+def fail_first(log: str, marker: str) -> None:
+    """Record ``attempt interruptions`` (from current_task()); fail while ``marker`` is
+    absent (creating it), succeed after."""
+    from ai4s_jobq import current_task
+
+    context = current_task()
+    assert context is not None
+    with open(log, "a") as f:
+        f.write(f"{context.attempt} {context.interruptions}\n")
+    if not os.path.exists(marker):
+        Path(marker).write_text("failed once")
+        raise RuntimeError("first attempt fails")
+
+
+def raise_permanent(message: str = "input is corrupt") -> None:
+    from ai4s_jobq import PermanentError
+
+    raise PermanentError(message)
+
+
+def import_missing() -> None:
+    import ai4s_jobq_module_that_does_not_exist  # noqa: F401
+
+
+def exit_task(how: str) -> None:
+    """Leave in a way that must not take the worker with it."""
+    import sys
+
+    if how == "sys.exit":
+        sys.exit(3)
+    if how == "KeyboardInterrupt":
+        raise KeyboardInterrupt
+    if how == "SystemExit":
+        raise SystemExit("bye")
+    if how == "GeneratorExit":
+        raise GeneratorExit
+    if how == "close-stdout":
+        sys.stdout.close()
+        return
+
+
+def print_env(log: str, names: list[str]) -> None:
+    with open(log, "w") as f:
+        for name in names:
+            f.write(f"{name}={os.environ.get(name, '<unset>')}\n")
+
+
+def dispatch_exit_or_record(**args: object) -> None:
+    if "how" in args:
+        exit_task(str(args["how"]))
+    else:
+        record(str(args["log"]), str(args["name"]))

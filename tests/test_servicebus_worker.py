@@ -18,12 +18,13 @@ from servicebus_support import run_counts, sb_env, short_lock_queue, spec, start
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
 from ai4s_jobq.emulator.process import EmulatorProcess
 from ai4s_jobq.worker.processors import CallableProcessor
+from ai4s_jobq.worker.retry import RetryDelay
 
 sb_process, sb_cs, sb_queue = support.sb_process, support.sb_cs, support.sb_queue
 
 
 def policy(**kwargs) -> WorkerPolicy:
-    return WorkerPolicy(**{"idle_timeout": 1.0, **kwargs})
+    return WorkerPolicy(**{"idle_timeout": 1.0, "retry_delay": RetryDelay.immediate(), **kwargs})
 
 
 async def test_success_retry_and_dead_letter_with_reason(sb_cs, sb_queue):
@@ -88,7 +89,9 @@ def test_sigkilled_worker_task_is_redelivered_and_completed(sb_cs, sb_queue, tmp
     _, err = second.communicate(timeout=90)
     assert second.returncode == 0, err
     assert log.read_text().count("attempt") == 2
-    assert "attempt 2 of 3" in err and "succeeded" in err
+    # A killed worker is an interruption, not a failed attempt (see worker/attempts.py).
+    assert "counted as interruptions" in err
+    assert "attempt 1 of 3 (1 interruptions)" in err and "succeeded" in err
     assert time.monotonic() - killed_at >= 2.0  # it came back by lock expiry
     assert run_counts(sb_cs, sb_queue) == (0, 0)
 
@@ -177,3 +180,58 @@ def test_sixteen_concurrent_producers_push_the_same_tasks_once(sb_cs, sb_queue, 
     active, peeked = asyncio.run(inspect())
     assert active == 500
     assert sorted(int(t.task.args["cmd"].split()[-1]) for t in peeked) == list(range(500))
+
+
+async def test_preempt_notice_mid_task(sb_cs, sb_queue, tmp_path):
+    """Fake IMDS on 127.0.0.1 (the only fake: IMDS exists only inside an Azure VM)."""
+    from imds_fake import FakeIMDS
+
+    with FakeIMDS() as imds:
+        async with JobQ.open(spec(sb_queue), connection_string=sb_cs) as q:
+            await worker_scenarios.preempted_mid_task(q, imds, tmp_path)
+
+
+def test_kill_mid_reschedule_neither_loses_nor_doubles(sb_cs, sb_queue, tmp_path):
+    """Service Bus's delivery count and duplicate detection at work: the copy's
+    MessageId is deterministic, so the original's redelivery cannot add a second one."""
+    log, marker = tmp_path / "log", tmp_path / "marker"
+    short_lock_queue(sb_cs, sb_queue, 3)
+
+    async def push() -> None:
+        async with JobQ.open(spec(sb_queue), connection_string=sb_cs) as q:
+            await q.push({"log": str(log), "marker": str(marker)})
+
+    asyncio.run(push())
+    env = sb_env(sb_cs, sb_queue)
+    worker_scenarios.crash_mid_reschedule(spec(sb_queue), env, log, marker)
+
+
+async def test_scheduled_retries_keep_an_idle_worker_waiting(sb_cs, sb_queue):
+    """A failing task is retried after its back-off as a scheduled message; the worker's
+    idle timeout (shorter than the delay) waits for it because the broker counts it."""
+    from ai4s_jobq.worker.processors import ShellProcessor
+
+    async with JobQ.open(spec(sb_queue), connection_string=sb_cs) as q:
+        await q.push("exit 2", num_retries=1)
+        stats = await Worker(
+            q.backend,
+            ShellProcessor(),
+            policy(idle_timeout=0.5, retry_delay=RetryDelay.fixed(2)),
+        ).run()
+        assert (stats.failed, stats.dead_lettered, stats.rescheduled) == (2, 1, 1)
+        (dead,) = await q.dlq_list()
+        assert dead.reason == "NonZeroExit"
+
+
+def test_wrong_key_worker_exits_4_in_seconds(sb_cs, sb_queue):
+    import re
+
+    from servicebus_support import jobq_sb
+
+    wrong = re.sub(r"SharedAccessKey=[^;]+", "SharedAccessKey=d3JvbmcKd3JvbmcK", sb_cs)
+    started = time.monotonic()
+    result = jobq_sb(wrong, sb_queue, "worker", "--idle-timeout", "120", timeout=60)
+    assert result.returncode == 4, result.stderr
+    assert time.monotonic() - started < 15
+    assert "refused" in result.stderr or "Unauthorized" in result.stderr
+    assert "d3JvbmcKd3JvbmcK" not in result.stderr

@@ -21,6 +21,7 @@ from conftest import ROOT, jobq_cli, wait_for, worker_env
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
 from ai4s_jobq.backends.base import OutgoingMessage
 from ai4s_jobq.worker.processors import CallableProcessor
+from ai4s_jobq.worker.retry import RetryDelay
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def policy(**kwargs) -> WorkerPolicy:
-    return WorkerPolicy(**{"idle_timeout": 1.0, **kwargs})
+    return WorkerPolicy(**{"idle_timeout": 1.0, "retry_delay": RetryDelay.immediate(), **kwargs})
 
 
 def cli(azurite, *args: str, **kwargs) -> subprocess.CompletedProcess[str]:
@@ -149,7 +150,9 @@ def test_sigkilled_worker_task_reappears_after_visibility_timeout(
     _, err = second.communicate(timeout=90)
     assert second.returncode == 0, err
     assert log.read_text().count("attempt") == 2
-    assert "attempt 2 of 3" in err and "succeeded" in err
+    # A killed worker is an interruption, not a failed attempt (see worker/attempts.py).
+    assert "counted as interruptions" in err
+    assert "attempt 1 of 3 (1 interruptions)" in err and "succeeded" in err
     assert time.monotonic() - killed_at >= 1.0  # not before the visibility timeout ran out
     result = cli(azurite, "--queue", spec, "size", "--json", check=True)
     sizes = json.loads(result.stdout)
@@ -205,3 +208,51 @@ def test_check_reports_the_ledger_and_warns_on_a_queue_without_dedup(
     assert warned.returncode == 1, warned.stdout + warned.stderr
     assert "no duplicate detection" in warned.stdout
     assert "--dedup-window" in warned.stdout
+
+
+async def test_preempt_notice_mid_task(azurite, spec, tmp_path):
+    """Fake IMDS on 127.0.0.1 (the only fake: IMDS exists only inside an Azure VM)."""
+    from imds_fake import FakeIMDS
+
+    with FakeIMDS() as imds:
+        async with JobQ.open(spec, connection_string=azurite.connection_string) as q:
+            await worker_scenarios.preempted_mid_task(q, imds, tmp_path)
+
+
+async def test_delayed_retry_rewrites_the_message_in_place(azurite, spec):
+    """On Storage Queue a retry is the same message, its text (with the run counters)
+    and visibility timeout replaced in one call; the worker's idle timeout waits for
+    the retries it delayed itself (Storage cannot count them)."""
+    from ai4s_jobq.worker.attempts import RunCounters
+    from ai4s_jobq.worker.processors import ShellProcessor
+
+    async with JobQ.open(spec, connection_string=azurite.connection_string) as q:
+        await q.push("exit 2", num_retries=2)
+        stats = await Worker(
+            q.backend,
+            ShellProcessor(),
+            policy(idle_timeout=0.5, retry_delay=RetryDelay.fixed(1.5)),
+        ).run()
+        assert (stats.failed, stats.dead_lettered, stats.rescheduled) == (3, 1, 2)
+        (dead,) = await q.dlq_list()
+        assert dead.reason == "NonZeroExit"
+        assert dead.delivery_count == 3  # the same message, dequeued three times
+        assert RunCounters.of(dead.task).attempt == 3
+
+
+def test_wrong_key_worker_exits_4_in_seconds(azurite, spec):
+    wrong = azurite.connection_string_with_key("d3Jvbmcgd3Jvbmcgd3Jvbmcgd3Jvbmc=")
+    started = time.monotonic()
+    result = jobq_cli(
+        "--queue",
+        spec,
+        "worker",
+        "--idle-timeout",
+        "120",
+        env={"JOBQ_CONNECTION_STRING": wrong},
+        timeout=60,
+    )
+    assert result.returncode == 4, result.stderr
+    assert time.monotonic() - started < 15
+    assert "refused" in result.stderr
+    assert "d3Jvbmcgd3Jvbmcgd3Jvbmcgd3Jvbmc" not in result.stderr

@@ -12,10 +12,11 @@ import worker_scenarios
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
 from ai4s_jobq.worker.loop import ExitCode
 from ai4s_jobq.worker.processors import CallableProcessor
+from ai4s_jobq.worker.retry import RetryDelay
 
 
 def policy(**kwargs) -> WorkerPolicy:
-    return WorkerPolicy(**{"idle_timeout": 0.3, **kwargs})
+    return WorkerPolicy(**{"idle_timeout": 0.3, "retry_delay": RetryDelay.immediate(), **kwargs})
 
 
 async def test_success_and_retry_then_dead_letter_with_reason(local_dir):

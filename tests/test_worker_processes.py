@@ -17,6 +17,8 @@ from conftest import ROOT, wait_for, worker_env
 
 import ai4s_jobq
 from ai4s_jobq import JobQ
+from ai4s_jobq.task import Task
+from ai4s_jobq.worker.attempts import RunCounters
 
 
 def start_worker(local_dir: Path, *args: str) -> subprocess.Popen[str]:
@@ -84,7 +86,9 @@ def test_sigkilled_worker_task_runs_again_after_lock_expiry(local_dir, tmp_path)
     out, err = second.communicate(timeout=60)
     assert second.returncode == 0, err
     assert log.read_text().count("attempt") == 2
-    assert "attempt 2 of 3" in err and "succeeded" in err
+    # A killed worker is an interruption, not a failed attempt (see worker/attempts.py).
+    assert "counted as interruptions" in err
+    assert "attempt 1 of 3 (1 interruptions)" in err and "succeeded" in err
     assert time.monotonic() - killed_at >= 1.5  # not before the lock expired
     c = counts(local_dir)
     assert (c.active, c.dead_letter) == (0, 0)
@@ -127,7 +131,8 @@ def test_signal_after_grace_kills_the_group_and_abandons(local_dir, tmp_path, si
             return await q.backend.receive(1, 0)
 
     (again,) = asyncio.run(receive_now())  # available at once: no lock expiry needed
-    assert again.delivery_count == 2
+    counters = RunCounters.of(Task.from_body(again.body))
+    assert (counters.attempt, counters.interruptions) == (1, 1)  # no retry used
 
 
 def _alive(pid: int) -> bool:

@@ -45,6 +45,12 @@ class ConnectionFailedError(QueueUnavailableError):
     reporting each task as rejected."""
 
 
+class CredentialsRefusedError(ConnectionFailedError):
+    """The broker refused the credentials (wrong key, expired SAS, missing role):
+    retrying will not help, so a worker stops at once (exit code 4), where it keeps
+    retrying an unreachable broker (a network blip)."""
+
+
 class PermanentBackendError(BackendError):
     """Retrying cannot help (e.g. a damaged local queue file): a worker stops on it
     instead of retrying forever."""
@@ -179,6 +185,27 @@ class Backend(abc.ABC):
     async def dead_letter(
         self, message: ReceivedMessage, reason: str, description: str
     ) -> None: ...
+
+    #: True where ``reschedule`` rewrites the same message, whose delivery count goes on
+    #: (Storage Queue); False where it sends a new message (Service Bus, local).
+    reschedules_in_place: bool = False
+
+    async def reschedule(
+        self, message: ReceivedMessage, replacement_id: str, body: bytes, delay: float
+    ) -> None:
+        """Put the locked ``message`` back as ``body``, receivable after ``delay``
+        seconds (a retry back-off; 0 for an interruption).  By default: prove the lock
+        is still held, send ``body`` as a new message with MessageId
+        ``replacement_id`` (scheduled ``delay`` ahead), then complete the old one.
+        ``replacement_id`` is deterministic (see :mod:`ai4s_jobq.worker.attempts`), so
+        duplicate detection drops a second copy if a worker died between the two."""
+        await self.renew(message)
+        await self.send_scheduled(OutgoingMessage(replacement_id, body), delay)
+        await self.complete(message)
+
+    async def send_scheduled(self, message: OutgoingMessage, delay: float) -> None:
+        """Send one message that becomes receivable ``delay`` seconds from now."""
+        raise NotImplementedError(f"{type(self).__name__} cannot schedule messages")
 
     @abc.abstractmethod
     async def peek(self, max_count: int, *, dead_letter: bool = False) -> list[ReceivedMessage]:

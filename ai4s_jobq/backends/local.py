@@ -272,6 +272,11 @@ class LocalBackend(Backend):
     async def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
         self._settle(self.core.dead_letter, message, reason, description)
 
+    async def send_scheduled(self, message: OutgoingMessage, delay: float) -> None:
+        when = time.time() + delay if delay > 0 else None
+        new = broker_core.NewMessage(message.message_id, message.body, scheduled_enqueue_time=when)
+        self.core.send(self.queue_name, [new])
+
     async def peek(self, max_count: int, *, dead_letter: bool = False) -> list[ReceivedMessage]:
         self._props()
         sub_queue = broker_core.DEAD_LETTER if dead_letter else broker_core.ACTIVE

@@ -34,6 +34,7 @@ class ProcessorOptions:
     gpus_per_task: int = 1
     task_timeout: float | None = None  # seconds
     tty: bool = False  # shell tasks' stdout is a pseudo-terminal
+    pass_env: tuple[str, ...] = ()  # credential variables tasks may still inherit
     # Stopping a task (cancelled or timed out): SIGTERM, then SIGKILL after this long.
     kill_grace: float = KILL_GRACE_SECONDS
 
@@ -70,9 +71,13 @@ def build_processor(options: ProcessorOptions, slots: int | None = None) -> Buil
     processor: Processor
     if options.isolation == "process":
         assert options.proc is not None
-        processor = ProcessPool(options.proc, count, groups, kill_grace=options.kill_grace)
+        processor = ProcessPool(
+            options.proc, count, groups, kill_grace=options.kill_grace, pass_env=options.pass_env
+        )
     elif is_shell(options):
-        processor = ShellProcessor(kill_grace=options.kill_grace, tty=options.tty)
+        processor = ShellProcessor(
+            kill_grace=options.kill_grace, tty=options.tty, pass_env=options.pass_env
+        )
     else:
         processor = make_processor(options.proc)
     if groups:

@@ -14,7 +14,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StopRequest:
+    """Set by the loop before it cancels a task: how long the task may take to stop
+    after SIGTERM (e.g. bounded by a preemption notice's deadline) before it is
+    killed.  None: the processor's own default."""
+
+    grace: float | None = None
 
 
 @dataclass(frozen=True)
@@ -23,6 +32,7 @@ class TaskContext:
     attempt: int = 1  # 1 on the first attempt; interruptions do not count
     interruptions: int = 0  # earlier runs stopped by preemption, shutdown or time limit
     gpus: tuple[str, ...] = ()  # the GPUs given to this task's slot (indices or UUIDs)
+    stop: StopRequest = field(default_factory=StopRequest, compare=False, repr=False)
 
     def env(self) -> dict[str, str]:
         """The environment variables a child process of this task gets."""

@@ -63,6 +63,7 @@ from .processors import (
     kill_process_group,
     load_callable,
 )
+from .task_env import task_environment
 
 log = logging.getLogger("ai4s_jobq.worker")
 
@@ -152,12 +153,14 @@ class ProcessPool:
         gpu_groups: Sequence[GpuGroup] = (),
         *,
         kill_grace: float = KILL_GRACE_SECONDS,
+        pass_env: tuple[str, ...] = (),
     ):
         if gpu_groups and len(gpu_groups) != slots:
             raise ValueError(f"{slots} slots but {len(gpu_groups)} GPU groups")
         _check_importable(reference)
         self.reference = reference
         self.kill_grace = kill_grace
+        self.pass_env = pass_env  # credential variables tasks may still inherit
         self.slots = [_Slot(i, tuple(gpu_groups[i]) if gpu_groups else ()) for i in range(slots)]
         self._by_gpus = {slot.gpus: slot for slot in self.slots if slot.gpus}
         self._idle: asyncio.Queue[_Slot] | None = None
@@ -276,8 +279,9 @@ class ProcessPool:
         request_in, request_out = self._mp.Pipe(duplex=False)
         reply_in, reply_out = self._mp.Pipe(duplex=False)
         # The fork server's environment is the worker's when the server started;
-        # each process gets the worker's environment as it is now, plus its GPUs.
-        env = dict(os.environ)
+        # each process gets the worker's environment as it is now (less its credentials,
+        # see task_env), plus its GPUs.
+        env = task_environment(self.pass_env)
         if slot.gpus:
             env["JOBQ_GPUS"] = env["CUDA_VISIBLE_DEVICES"] = ",".join(slot.gpus)
         process = self._mp.Process(

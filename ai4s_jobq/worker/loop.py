@@ -1,18 +1,19 @@
-"""The worker loop: receive, run, settle — readable top to bottom.
+"""The worker loop: receive, run, settle -- readable top to bottom.
 
 For each message the worker holds a lock (peek-lock, lease or visibility
 timeout) and renews it while the task runs.  Outcomes:
 
-* success → complete;
-* failure with attempts left → abandon (the broker's delivery count is the
-  attempt counter, so nothing is rewritten);
-* failure on the last attempt → dead-letter with the reason and description
-  (exit code and stderr tail);
-* a message that is not a task → dead-letter ``MalformedTask``, keep going;
-* lock lost → cancel the task and leave the message alone: another worker owns it;
-* shutdown (SIGTERM/SIGINT) → stop receiving, give running tasks
-  ``grace_period`` seconds, then cancel them and abandon their messages so they
-  are redelivered at once.
+* success -> complete;
+* failure with attempts left -> put back *delayed* by the retry policy
+  (:mod:`.retry`), with the attempt counted in the envelope (:mod:`.attempts`);
+* failure on the last attempt, or a permanent error -> dead-letter with the reason
+  and description (exit code and stderr tail, redacted);
+* a message that is not a task -> dead-letter ``MalformedTask``, keep going;
+* lock lost -> cancel the task and leave the message alone: another worker owns it;
+* interruption (SIGTERM/SIGINT after the grace period, a preemption notice from
+  :mod:`.preemption`, a delivery that never settled) -> put back at once, counted as
+  an interruption, not an attempt; past ``max_interruptions`` -> dead-letter
+  ``TooManyInterruptions``.
 
 A slot is a running *task*: when a task ends its slot takes the next message
 while the settle (a broker round trip) is still in flight, so short tasks do not
@@ -30,9 +31,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from ..backends.base import Backend, LockLostError, PermanentBackendError, ReceivedMessage
+from ..backends.base import (
+    Backend,
+    ConnectionFailedError,
+    CredentialsRefusedError,
+    LockLostError,
+    PermanentBackendError,
+    QueueUnavailableError,
+    ReceivedMessage,
+)
 from ..redact import redact
 from ..task import MalformedTaskError, Task
+from .attempts import RunCounters, next_copy
 from .context import TaskContext, task_context
 from .hooks import (
     DEAD_LETTERED,
@@ -46,19 +56,25 @@ from .hooks import (
     WorkerHook,
     WorkerIdentity,
 )
+from .preemption import EvictionNotice, PreemptionPolicy, PreemptionWatcher, grace_for
 from .processors import Processor, TaskFailed, install_signal_handlers
+from .retry import RetryDelay
 
 log = logging.getLogger("ai4s_jobq.worker")
 
 RECEIVE_WAIT_SECONDS = 1.0
 RECEIVE_RETRY_MAX = 30.0
 RECEIVE_LINGER_SECONDS = 0.05
+#: After a delayed retry comes due, how long an idle worker still waits for it at least
+#: (whole-second visibility timeouts, a poll back-off in between).
+RETRY_SLACK = 3.0
 
 
 class ExitCode(IntEnum):
     OK = 0  # idle timeout, time limit or task limit reached
     TASK_FAILED = 1  # `jobq pull`: the one task failed
     TOO_MANY_FAILURES = 3  # --max-consecutive-failures reached
+    CONFIGURATION = 4  # credentials refused or queue missing: retrying will not help
     SIGINT = 128 + signal.SIGINT
     SIGTERM = 128 + signal.SIGTERM
 
@@ -71,6 +87,9 @@ class WorkerPolicy:
     max_consecutive_failures: int | None = None
     grace_period: float = 30.0  # on SIGTERM/SIGINT, before running tasks are killed
     max_tasks: int | None = None  # `jobq pull` is max_tasks=1
+    retry_delay: RetryDelay = field(default_factory=RetryDelay)  # back-off between attempts
+    max_interruptions: int = 10  # then dead-lettered as TooManyInterruptions
+    preemption: PreemptionPolicy = field(default_factory=lambda: PreemptionPolicy(mode="off"))
 
 
 @dataclass
@@ -81,6 +100,7 @@ class WorkerStats:
     malformed: int = 0
     lost_locks: int = 0
     interrupted: int = 0
+    rescheduled: int = 0  # retries put back with a delay
     consecutive_failures: int = 0
     stop_reason: str = ""
     exit_code: int = 0
@@ -91,6 +111,8 @@ class _Running:
     message: ReceivedMessage
     work: asyncio.Future[None] | None = None
     lock_lost: bool = False
+    interrupted: str | None = None  # why the loop cancelled it: Shutdown, Preempted
+    context: TaskContext | None = None
     settling: bool = False  # the task is over; its message is being settled
     handler: asyncio.Task[None] = field(init=False)
 
@@ -116,17 +138,25 @@ class Worker:
         self._running: set[_Running] = set()
         self._slot_freed = asyncio.Event()
         self._signal: int | None = None
+        self._stop: str | None = None  # why intake stopped early (signal, preemption)
+        self._kill_at: float | None = None  # when running tasks are cancelled
+        self._notice: EvictionNotice | None = None
+        self._delayed_until = 0.0  # monotonic time the last retry delayed here comes due
         self._taken = 0
 
     # ------------------------------------------------------------------ main loop
 
     async def run(self) -> WorkerStats:
         restore = install_signal_handlers(asyncio.get_running_loop(), self._on_signal)
+        watcher = PreemptionWatcher(self.policy.preemption, self._on_preemption)
         await self.hooks.start(self.identity)
         try:
+            await watcher.start()
             self.stats.stop_reason = await self._receive_loop()
             await self._finish_running()
+            await watcher.acknowledge()
         finally:
+            await watcher.stop()
             restore()
             self.stats.exit_code = self._exit_code()
             await self.hooks.stop(self.identity, self.stats)
@@ -144,8 +174,8 @@ class Worker:
         started = last_activity = time.monotonic()
         receive_errors = 0
         while True:
-            if self._signal is not None:
-                return f"signal {signal.Signals(self._signal).name}"
+            if self._stop is not None:
+                return self._stop
             if policy.time_limit is not None and time.monotonic() - started >= policy.time_limit:
                 return "time limit"
             if policy.max_tasks is not None and self._taken >= policy.max_tasks:
@@ -167,9 +197,11 @@ class Worker:
                 free = min(free, policy.max_tasks - self._taken)
             try:
                 messages = await self.backend.receive(free, self._receive_wait(last_activity))
-            except PermanentBackendError:  # e.g. a damaged queue file: retrying cannot help
-                raise
             except Exception as exc:  # broker down or connection dropped: back off, retry
+                if _stops_the_worker(exc):  # retrying cannot help: say why, exit code 4
+                    log.error("cannot receive: %s", redact(str(exc)))
+                    self.stats.exit_code = ExitCode.CONFIGURATION
+                    return "configuration error"
                 receive_errors += 1
                 delay = min(RECEIVE_RETRY_MAX, 0.5 * 2 ** min(receive_errors, 6))
                 log.warning(
@@ -189,7 +221,24 @@ class Worker:
             elif self._running:
                 last_activity = time.monotonic()
             elif policy.idle_timeout and time.monotonic() - last_activity >= policy.idle_timeout:
-                return "idle timeout"
+                if not await self._retries_pending():
+                    return "idle timeout"
+                last_activity = time.monotonic() - policy.idle_timeout + RECEIVE_WAIT_SECONDS
+
+    async def _retries_pending(self) -> bool:
+        """Whether delayed retries will still come due: ours (every broker), or any
+        scheduled message where the broker counts them (Service Bus, local) -- not for
+        ``jobq pull``, which waits ``--wait`` for one task and no longer."""
+        if self.policy.max_tasks is not None:
+            return False
+        if time.monotonic() < self._delayed_until + max(self.policy.idle_timeout, RETRY_SLACK):
+            return True  # the idle time counts from when our last retry comes due
+        try:
+            scheduled = (await self.backend.counts()).scheduled
+        except Exception as exc:  # e.g. a Listen-only key cannot read counts
+            log.debug("cannot read scheduled count: %s", redact(str(exc))[:200])
+            return False
+        return bool(scheduled)
 
     async def _gather_free_slots(self) -> int:
         """With tasks running and few slots free, wait up to ``RECEIVE_LINGER_SECONDS``
@@ -197,7 +246,7 @@ class Worker:
         trip (notably on Storage Queue) costs more than a short task."""
         deadline = time.monotonic() + RECEIVE_LINGER_SECONDS
         half = (self.policy.slots + 1) // 2
-        while self._signal is None:
+        while self._stop is None:
             free = self._free_slots()
             left = deadline - time.monotonic()
             if free >= half or left <= 0 or not self._running:
@@ -257,24 +306,26 @@ class Worker:
             self._task_over(running)
             await self._settle("dead_letter", message, "MalformedTask", str(exc))
             return
-        if message.delivery_count > task.max_attempts:
-            # Earlier deliveries never settled: their worker died or lost the lock.
-            self.stats.dead_lettered += 1
+        counters = RunCounters.of(task)
+        lost = counters.lost_deliveries(message.delivery_count)
+        if lost or counters.attempt > task.max_attempts:
             self._task_over(running)
-            await self._settle(
-                "dead_letter",
-                message,
-                "MaxAttemptsExceeded",
-                f"delivered {message.delivery_count} times, {task.max_attempts} attempts "
-                "allowed; earlier attempts did not finish (worker killed or lock lost)",
-            )
+            await self._put_back_unrun(message, task, counters, lost)
             return
         started = time.monotonic()
-        run = TaskRun(task, message, message.delivery_count)
+        run = TaskRun(task, message, counters.attempt)
         self.hooks.task_started(run)  # first: a hook may tag this attempt's log records
-        log.info("task %s: attempt %d of %d", task.id, message.delivery_count, task.max_attempts)
+        log.info(
+            "task %s: attempt %d of %d%s",
+            task.id,
+            counters.attempt,
+            task.max_attempts,
+            f" ({counters.interruptions} interruptions)" if counters.interruptions else "",
+        )
         # The processor's asyncio task copies the context: it sees its own TaskContext.
-        with task_context(TaskContext(task.id, attempt=message.delivery_count)):
+        context = TaskContext(task.id, counters.attempt, counters.interruptions)
+        running.context = context
+        with task_context(context):
             running.work = asyncio.ensure_future(self.processor(task))
         keeper = asyncio.ensure_future(self._keep_locked(running))
         try:
@@ -282,14 +333,39 @@ class Worker:
         finally:
             keeper.cancel()
         self._task_over(running)
-        await self._settle_outcome(running, run, time.monotonic() - started)
+        await self._settle_outcome(running, run, counters, time.monotonic() - started)
+
+    async def _put_back_unrun(
+        self, message: ReceivedMessage, task: Task, counters: RunCounters, lost: int
+    ) -> None:
+        """A message with deliveries that never settled (its worker died or lost the
+        lock): count them as interruptions and put it back at once, unrun -- which also
+        completes a reschedule that a dying worker left half done (see
+        :mod:`.attempts`)."""
+        if counters.attempt > task.max_attempts:
+            self.stats.dead_lettered += 1
+            await self._settle(
+                "dead_letter",
+                message,
+                "MaxAttemptsExceeded",
+                f"{counters.attempt - 1} failed attempts, {task.max_attempts} allowed",
+            )
+            return
+        log.warning(
+            "task %s: %d earlier deliveries never finished (worker lost); counted as interruptions",
+            task.id,
+            lost,
+        )
+        await self._interrupted(message, task, counters.interrupted(lost), "WorkerLost")
 
     def _task_over(self, running: _Running) -> None:
         """Free the slot for the next message while this one is settled."""
         running.settling = True
         self._slot_freed.set()
 
-    async def _settle_outcome(self, running: _Running, run: TaskRun, seconds: float) -> None:
+    async def _settle_outcome(
+        self, running: _Running, run: TaskRun, counters: RunCounters, seconds: float
+    ) -> None:
         message, work, task = running.message, running.work, run.task
         assert work is not None
         if running.lock_lost:
@@ -300,10 +376,9 @@ class Worker:
             )
             return
         if work.cancelled():
-            self.stats.interrupted += 1
-            self.hooks.task_finished(run, TaskOutcome(INTERRUPTED, seconds, reason="Shutdown"))
-            log.warning("task %s: interrupted by shutdown; abandoning it for redelivery", task.id)
-            await self._settle("abandon", message)
+            reason = running.interrupted or "Shutdown"
+            self.hooks.task_finished(run, TaskOutcome(INTERRUPTED, seconds, reason=reason))
+            await self._interrupted(message, task, counters.interrupted(), reason)
             return
         error = work.exception()
         if error is None:
@@ -317,9 +392,11 @@ class Worker:
         failure = (
             error if isinstance(error, TaskFailed) else TaskFailed(type(error).__name__, str(error))
         )
+        description = redact(failure.description)
+        permanent = getattr(failure, "permanent", False)
         self.stats.failed += 1
         self.stats.consecutive_failures += 1
-        final = message.delivery_count >= task.max_attempts
+        final = permanent or counters.attempt >= task.max_attempts
         if self.hooks:
             self.hooks.task_finished(
                 run,
@@ -327,29 +404,78 @@ class Worker:
                     DEAD_LETTERED if final else FAILED,
                     seconds,
                     reason=failure.reason,
-                    summary=redact(failure.description),
+                    summary=description,
                     exit_code=failure.exit_code,
                 ),
             )
         if final:
             self.stats.dead_lettered += 1
             log.error(
-                "task %s: failed (%s), attempt %d of %d: dead-lettering",
+                "task %s: failed (%s), attempt %d of %d: dead-lettering%s",
                 task.id,
-                failure.description.splitlines()[0] if failure.description else failure.reason,
-                message.delivery_count,
+                description.splitlines()[0] if description else failure.reason,
+                counters.attempt,
                 task.max_attempts,
+                " (permanent error: no retry)" if permanent else "",
             )
-            await self._settle("dead_letter", message, failure.reason, failure.description)
-        else:
-            log.warning(
-                "task %s: failed (%s), attempt %d of %d: will retry",
+            await self._settle("dead_letter", message, failure.reason, description)
+            return
+        delay = self.policy.retry_delay.seconds(counters.attempt)
+        log.warning(
+            "task %s: failed (%s), attempt %d of %d: retrying in %.1fs",
+            task.id,
+            failure.reason,
+            counters.attempt,
+            task.max_attempts,
+            delay,
+        )
+        await self._reschedule(message, task, counters.failed(), delay)
+
+    async def _interrupted(
+        self, message: ReceivedMessage, task: Task, counters: RunCounters, reason: str
+    ) -> None:
+        """Put an interrupted task back at once without using an attempt, or dead-letter
+        it once it has been interrupted more than ``max_interruptions`` times."""
+        self.stats.interrupted += 1
+        if counters.interruptions > self.policy.max_interruptions:
+            self.stats.dead_lettered += 1
+            log.error(
+                "task %s: interrupted %d times (limit %d): dead-lettering",
                 task.id,
-                failure.reason,
-                message.delivery_count,
-                task.max_attempts,
+                counters.interruptions,
+                self.policy.max_interruptions,
             )
-            await self._settle("abandon", message)
+            await self._settle(
+                "dead_letter",
+                message,
+                "TooManyInterruptions",
+                f"interrupted {counters.interruptions} times (last: {reason}); "
+                f"--max-interruptions is {self.policy.max_interruptions}",
+            )
+            return
+        log.warning(
+            "task %s: interrupted (%s); putting it back at once (attempt %d kept, interruption %d)",
+            task.id,
+            reason,
+            counters.attempt,
+            counters.interruptions,
+        )
+        await self._reschedule(message, task, counters, 0.0)
+
+    async def _reschedule(
+        self, message: ReceivedMessage, task: Task, counters: RunCounters, delay: float
+    ) -> None:
+        copy = next_copy(
+            task,
+            counters,
+            message.message_id,
+            message.delivery_count,
+            in_place=self.backend.reschedules_in_place,
+        )
+        if delay > 0:
+            self.stats.rescheduled += 1
+            self._delayed_until = max(self._delayed_until, time.monotonic() + delay)
+        await self._settle("reschedule", message, copy.message_id, copy.body, delay)
 
     async def _keep_locked(self, running: _Running) -> None:
         """Renew the lock until the work ends; if the lock is lost, cancel the work."""
@@ -371,7 +497,7 @@ class Worker:
                 work.cancel()
                 return
 
-    async def _settle(self, action: str, message: ReceivedMessage, *args: str) -> None:
+    async def _settle(self, action: str, message: ReceivedMessage, *args: object) -> None:
         """Settle, tolerating a lost lock or a broker hiccup: the broker will
         redeliver an unsettled message, which is the safe direction."""
         try:
@@ -394,35 +520,72 @@ class Worker:
     # ------------------------------------------------------------------ shutdown
 
     def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
         if self._signal is None:
             self._signal = signum
+            self._stop = self._stop or f"signal {name}"
+            # Also after --time-limit fired: running tasks get the grace period, no more.
+            self._kill_at = time.monotonic() + self.policy.grace_period
             log.warning(
                 "received %s: no new tasks; running tasks get %.0fs to finish",
-                signal.Signals(signum).name,
+                name,
                 self.policy.grace_period,
             )
         else:
             log.warning("second signal: cancelling running tasks now")
-            self._cancel_running()
+            self._cancel_running("Shutdown")
+        self._slot_freed.set()
+
+    def _on_preemption(self, notice: EvictionNotice) -> None:
+        """An eviction notice: stop intake, SIGTERM running tasks now so they can
+        checkpoint, kill them when the (deadline-bounded) grace ends, and put their
+        messages back at once."""
+        self._notice = notice
+        grace = grace_for(notice, self.policy.grace_period)
+        left = notice.seconds_left()
+        log.warning(
+            "%s notice (event %s, %s): no new tasks; stopping %d running task(s) with "
+            "%.0fs to checkpoint",
+            notice.event_type,
+            notice.event_id,
+            "due now" if left is None else f"due in {left:.0f}s",
+            len([r for r in self._running if not r.settling]),
+            grace,
+        )
+        self._stop = f"preempted ({notice.event_type})"
+        self._cancel_running("Preempted", grace)
         self._slot_freed.set()
 
     async def _finish_running(self) -> None:
-        if not self._running:
-            return
-        handlers = [r.handler for r in self._running]
-        timeout = self.policy.grace_period if self._signal is not None else None
-        done, pending = await asyncio.wait(handlers, timeout=timeout)
-        if pending:
-            log.warning("grace period over: cancelling %d running task(s)", len(pending))
-            self._cancel_running()
-            await asyncio.wait(pending)
+        """Wait for running tasks (and settles); once ``_kill_at`` passes (set by a
+        signal, even after the time limit stopped intake), cancel what still runs."""
+        cancelled = False
+        while self._running:
+            self._slot_freed.clear()
+            wait = 3600.0
+            if self._kill_at is not None and not cancelled:
+                left = self._kill_at - time.monotonic()
+                if left <= 0:
+                    log.warning("grace period over: cancelling running task(s)")
+                    self._cancel_running("Shutdown")
+                    cancelled = True
+                else:
+                    wait = left
+            await self._wait_for(self._slot_freed, wait)
 
-    def _cancel_running(self) -> None:
+    def _cancel_running(self, reason: str, grace: float | None = None) -> None:
+        """Cancel running tasks; each processor stops its work (the shell processor
+        sends SIGTERM, then SIGKILL after ``grace`` or its own default)."""
         for running in list(self._running):
             if running.work is not None and not running.work.done():
+                running.interrupted = running.interrupted or reason
+                if running.context is not None and grace is not None:
+                    running.context.stop.grace = grace
                 running.work.cancel()
 
     def _exit_code(self) -> int:
+        if self.stats.exit_code == ExitCode.CONFIGURATION:
+            return ExitCode.CONFIGURATION
         if self._signal is not None:
             return 128 + self._signal
         if self.stats.stop_reason == "too many consecutive failures":
@@ -434,3 +597,11 @@ class Worker:
 
 async def run_worker(backend: Backend, processor: Processor, policy: WorkerPolicy) -> WorkerStats:
     return await Worker(backend, processor, policy).run()
+
+
+def _stops_the_worker(exc: BaseException) -> bool:
+    """Receive errors that retrying cannot fix: refused credentials, a missing queue, a
+    damaged queue file.  An unreachable broker is retried (it may be a network blip)."""
+    if isinstance(exc, (CredentialsRefusedError, PermanentBackendError)):
+        return True
+    return isinstance(exc, QueueUnavailableError) and not isinstance(exc, ConnectionFailedError)

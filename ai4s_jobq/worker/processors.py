@@ -34,10 +34,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import TracebackType
 from typing import Any
 
+from ..redact import redact
 from ..task import Task
 from ..telemetry.context import child_process_env
 from .context import current_task
+from .permanent import PERMANENT_REASON, is_permanent
 from .sync_calls import run_sync
+from .task_env import task_environment
 
 log = logging.getLogger("ai4s_jobq.task")
 
@@ -53,11 +56,19 @@ class TaskFailed(Exception):
     exception type, ``Timeout``); ``description`` starts with a one-line summary, then
     the detail (stderr or traceback tail)."""
 
-    def __init__(self, reason: str, description: str, *, exit_code: int | None = None):
+    def __init__(
+        self,
+        reason: str,
+        description: str,
+        *,
+        exit_code: int | None = None,
+        permanent: bool = False,
+    ):
         super().__init__(f"{reason}: {description}")
         self.reason = reason
         self.description = description
         self.exit_code = exit_code
+        self.permanent = permanent  # retrying cannot help: dead-letter at once
 
     @property
     def summary(self) -> str:
@@ -74,8 +85,8 @@ def exception_summary(exc: BaseException) -> str:
 def exception_failure(exc: BaseException) -> TaskFailed:
     """A task's exception as a failure: type and message first, traceback tail after."""
     tb = _skip_own_frames(exc.__traceback__)
-    text = "".join(traceback.format_exception(type(exc), exc, tb))
-    return failure_from_parts(type(exc).__name__, exception_summary(exc), text)
+    text = redact("".join(traceback.format_exception(type(exc), exc, tb)))
+    return failure_from_parts(type(exc).__name__, redact(exception_summary(exc)), text)
 
 
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -134,19 +145,30 @@ class ShellProcessor:
     the failure's explanation).
     """
 
-    def __init__(self, *, kill_grace: float = KILL_GRACE_SECONDS, tty: bool = False):
+    def __init__(
+        self,
+        *,
+        kill_grace: float = KILL_GRACE_SECONDS,
+        tty: bool = False,
+        pass_env: tuple[str, ...] = (),
+    ):
         self.kill_grace = kill_grace
         self.tty = tty
+        self.pass_env = pass_env  # credential variables the task may still see
 
     async def __call__(self, task: Task) -> None:
         cmd = task.args.get("cmd")
         if not isinstance(cmd, str) or not cmd:
-            raise TaskFailed("BadTask", "a shell task needs a 'cmd' string argument")
-        env = os.environ.copy()
+            raise TaskFailed(
+                PERMANENT_REASON, "a shell task needs a 'cmd' string argument", permanent=True
+            )
+        env = task_environment(self.pass_env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         extra_env = task.args.get("env") or {}
         if not isinstance(extra_env, dict):
-            raise TaskFailed("BadTask", "a shell task's 'env' must be an object")
+            raise TaskFailed(
+                PERMANENT_REASON, "a shell task's 'env' must be an object", permanent=True
+            )
         env.update({str(k): str(v) for k, v in extra_env.items()})
         context = current_task()
         env.update(context.env() if context is not None else {"JOBQ_TASK_ID": task.id})
@@ -194,8 +216,13 @@ class ShellProcessor:
             raise exit_failure(code, tail)
 
     async def _kill(self, proc: asyncio.subprocess.Process) -> None:
-        """SIGTERM the group, then SIGKILL it if it has not gone within the grace."""
-        await kill_process_group(proc.pid, proc.wait, self.kill_grace)
+        """SIGTERM the group, then SIGKILL it if it has not gone within the grace (the
+        loop's, e.g. bounded by a preemption deadline, else our own)."""
+        context = current_task()
+        grace = self.kill_grace
+        if context is not None and context.stop.grace is not None:
+            grace = context.stop.grace
+        await kill_process_group(proc.pid, proc.wait, grace)
 
 
 async def kill_process_group(pid: int, wait: Callable[[], Awaitable[Any]], grace: float) -> None:
@@ -258,7 +285,7 @@ async def _stream(
         line = await stream.readline()
         if not line:
             return
-        text = line.decode("utf-8", "replace").rstrip("\n")
+        text = redact(line.decode("utf-8", "replace").rstrip("\n"))
         if tail is not None:
             tail.append(text)
         log.log(level, "[%s] %s", task_id, text)
@@ -280,15 +307,45 @@ class CallableProcessor:
     async def __call__(self, task: Task) -> Any:
         try:
             if self.is_async:
-                return await self.function(**task.args)
-            watch = _abandoned_threads.get()
-            if watch is None:
-                return await run_sync(self.function, task.args)
-            return await _run_sync_watched(self.function, task.args, watch)
+                result = await self.function(**task.args)
+            else:
+                watch = _abandoned_threads.get()
+                if watch is None:
+                    result = await run_sync(self.function, task.args)
+                else:
+                    result = await _run_sync_watched(self.function, task.args, watch)
         except (asyncio.CancelledError, TaskFailed):
             raise
-        except Exception as exc:  # a task's own error is a failure, not a worker crash
-            raise exception_failure(exc) from exc
+        except BaseException as exc:
+            # A task's own error -- even sys.exit(), KeyboardInterrupt, GeneratorExit --
+            # is a failed task, not a dead worker.
+            _restore_std_streams()
+            failure = exception_failure(exc)
+            if is_permanent(exc):
+                raise TaskFailed(PERMANENT_REASON, failure.description, permanent=True) from exc
+            raise failure from exc
+        if _restore_std_streams():
+            raise TaskFailed("ClosedStream", "the task closed the worker's stdout or stderr")
+        return result
+
+
+def _restore_std_streams() -> bool:
+    """Reopen stdout/stderr if an in-process task closed (or removed) them, so the
+    worker can still log and print; True if it had to."""
+    restored = False
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        stream = getattr(sys, name)
+        if stream is None or stream.closed:
+            setattr(sys, name, open(fd, "w", closefd=False, encoding="utf-8", errors="replace"))
+            restored = True
+    if restored:
+        # Handlers created with the old stream (e.g. logging.StreamHandler) follow.
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler) and getattr(
+                handler.stream, "closed", False
+            ):
+                handler.setStream(sys.stderr)
+    return restored
 
 
 # Set by a wrapper that must know when a cancelled sync task's thread really ends (the
@@ -435,12 +492,15 @@ def python_processor(target: Callable[..., Any]) -> Processor:
     return CallableProcessor(target)
 
 
-def make_processor(reference: str | None, *, tty: bool = False) -> Processor:
+def make_processor(
+    reference: str | None, *, tty: bool = False, pass_env: tuple[str, ...] = ()
+) -> Processor:
     """``None`` or ``"shell"`` runs shell tasks; anything else is ``module:function``
-    or ``module:Class``.  (:func:`ai4s_jobq.worker.build.build_processor` adds GPU
-    slots, timeouts and process isolation.)"""
+    or ``module:Class``.  ``pass_env``: credential variables shell tasks may still
+    inherit.  (:func:`ai4s_jobq.worker.build.build_processor` adds GPU slots, timeouts
+    and process isolation.)"""
     if reference in (None, "", "shell"):
-        return ShellProcessor(tty=tty)
+        return ShellProcessor(tty=tty, pass_env=pass_env)
     return python_processor(load_callable(reference))
 
 

@@ -20,9 +20,11 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from azure.servicebus import (
+    ServiceBusMessage,
     ServiceBusReceivedMessage,
     ServiceBusReceiveMode,
     ServiceBusSubQueue,
@@ -42,6 +44,7 @@ from ..base import (
     Backend,
     BackendError,
     ConnectionFailedError,
+    CredentialsRefusedError,
     DedupInfo,
     LockLostError,
     MessageTooLargeError,
@@ -53,7 +56,7 @@ from ..base import (
     ReceivedMessage,
 )
 from .admin import AdminPlane, SyncTokenBridge, validate_settings
-from .closing import close_all
+from .closing import close_all, quiet_close
 from .endpoint import (
     EndpointOverride,
     emulator_admin_kwargs,
@@ -224,7 +227,7 @@ class ServiceBusBackend(Backend):
             return QueueUnavailableError(f"queue {self.description} does not exist")
         refused = _auth_failure(exc)
         if refused is not None:
-            return ConnectionFailedError(
+            return CredentialsRefusedError(
                 f"{what} on {self.description} was refused (check the "
                 f"credentials and their rights): {_reason(refused)}"
             )
@@ -518,6 +521,25 @@ class ServiceBusBackend(Backend):
             reason=(reason or "")[:MAX_DEAD_LETTER_TEXT],
             error_description=(description or "")[-MAX_DEAD_LETTER_TEXT:],
         )
+
+    async def send_scheduled(self, message: OutgoingMessage, delay: float) -> None:
+        """A scheduled message (``ScheduledEnqueueTimeUtc``) for a delayed retry; the
+        queue's duplicate detection applies to it as to any send."""
+        outgoing = ServiceBusMessage(message.body, message_id=message.message_id)
+        if delay > 0:
+            outgoing.scheduled_enqueue_time_utc = datetime.now(timezone.utc) + timedelta(
+                seconds=delay
+            )
+        sender = await self._take_sender()
+        try:
+            await sender.send_messages(outgoing)
+        except Exception as exc:
+            await quiet_close(sender)
+            sender = self.client.get_queue_sender(self.queue_name)
+            raise self._error("rescheduling a task", exc) from None
+        finally:
+            assert self._senders is not None
+            self._senders.put_nowait(sender)
 
     # ------------------------------------------------------------------ inspect and clear
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -79,6 +80,7 @@ log = logging.getLogger("ai4s_jobq.storage")
 DLQ_SUFFIX = STORAGE_DLQ_SUFFIX
 SEND_CONCURRENCY = 32  # sends in flight per backend
 RECEIVE_BATCH = 32  # Storage Queue's maximum per receive call
+MAX_VISIBILITY_SECONDS = 7 * 24 * 3600 - 1  # Azure's limit for a visibility timeout
 
 
 # ---------------------------------------------------------------------- backend
@@ -519,6 +521,27 @@ class StorageQueueBackend(Backend):
     async def abandon(self, message: ReceivedMessage) -> None:
         self._read_ahead.finished()
         await self._update_visibility(message, 0)
+
+    reschedules_in_place = True
+
+    async def reschedule(
+        self, message: ReceivedMessage, replacement_id: str, body: bytes, delay: float
+    ) -> None:
+        """Replace the message's text and hide it for ``delay`` seconds in one
+        ``update_message`` call: atomic, so a crash cannot lose or double it."""
+        lease = self._lease(message)
+        header = {**(lease.header or {}), "id": message.message_id}
+        text = encode_text(header, body)
+        self._read_ahead.finished()
+        async with lease.lock:
+            with self._lock_errors(message, f"rescheduling message {message.message_id}"):
+                updated = await self._queue.update_message(
+                    lease.azure_id,
+                    pop_receipt=lease.pop_receipt,
+                    content=text,
+                    visibility_timeout=min(MAX_VISIBILITY_SECONDS, max(0, math.ceil(delay))),
+                )
+            lease.pop_receipt = updated.pop_receipt
 
     async def complete(self, message: ReceivedMessage) -> None:
         lease = self._lease(message)

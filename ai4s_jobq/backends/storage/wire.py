@@ -40,6 +40,7 @@ from azure.core.exceptions import (
 from ..base import (
     BackendError,
     ConnectionFailedError,
+    CredentialsRefusedError,
     QueueSettings,
     QueueUnavailableError,
     ReceivedMessage,
@@ -213,7 +214,7 @@ def translate_errors(what: str, account: str) -> Iterator[None]:
 
 
 def credentials_refused(what: str, account: str, code: str, reason: str = "") -> BackendError:
-    return ConnectionFailedError(
+    return CredentialsRefusedError(
         f"{what}: storage account {account!r} refused the credentials ({code}"
         f"{': ' + reason if reason else ''}). "
         "Check the account key or SAS in the connection string (JOBQ_CONNECTION_STRING / "
