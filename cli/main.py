@@ -22,6 +22,7 @@ from ai4s_jobq.backends.base import BackendError
 from ai4s_jobq.durations import DurationError, parse_duration
 from ai4s_jobq.ids import ConfigError, TaskEncodingError, canonical_json, identify
 from ai4s_jobq.jobq import JobQ
+from ai4s_jobq.ledger.recorder import ledger_hooks
 from ai4s_jobq.redact import redact
 from ai4s_jobq.spec import SpecError
 from ai4s_jobq.task import task_args
@@ -35,9 +36,10 @@ EXIT_CONFIG = 4
 
 
 class Settings:
-    def __init__(self, queue: str | None, conn_str: str | None):
+    def __init__(self, queue: str | None, conn_str: str | None, ledger: str | None = None):
         self.queue = queue
         self.conn_str = conn_str
+        self.ledger = ledger
 
 
 def _duration(bare_unit: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
@@ -71,6 +73,7 @@ def run(coro: Awaitable[T]) -> T:
 
 def _open(ctx: click.Context, **options: Any) -> Any:
     settings: Settings = ctx.obj
+    options.setdefault("ledger", settings.ledger)
     return JobQ.open(settings.queue, connection_string=settings.conn_str, **options)
 
 
@@ -89,12 +92,24 @@ def _open(ctx: click.Context, **options: Any) -> Any:
     metavar="CS",
     help="Connection string (Service Bus or Storage). Env: JOBQ_CONNECTION_STRING.",
 )
+@click.option(
+    "--ledger",
+    envvar="JOBQ_LEDGER",
+    metavar="ACCOUNT[/TABLE]",
+    help="Azure Table for task outcomes (needed for Service Bus; default table jobqledger). "
+    "Env: JOBQ_LEDGER; JOBQ_LEDGER_CONNECTION_STRING instead of Azure AD.",
+)
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.option("--quiet", is_flag=True, help="Only errors.")
 @click.version_option(package_name="ai4s_jobq")
 @click.pass_context
 def cli(
-    ctx: click.Context, queue: str | None, conn_str: str | None, verbose: int, quiet: bool
+    ctx: click.Context,
+    queue: str | None,
+    conn_str: str | None,
+    ledger: str | None,
+    verbose: int,
+    quiet: bool,
 ) -> None:
     """Push tasks with deterministic, deduplicating IDs and run workers that drain them."""
     level = (
@@ -109,7 +124,7 @@ def cli(
     )
     for noisy in ("azure", "uamqp", "proton"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    ctx.obj = Settings(queue, conn_str)
+    ctx.obj = Settings(queue, conn_str, ledger)
 
 
 @cli.command()
@@ -258,7 +273,7 @@ def _run_worker(ctx: click.Context, proc: str | None, policy: WorkerPolicy) -> i
 
     async def main() -> int:
         async with _open(ctx) as q:
-            stats = await Worker(q.backend, processor, policy).run()
+            stats = await Worker(q.backend, processor, policy, hooks=ledger_hooks(q)).run()
             return stats.exit_code
 
     return run(main())
