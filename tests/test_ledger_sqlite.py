@@ -6,15 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
 import sample_tasks
 
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
 from ai4s_jobq.ledger.base import MAX_RESULT_BYTES, TaskState
-from ai4s_jobq.ledger.events import AttemptEvent, PushEntry
 from ai4s_jobq.ledger.push import SkippedOutcome
 from ai4s_jobq.ledger.recorder import LedgerRecorder
-from ai4s_jobq.ledger.sqlite_store import SqliteLedger
 from ai4s_jobq.worker.processors import CallableProcessor
 
 
@@ -97,40 +94,6 @@ async def test_result_just_under_the_limit_round_trips(local_dir):
         await drain(q, returns)
         record = await q.result(pushed.id)
     assert record.result == value and record.result_note is None
-
-
-@pytest.mark.parametrize(
-    "late",
-    [
-        AttemptEvent("t", "running", 2, 0.0),  # the same attempt's start, delivered late
-        AttemptEvent("t", "failed", 1, 0.0, reason="X"),  # an earlier attempt's end
-        AttemptEvent("t", "running", 1, 0.0),  # a worker that lost its lock long ago
-    ],
-)
-async def test_a_late_write_cannot_move_a_final_record_backwards(tmp_path, late):
-    store = SqliteLedger(tmp_path / "q.sqlite3")
-    async with store:
-        await store.record_pushes([PushEntry("t", False)])
-        await store.record_attempts([AttemptEvent("t", "running", 2, 1.0)])
-        await store.record_attempts([AttemptEvent("t", "succeeded", 2, 2.0, duration=1.0)])
-        await store.record_attempts([late])
-        (record,) = (await store.get(["t"])).values()
-    assert (record.state, record.attempt, record.duration) == (TaskState.SUCCEEDED, 2, 1.0)
-
-
-async def test_an_end_that_lands_before_its_start_still_wins(tmp_path):
-    store = SqliteLedger(tmp_path / "q.sqlite3")
-    async with store:
-        await store.record_attempts([AttemptEvent("t", "failed", 1, 2.0, reason="Boom")])
-        await store.record_attempts([AttemptEvent("t", "running", 1, 1.0)])
-        assert (await store.get(["t"]))["t"].state is TaskState.FAILED
-        await store.record_attempts([AttemptEvent("t", "running", 2, 3.0)])
-        assert (await store.get(["t"]))["t"].state is TaskState.RUNNING
-        # interrupted, then the same attempt runs again (not counted as a failure)
-        await store.record_attempts([AttemptEvent("t", "interrupted", 2, 4.0)])
-        await store.record_attempts([AttemptEvent("t", "running", 2, 5.0)])
-        record = (await store.get(["t"]))["t"]
-    assert (record.state, record.attempt, record.interruptions) == (TaskState.RUNNING, 2, 1)
 
 
 async def test_two_recorders_racing_on_one_task(local_dir):
@@ -232,16 +195,3 @@ async def test_requeue_from_the_dead_letter_queue_resets_the_record(local_dir):
         assert (await q.result(task_id)).state is TaskState.QUEUED
         await drain(q, returns)
         assert (await q.result(task_id)).state is TaskState.SUCCEEDED
-
-
-async def test_prune_deletes_old_records_and_memberships(tmp_path):
-    now = [1_000_000.0]
-    store = SqliteLedger(tmp_path / "q.sqlite3", clock=lambda: now[0])
-    async with store:
-        await store.record_pushes([PushEntry("old", False)], tag="a")
-        now[0] += 40 * 86400
-        await store.record_pushes([PushEntry("new", False)], tag="b")
-        assert await store.prune(30 * 86400) == 1
-        assert set(await store.get(["old", "new"])) == {"new"}
-        assert await store.tags() == ["b"]
-        assert [r.id async for r in store.iter_tag("a")] == []

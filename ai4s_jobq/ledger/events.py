@@ -116,7 +116,9 @@ def encode_result(value: Any) -> tuple[str | None, str | None]:
     if value is None:
         return None, None
     try:
-        text = json.dumps(value, separators=(",", ":"), allow_nan=False, default=_refuse)
+        text = json.dumps(
+            value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_refuse
+        )
     except (TypeError, ValueError) as exc:
         return None, f"result not JSON-serialisable ({type(value).__name__}: {exc})"[:300]
     size = len(text.encode("utf-8"))

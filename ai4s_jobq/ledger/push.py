@@ -8,9 +8,11 @@
 3. records every accepted ID (new, duplicate, skipped) and its tag membership in one
    store call.
 
-A ledger failure never fails a push the broker accepted: it is logged once per push
-(with what is then missing: the tag membership and ``queued`` records of that batch)
-and the push goes on.  Skipping is best effort the same way: if the ledger cannot be
+A ledger failure never fails a push the broker accepted: it is logged once, the
+ledger is left alone for the rest of that push (an unreachable account would otherwise
+cost its retries on every batch), and the push goes on.  What is then missing: the
+``queued`` records and tag memberships of the batches from there on (their workers
+still record the outcomes).  Skipping is best effort the same way: if the ledger cannot be
 read, the batch is sent in full and the broker's duplicate detection still applies.
 """
 
@@ -44,13 +46,15 @@ class PushLedger:
         self.store = store
         self.tag = tag
         self.skip_succeeded = skip_succeeded
-        self._warned = False
+        self._broken = False
 
     async def send(
         self,
         push: Callable[[Sequence[OutgoingMessage]], Awaitable[list[PushOutcome]]],
         messages: Sequence[OutgoingMessage],
     ) -> list[PushOutcome]:
+        if self._broken:
+            return list(await push(messages))
         skipped = await self._succeeded(messages) if self.skip_succeeded else set()
         to_send = [m for m in messages if m.message_id not in skipped] if skipped else messages
         sent = iter(await push(to_send) if to_send else [])
@@ -82,12 +86,11 @@ class PushLedger:
             return set()
 
     def _warn(self, exc: BaseException, consequence: str) -> None:
-        if self._warned:
-            log.debug("ledger: %s (%s)", consequence, type(exc).__name__)
+        if self._broken:
             return
-        self._warned = True
+        self._broken = True
         log.warning(
-            "ledger (%s) unavailable: %s: %s; the push goes on; %s (warned once per push)",
+            "ledger (%s) unavailable: %s: %s; the push goes on without it; %s",
             self.store.description,
             type(exc).__name__,
             redact(str(exc))[:300],

@@ -69,12 +69,14 @@ class LedgerRecorder(WorkerHook):
         flush_size: int = 2000,
         max_buffer: int = 200_000,
         version: str | None = None,
+        stop_timeout: float = 15.0,
     ):
         self.store = store
         self.heartbeat_seconds = heartbeat_seconds or heartbeat_seconds_from_env()
         self.flush_interval = flush_interval
         self.flush_size = flush_size
         self.max_buffer = max_buffer
+        self.stop_timeout = stop_timeout
         self.version = version if version is not None else _version()
         self._buffer: list[AttemptEvent] = []
         self._running: dict[str, float] = {}  # task ID -> started (wall clock)
@@ -147,17 +149,23 @@ class LedgerRecorder(WorkerHook):
         if self._flusher is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
-        await self._flush()  # whatever the last round left
-        try:
-            await self.store.heartbeat(self._worker_record(stopped=True))
-        except Exception as exc:  # noqa: BLE001
-            self._warn("could not write the final heartbeat", exc)
+        try:  # whatever the last round left, and the final heartbeat; bounded
+            await asyncio.wait_for(self._final_writes(), self.stop_timeout)
+        except asyncio.TimeoutError:
+            log.warning("ledger: final writes took over %.0f s; giving up", self.stop_timeout)
         if self._buffer:
             log.warning(
                 "ledger: %d task outcome(s) could not be written before exit; their "
                 "records show an earlier state",
                 len(self._buffer),
             )
+
+    async def _final_writes(self) -> None:
+        await self._flush()
+        try:
+            await self.store.heartbeat(self._worker_record(stopped=True))
+        except Exception as exc:  # noqa: BLE001
+            self._warn("could not write the final heartbeat", exc)
 
     # ------------------------------------------------------------------ background
 
