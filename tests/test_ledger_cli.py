@@ -152,3 +152,16 @@ def test_prune(env):
     pruned = cli(env, "ledger", "prune", "--older-than", "0.001s", "--json", check=True)
     assert json.loads(pruned.stdout) == {"deleted": 1}
     assert cli(env, "result", pushed[0]["id"]).returncode == 1
+
+
+@pytest.mark.parametrize("tag", [None, "sync-run"])
+def test_sync_push_many_result_waits(env, local_dir, tag):
+    import ai4s_jobq
+
+    result = ai4s_jobq.push_many(
+        ["echo 1", "echo 2", "exit 1"], queue="local://cli", tag=tag, num_retries=0
+    )
+    assert result.pushed == 3 and (result.ids is None) == (tag is not None)
+    cli(env, "worker", "-n", "3", "--idle-timeout", "0.5s")
+    report = result.wait(timeout=30)
+    assert (report.succeeded, report.dead_lettered, report.exit_code) == (2, 1, 1)
