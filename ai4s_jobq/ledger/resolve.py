@@ -24,6 +24,7 @@ from .base import LedgerNotConfigured, LedgerStore
 LEDGER_ENV = "JOBQ_LEDGER"
 LEDGER_CONNECTION_STRING_ENV = "JOBQ_LEDGER_CONNECTION_STRING"
 DEFAULT_TABLE = "jobqledger"
+OFF = "off"  # --ledger off / JOBQ_LEDGER=off: no ledger (e.g. to measure without one)
 NO_LEDGER_HELP = (
     "this Service Bus queue has no ledger: name an Azure Table for it with "
     "--ledger ACCOUNT[/TABLE] or JOBQ_LEDGER (Azure AD), or JOBQ_LEDGER_CONNECTION_STRING. "
@@ -36,8 +37,11 @@ _TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]{2,62}$")
 def ledger_for(backend: Backend, ledger: str | None = None) -> LedgerStore | None:
     """The ledger store of ``backend`` (not opened), or None when it has none.
     ``ledger`` is ``ACCOUNT[/TABLE]`` (else ``JOBQ_LEDGER``); it is required for
-    Service Bus and, for Storage Queue, moves the ledger to another account/table."""
+    Service Bus and, for Storage Queue, moves the ledger to another account/table;
+    ``off`` turns the ledger off for any backend."""
     spec = (ledger or os.environ.get(LEDGER_ENV) or "").strip() or None
+    if spec is not None and spec.lower() == OFF:
+        return None
     connection_string = os.environ.get(LEDGER_CONNECTION_STRING_ENV, "").strip() or None
     if backend.kind == "local" and spec is None:
         from ..backends.local import LocalBackend
