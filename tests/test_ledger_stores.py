@@ -136,3 +136,31 @@ async def test_prune(store):
     assert set(await store.get(["old", "new"])) == {"new"}
     assert await store.tags() == ["b"]
     assert [r.id async for r in store.iter_tag("a")] == []
+
+
+async def test_workers_prune_old_records_at_most_daily(store, monkeypatch):
+    from ai4s_jobq.ledger.recorder import LedgerRecorder
+    from ai4s_jobq.worker.hooks import WorkerIdentity
+
+    monkeypatch.setenv("JOBQ_LEDGER_RETENTION", "30d")
+    now = [time.time() - 40 * 86400]
+    store.clock = lambda: now[0]  # type: ignore[attr-defined]
+    await store.record_pushes([PushEntry("old", False)])
+    now[0] = time.time()
+
+    async def run_worker_hook() -> None:
+        recorder = LedgerRecorder(store)
+        await recorder.start(WorkerIdentity())
+        assert recorder._pruner is not None
+        await recorder._pruner
+        await recorder.stop(WorkerIdentity(), None)
+
+    await run_worker_hook()
+    assert await store.get(["old"]) == {}
+    assert time.time() - await store.last_pruned() < 60
+    # a second worker the same day does not prune again
+    now[0] = time.time() - 40 * 86400
+    await store.record_pushes([PushEntry("old2", False)])
+    now[0] = time.time()
+    await run_worker_hook()
+    assert set(await store.get(["old2"])) == {"old2"}

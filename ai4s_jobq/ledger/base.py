@@ -229,6 +229,13 @@ class LedgerStore(abc.ABC):
         records = await self.get(ids)
         return {i for i, r in records.items() if r.state is TaskState.SUCCEEDED}
 
+    async def last_pruned(self) -> float | None:
+        """When a prune last started on this ledger (wall clock), if recorded."""
+        return None
+
+    async def mark_pruned(self, at: float) -> None:  # noqa: B027 - optional
+        """Record that a prune starts now (so other workers skip theirs)."""
+
     @property
     def description(self) -> str:
         """Where the ledger lives, for messages (never a secret)."""

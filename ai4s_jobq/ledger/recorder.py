@@ -34,12 +34,14 @@ from ..worker.hooks import (
     WorkerHook,
     WorkerIdentity,
 )
-from .base import DEFAULT_HEARTBEAT_SECONDS, LedgerStore, WorkerRecord
+from .base import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_RETENTION_DAYS, LedgerStore, WorkerRecord
 from .events import AttemptEvent, coalesce, encode_result, summarize
 
 log = logging.getLogger("ai4s_jobq.ledger")
 
 HEARTBEAT_ENV = "JOBQ_HEARTBEAT_SECONDS"
+RETENTION_ENV = "JOBQ_LEDGER_RETENTION"
+PRUNE_EVERY_SECONDS = 86400.0
 _RECORDED = (SUCCEEDED, FAILED, DEAD_LETTERED, INTERRUPTED)
 _WARN_EVERY = 60.0
 
@@ -55,6 +57,17 @@ def heartbeat_seconds_from_env() -> float:
     if not value > 0:
         raise ValueError(f"{HEARTBEAT_ENV}={raw!r}: must be greater than 0")
     return value
+
+
+def retention_seconds_from_env() -> float:
+    """``JOBQ_LEDGER_RETENTION`` (a duration, bare numbers are days; default 30 days;
+    0 turns pruning by workers off)."""
+    from ..durations import parse_duration
+
+    raw = os.environ.get(RETENTION_ENV, "").strip()
+    if not raw:
+        return DEFAULT_RETENTION_DAYS * 86400.0
+    return parse_duration(raw, bare_unit="d").total_seconds()
 
 
 class LedgerRecorder(WorkerHook):
@@ -84,6 +97,7 @@ class LedgerRecorder(WorkerHook):
         self._identity: WorkerIdentity | None = None
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        self._pruner: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_warning = 0.0
         self._dropped = 0
@@ -99,6 +113,7 @@ class LedgerRecorder(WorkerHook):
         except Exception as exc:  # noqa: BLE001 - the ledger never stops a worker
             self._warn("could not write the first heartbeat", exc)
         self._flusher = asyncio.ensure_future(self._flush_loop())
+        self._pruner = asyncio.ensure_future(self._prune_if_due())
 
     def task_started(self, run: TaskRun) -> None:
         self._running[run.task.id] = run.started_at
@@ -146,6 +161,8 @@ class LedgerRecorder(WorkerHook):
     async def stop(self, worker: WorkerIdentity, stats: Any) -> None:
         self._stopping = True
         self._wake.set()
+        if self._pruner is not None and not self._pruner.done():
+            self._pruner.cancel()
         if self._flusher is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
@@ -168,6 +185,27 @@ class LedgerRecorder(WorkerHook):
             self._warn("could not write the final heartbeat", exc)
 
     # ------------------------------------------------------------------ background
+
+    async def _prune_if_due(self) -> None:
+        """Retention: delete records older than ``JOBQ_LEDGER_RETENTION`` when no
+        prune has started on this ledger for a day (the marker is written first, so
+        workers starting together mostly skip)."""
+        try:
+            retention = retention_seconds_from_env()
+            if retention <= 0:
+                return
+            last = await self.store.last_pruned()
+            now = time.time()
+            if last is not None and now - last < PRUNE_EVERY_SECONDS:
+                return
+            await self.store.mark_pruned(now)
+            deleted = await self.store.prune(retention)
+            if deleted:
+                log.info("ledger: pruned %d record(s) older than the retention", deleted)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - retention is housekeeping
+            self._warn("pruning old records failed", exc)
 
     def _append(self, event: AttemptEvent) -> None:
         self._buffer.append(event)

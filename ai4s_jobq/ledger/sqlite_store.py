@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS ledger_tag_names (
     first_pushed_at REAL NOT NULL,
     last_pushed_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS ledger_meta (key TEXT PRIMARY KEY, value REAL);
 CREATE TABLE IF NOT EXISTS ledger_workers (
     worker_id TEXT PRIMARY KEY,
     host TEXT, pid INTEGER, slots INTEGER, queue TEXT,
@@ -433,6 +434,24 @@ class SqliteLedger(LedgerStore):
             return int(deleted)
 
         return await self._run(lambda conn: self._write(conn, write))
+
+    async def last_pruned(self) -> float | None:
+        rows = await self._run(
+            lambda conn: conn.execute(
+                "SELECT value FROM ledger_meta WHERE key = 'last_pruned'"
+            ).fetchall()
+        )
+        return float(rows[0][0]) if rows else None
+
+    async def mark_pruned(self, at: float) -> None:
+        await self._run(
+            lambda conn: self._write(
+                conn,
+                lambda c: c.execute(
+                    "INSERT OR REPLACE INTO ledger_meta VALUES ('last_pruned', ?)", (at,)
+                ),
+            )
+        )
 
     async def succeeded_among(self, ids: Sequence[str]) -> set[str]:
         wanted = list(dict.fromkeys(ids))

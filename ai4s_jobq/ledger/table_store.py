@@ -30,6 +30,12 @@ record backwards.  A result (up to 32 KiB of JSON) is split over string properti
 Reads that aggregate (status, tasks, failures) scan the partition: fine for the
 thousands to hundreds of thousands of tasks a run holds, with constant memory; the
 SQLite ledger is the one with sub-second status on 100,000 tasks.
+
+Cost, measured on Azurite (``bench/bench_ledger.py``): each operation of a transaction
+costs Azurite ~5-9 ms and a 14-ID lookup ~75 ms, so a worker's ledger (one lookup share
+and one write per task) nearly doubles an Azurite drain of no-op tasks.  Real Table
+storage is much cheaper per operation.  The way to fewer operations would be a journal:
+one entity per flush holding many events, folded into the records by readers; not done.
 """
 
 from __future__ import annotations
@@ -656,6 +662,20 @@ class TableLedger(LedgerStore):
         await self._delete_where(self._names_pk, "last_pushed_at", cutoff)
         await self._delete_where(self._workers_pk, "last_seen", cutoff)
         return deleted
+
+    async def last_pruned(self) -> float | None:
+        entities = await self._query(
+            "prune marker", f"PartitionKey eq '{_quote(self._meta_pk)}' and RowKey eq 'prune'"
+        )
+        return float(entities[0]["at"]) if entities else None
+
+    async def mark_pruned(self, at: float) -> None:
+        marker = {"PartitionKey": self._meta_pk, "RowKey": "prune", "at": at}
+        await self._transact("prune marker", [("upsert", marker)])
+
+    @property
+    def _meta_pk(self) -> str:
+        return f"m~{_key(self.scope)}"
 
     async def _delete_where(self, partition: str, field: str, cutoff: float) -> int:
         query = f"PartitionKey eq '{_quote(partition)}' and {field} lt {cutoff!r}"
