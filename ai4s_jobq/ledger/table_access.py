@@ -171,3 +171,59 @@ class TableAccess:
             if await self.transact("delete", operations) is None:
                 for operation in operations:
                     await self.transact("delete", [operation])
+
+
+def storage_backend_access(backend: Any, table_name: str) -> TableAccess:
+    """A table in a Storage Queue's own account, reached with the queue's credentials
+    and endpoints (the backend's Table service client, once the backend is open)."""
+
+    async def service() -> Any:
+        tables = getattr(backend, "_tables", None)
+        if tables is None:
+            raise LedgerError("the Storage Queue backend is not open")
+        return tables
+
+    return TableAccess(service, table_name, f"{backend.account}/{table_name}")
+
+
+def account_access(
+    account: str | None, table_name: str, connection_string: str | None
+) -> TableAccess:
+    """A table named by ``--ledger ACCOUNT[/TABLE]``: Azure AD (DefaultAzureCredential,
+    honouring ``JOBQ_STORAGE_TABLE_ENDPOINT``/``JOBQ_STORAGE_CA``), or a connection
+    string, whose account wins."""
+    clients: dict[str, Any] = {}
+
+    async def service() -> Any:
+        from azure.data.tables.aio import TableServiceClient
+
+        retry: dict[str, Any] = {"retry_total": 3, "retry_backoff_factor": 0.5}
+        if connection_string:
+            clients["service"] = TableServiceClient.from_connection_string(
+                connection_string, **retry
+            )
+        else:
+            from azure.identity.aio import DefaultAzureCredential
+
+            from ..backends.storage.endpoint import StorageEndpointOverride
+
+            override = StorageEndpointOverride.from_env()
+            clients["credential"] = DefaultAzureCredential()
+            clients["service"] = TableServiceClient(
+                override.table_url(str(account)),
+                credential=clients["credential"],
+                **retry,
+                **override.sdk_kwargs(),
+            )
+        return clients["service"]
+
+    async def close() -> None:
+        for name in ("service", "credential"):
+            if clients.get(name) is not None:
+                try:
+                    await clients.pop(name).close()
+                except Exception:  # noqa: BLE001 - best effort
+                    pass
+
+    where = f"{account or 'connection string account'}/{table_name}"
+    return TableAccess(service, table_name, where, close)

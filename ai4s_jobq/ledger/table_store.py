@@ -61,7 +61,15 @@ from .base import (
     WorkerRecord,
 )
 from .events import FINAL, AttemptEvent, PushEntry, decode_result, moves_forward
-from .table_access import TRANSACTION_SIZE, TableAccess, etag, quote, row_key
+from .table_access import (
+    TRANSACTION_SIZE,
+    TableAccess,
+    account_access,
+    etag,
+    quote,
+    row_key,
+    storage_backend_access,
+)
 
 RESULT_CHUNK = 16_000
 REMEMBERED_WRITES = 10_000  # ETags of this process's own recent writes, per store
@@ -112,19 +120,8 @@ class TableLedger(LedgerStore):
 
     @classmethod
     def for_storage_backend(cls, backend: Any, table_name: str) -> TableLedger:
-        """The ledger of a Storage Queue: a table in the queue's own account, reached
-        with the queue's credentials and endpoints (the backend's Table client)."""
-
-        async def service() -> Any:
-            tables = getattr(backend, "_tables", None)
-            if tables is None:
-                from .base import LedgerError
-
-                raise LedgerError("the Storage Queue backend is not open")
-            return tables
-
-        where = f"{backend.account}/{table_name}"
-        return cls(TableAccess(service, table_name, where), backend.queue_name)
+        """The ledger of a Storage Queue: a table in the queue's own account."""
+        return cls(storage_backend_access(backend, table_name), backend.queue_name)
 
     @classmethod
     def for_account(
@@ -135,44 +132,9 @@ class TableLedger(LedgerStore):
         scope: str,
         connection_string: str | None = None,
     ) -> TableLedger:
-        """A ledger table named by ``--ledger ACCOUNT[/TABLE]``: Azure AD
-        (DefaultAzureCredential, honouring ``JOBQ_STORAGE_TABLE_ENDPOINT``/``_CA``), or
-        a connection string, whose account wins."""
-        clients: dict[str, Any] = {}
-
-        async def service() -> Any:
-            from azure.data.tables.aio import TableServiceClient
-
-            retry: dict[str, Any] = {"retry_total": 3, "retry_backoff_factor": 0.5}
-            if connection_string:
-                clients["service"] = TableServiceClient.from_connection_string(
-                    connection_string, **retry
-                )
-            else:
-                from azure.identity.aio import DefaultAzureCredential
-
-                from ..backends.storage.endpoint import StorageEndpointOverride
-
-                override = StorageEndpointOverride.from_env()
-                clients["credential"] = DefaultAzureCredential()
-                clients["service"] = TableServiceClient(
-                    override.table_url(str(account)),
-                    credential=clients["credential"],
-                    **retry,
-                    **override.sdk_kwargs(),
-                )
-            return clients["service"]
-
-        async def close() -> None:
-            for name in ("service", "credential"):
-                if clients.get(name) is not None:
-                    try:
-                        await clients.pop(name).close()
-                    except Exception:  # noqa: BLE001 - best effort
-                        pass
-
-        where = f"{account or 'connection string account'}/{table_name}"
-        return cls(TableAccess(service, table_name, where, close), scope)
+        """A ledger table named by ``--ledger ACCOUNT[/TABLE]`` (see
+        :func:`.table_access.account_access`)."""
+        return cls(account_access(account, table_name, connection_string), scope)
 
     @property
     def description(self) -> str:
