@@ -3,7 +3,8 @@
 Exit codes: 0 success; 1 a task or push failed (``push`` rejected lines, ``pull``'s
 task failed, ``check --strict`` found a problem); 2 usage error (bad option
 value); 3 worker stopped after too many consecutive failures; 4 configuration
-or connection error; 128+N stopped by signal N (130 SIGINT, 143 SIGTERM).
+or connection error; 124 ``wait`` timed out; 128+N stopped by signal N (130 SIGINT,
+143 SIGTERM).
 """
 
 from __future__ import annotations

@@ -197,3 +197,21 @@ async def test_two_writers_racing_on_one_task(store):
         await other.record_attempts([AttemptEvent("u", "dead_lettered", 1, 4.0, reason="E")])
         record = await state_of(store, "u")
         assert (record.state, record.interruptions) == (TaskState.DEAD_LETTERED, 1)
+
+
+async def test_a_ledger_without_a_prune_marker_gets_one_and_keeps_its_records(store):
+    from ai4s_jobq.ledger.recorder import LedgerRecorder
+    from ai4s_jobq.worker.hooks import WorkerIdentity
+
+    now = [time.time() - 40 * 86400]
+    store.clock = lambda: now[0]  # type: ignore[attr-defined]
+    await store.record_pushes([PushEntry("old", False)])
+    now[0] = time.time()
+    assert await store.last_pruned() is None
+    recorder = LedgerRecorder(store, prune_delay=0)
+    await recorder.start(WorkerIdentity())
+    assert recorder._pruner is not None
+    await recorder._pruner
+    await recorder.stop(WorkerIdentity(), None)
+    assert set(await store.get(["old"])) == {"old"}  # its first prune is a day later
+    assert time.time() - await store.last_pruned() < 60
