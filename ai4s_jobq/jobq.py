@@ -316,8 +316,13 @@ class JobQ:
         )
 
     async def result(self, id: str) -> TaskRecord | None:
-        """The ledger's record of one task (``.result`` is a Python task's return value)."""
-        return (await require(self.ledger).get([id])).get(id)
+        """The ledger's record of one task (``.result`` is a Python task's return value;
+        ``.tags`` the tags it was pushed under)."""
+        store = require(self.ledger)
+        record = (await store.get([id])).get(id)
+        if record is not None:
+            record.tags = await store.tags_of(id)
+        return record
 
     async def status(self, tag: str | None = None) -> StatusSummary:
         """Counts by state over ``tag`` (or the whole ledger) and recent throughput."""

@@ -50,6 +50,8 @@ async def test_push_records_queued_and_tags_include_duplicates(local_dir):
         status = await q.status("run-2")
         assert status.total == 3 and status.counts == {"queued": 3}
         assert await q.ledger.tags() == ["run-2", "run-1"]
+        shared = q.make_task({"n": 1}).id
+        assert (await q.result(shared)).tags == ["run-1", "run-2"]
         await drain(q, returns)
         summary = await q.status("run-2")
         assert summary.counts == {"succeeded": 3} and summary.remaining == 0

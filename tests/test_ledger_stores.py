@@ -87,7 +87,7 @@ async def test_push_generations_and_tags(store):
     await store.record_pushes([PushEntry("a", False)])
     record = await state_of(store, "a")
     assert (record.state, record.attempt, record.duration) == (TaskState.QUEUED, 0, None)
-    assert sorted(record.tags) == ["run-1", "run-2"]
+    assert sorted(await store.tags_of("a")) == ["run-1", "run-2"]
     # a push the backend cannot classify never resets a final record
     await store.record_attempts([AttemptEvent("b", "dead_lettered", 3, 1.0, reason="E")])
     await store.record_pushes([PushEntry("b", None)])

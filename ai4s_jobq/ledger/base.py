@@ -229,6 +229,10 @@ class LedgerStore(abc.ABC):
         records = await self.get(ids)
         return {i for i, r in records.items() if r.state is TaskState.SUCCEEDED}
 
+    async def tags_of(self, task_id: str) -> list[str]:
+        """The tags a task was pushed under (for one task's page, ``jobq result``)."""
+        return []
+
     async def last_pruned(self) -> float | None:
         """When a prune last started on this ledger (wall clock), if recorded."""
         return None

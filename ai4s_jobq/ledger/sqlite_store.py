@@ -283,18 +283,17 @@ class SqliteLedger(LedgerStore):
                     f"SELECT {_COLUMNS} FROM ledger_tasks WHERE id IN ({marks})", chunk
                 ):
                     found[row[0]] = _record(row)
-            if len(wanted) <= 10:
-                for record in found.values():
-                    record.tags = [
-                        r[0]
-                        for r in conn.execute(
-                            "SELECT tag FROM ledger_tags WHERE id = ? ORDER BY added_at",
-                            (record.id,),
-                        )
-                    ]
             return found
 
         return await self._run(read)
+
+    async def tags_of(self, task_id: str) -> list[str]:
+        rows = await self._run(
+            lambda conn: conn.execute(
+                "SELECT tag FROM ledger_tags WHERE id = ? ORDER BY added_at", (task_id,)
+            ).fetchall()
+        )
+        return [r[0] for r in rows]
 
     async def iter_tag(self, tag: str, *, page_size: int = 1000) -> AsyncIterator[TaskRecord]:
         sql = (

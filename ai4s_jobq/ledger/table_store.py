@@ -335,16 +335,13 @@ class TableLedger(LedgerStore):
         for task_id in dict.fromkeys(ids):
             if task_id in records or task_id in pushed:
                 found[task_id] = _record(task_id, records.get(task_id), pushed.get(task_id))
-        if len(found) == 1:  # one task's page (`jobq result`): its tags too
-            for record in found.values():
-                record.tags = await self._tags_of(record.id)
         return found
 
     async def succeeded_among(self, ids: Sequence[str]) -> set[str]:
         records = await self.access.lookup(self._tasks_pk, ids)
         return {i for i, e in records.items() if e.get("state") == TaskState.SUCCEEDED.value}
 
-    async def _tags_of(self, task_id: str) -> list[str]:
+    async def tags_of(self, task_id: str) -> list[str]:
         query = f"PartitionKey eq '{quote(self._names_pk)}'"
         names = [e["tag"] async for e in self.access.scan("tags", query, ["tag"])]
         tags = []
