@@ -165,3 +165,22 @@ def test_sync_push_many_result_waits(env, local_dir, tag):
     cli(env, "worker", "-n", "3", "--idle-timeout", "0.5s")
     report = result.wait(timeout=30)
     assert (report.succeeded, report.dead_lettered, report.exit_code) == (2, 1, 1)
+
+
+def test_an_interrupted_task_is_recorded_as_interrupted_not_failed(env):
+    pushed = json_lines(cli(env, "push", "--json", "-c", "sleep 60", check=True).stdout)
+    task_id = pushed[0]["id"]
+    worker = start_worker(env, "--idle-timeout", "0", "--grace-period", "0.2s")
+
+    def state() -> str:
+        return json.loads(cli(env, "result", task_id, "--json", check=True).stdout)["state"]
+
+    try:
+        wait_for(lambda: state() == "running", timeout=60, what="the task running")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+    record = json.loads(cli(env, "result", task_id, "--json", check=True).stdout)
+    assert (record["state"], record["interruptions"], record["attempt"]) == ("interrupted", 1, 1)
+    status = json.loads(cli(env, "status", "--json", check=True).stdout)
+    assert status["counts"] == {"interrupted": 1} and status["remaining"] == 1
