@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 import servicebus_support as support
+import test_storage_aad as storage_aad
 from azure.data.tables.aio import TableServiceClient
 from azurite_fixtures import free_port
 from conftest import jobq_cli
@@ -23,6 +24,8 @@ from ai4s_jobq.ledger.resolve import DEFAULT_TABLE
 from ai4s_jobq.worker.processors import CallableProcessor
 
 sb_process, sb_cs, sb_queue = support.sb_process, support.sb_cs, support.sb_queue
+# an HTTPS Azurite that checks Azure AD tokens, and the MOCKED token endpoint
+oauth_azurite, aad = storage_aad.oauth_azurite, storage_aad.aad
 
 
 def task(kind: str) -> object:
@@ -209,3 +212,27 @@ def support_key() -> str:
     from azurite_fixtures import ACCOUNT_KEY
 
     return ACCOUNT_KEY
+
+
+async def test_a_ledger_named_by_account_uses_default_azure_credential(
+    aad, oauth_azurite, monkeypatch
+):
+    """``--ledger ACCOUNT/TABLE`` without JOBQ_LEDGER_CONNECTION_STRING: the Table is
+    reached with DefaultAzureCredential (the token from the MOCKED Azure AD endpoint of
+    aad_support; Azurite checks it), through JOBQ_STORAGE_TABLE_ENDPOINT/JOBQ_STORAGE_CA."""
+    from aad_support import STORAGE_RESOURCE, assert_tokens_came_from
+
+    from ai4s_jobq.ledger.events import AttemptEvent, PushEntry
+    from ai4s_jobq.ledger.resolve import parse_ledger_spec
+    from ai4s_jobq.ledger.table_store import TableLedger
+
+    monkeypatch.delenv("JOBQ_LEDGER_CONNECTION_STRING", raising=False)
+    account, table = parse_ledger_spec(f"devstoreaccount1/aad{uuid.uuid4().hex[:10]}")
+    async with TableLedger.for_account(account, table, scope="sbqueue") as store:
+        await store.record_pushes([PushEntry("t1", False)], tag="r")
+        await store.record_attempts([AttemptEvent("t1", "succeeded", 1, 1.0, duration=0.5)])
+        assert (await store.status("r")).counts == {"succeeded": 1}
+    async with storage_aad.with_account_key(oauth_azurite) as (_, tables):
+        entities = [e async for e in tables.get_table_client(table).list_entities()]
+    assert {e["PartitionKey"] for e in entities} >= {"p~sbqueue", "t~sbqueue", "g~sbqueue~r"}
+    assert_tokens_came_from(aad, STORAGE_RESOURCE)
