@@ -36,7 +36,7 @@ EXIT_CONFIG = 4
 PLAIN_PROGRESS_EVERY = 10.0
 
 
-def _ledger_run(coro: Any) -> Any:
+def _run(coro: Any) -> Any:
     """``main.run``: known errors (a ledger error included) exit 4 with a clean message."""
     from .main import run
 
@@ -112,7 +112,7 @@ def wait_command(
         async with _open(ctx) as q:
             return await wait_on(q, wanted or None, tag, timeout, show, as_json)
 
-    report = _ledger_run(main())
+    report = _run(main())
     print_report(report, as_json=as_json)
     sys.exit(report.exit_code)
 
@@ -162,7 +162,7 @@ def _wait_drained(ctx: click.Context, timeout: float | None, as_json: bool) -> i
         async with _open(ctx) as q:
             return await q.wait_drained(timeout)
 
-    drained = _ledger_run(main())
+    drained = _run(main())
     seconds = round(time.monotonic() - started, 3)
     if as_json:
         click.echo(json.dumps({"drained": drained, "seconds": seconds}))
@@ -273,7 +273,7 @@ def status_command(ctx: click.Context, tag: str | None, as_json: bool) -> None:
             "workers": {"live": len(live), "slots": sum(w.slots for w in live)},
         }
 
-    data = _ledger_run(main())
+    data = _run(main())
     if as_json:
         click.echo(json.dumps(data))
         return
@@ -311,7 +311,7 @@ def tasks_command(
                 tag=tag, state=TaskState(state) if state else None, limit=limit
             )
 
-    records = _ledger_run(main())
+    records = _run(main())
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in records]))
         return
@@ -339,7 +339,7 @@ def result_command(ctx: click.Context, task_id: str, as_json: bool) -> None:
         async with _open(ctx) as q:
             return await q.result(task_id)
 
-    record = _ledger_run(main())
+    record = _run(main())
     if record is None:
         click.echo(f"error: the ledger has no record of task {task_id}", err=True)
         sys.exit(1)
@@ -384,7 +384,7 @@ def workers_command(ctx: click.Context, as_json: bool, since: float) -> None:
         async with _open(ctx) as q:
             return await require(q.ledger).workers(include_stopped_seconds=since)
 
-    workers = _ledger_run(main())
+    workers = _run(main())
     now, beat = time.time(), heartbeat_seconds_from_env()
     if as_json:
         click.echo(
@@ -435,7 +435,7 @@ def prune_command(ctx: click.Context, older_than: timedelta, as_json: bool) -> N
         async with _open(ctx) as q:
             return await require(q.ledger).prune(older_than.total_seconds())
 
-    deleted = _ledger_run(main())
+    deleted = _run(main())
     if as_json:
         click.echo(json.dumps({"deleted": deleted}))
     else:
