@@ -168,9 +168,9 @@ class LedgerRecorder(WorkerHook):
         self._wake.set()
         if self._pruner is not None and not self._pruner.done():
             self._pruner.cancel()
-        if self._flusher is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+        if self._flusher is not None:  # its round in flight, bounded like the rest
+            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._flusher, self.stop_timeout)
         try:  # whatever the last round left, and the final heartbeat; bounded
             await asyncio.wait_for(self._final_writes(), self.stop_timeout)
         except asyncio.TimeoutError:
