@@ -112,11 +112,8 @@ class LedgerRecorder(WorkerHook):
     async def start(self, worker: WorkerIdentity) -> None:
         self._identity = worker
         self._wake = asyncio.Event()
-        try:
-            await self.store.open()
-            await self.store.heartbeat(self._worker_record(stopped=False))
-        except Exception as exc:  # noqa: BLE001 - the ledger never stops a worker
-            self._warn("could not write the first heartbeat", exc)
+        # In the background, first heartbeat included: an unreachable ledger (whose
+        # client retries for seconds) must not delay the worker's first receive.
         self._flusher = asyncio.ensure_future(self._flush_loop())
         self._pruner = asyncio.ensure_future(self._prune_if_due())
 
@@ -223,6 +220,11 @@ class LedgerRecorder(WorkerHook):
             self._wake.set()
 
     async def _flush_loop(self) -> None:
+        try:
+            await self.store.open()
+            await self.store.heartbeat(self._worker_record(stopped=False))
+        except Exception as exc:  # noqa: BLE001 - the ledger never stops a worker
+            self._warn("could not write the first heartbeat", exc)
         next_beat = time.monotonic() + self.heartbeat_seconds
         while not self._stopping:
             timeout = min(self.flush_interval, max(0.0, next_beat - time.monotonic()))
