@@ -206,6 +206,20 @@ def test_an_unreachable_ledger_makes_push_warn_but_still_push(sb_cs, sb_queue):
         timeout=120,
     )
     assert status.returncode == 4 and "cannot reach" in status.stderr
+    # a worker drains the queue all the same, warning about the ledger
+    worker = start_worker(
+        sb_cs,
+        sb_queue,
+        "--idle-timeout",
+        "2s",
+        JOBQ_LEDGER="devstoreaccount1",
+        JOBQ_LEDGER_CONNECTION_STRING=dead,
+    )
+    _, stderr = worker.communicate(timeout=120)
+    assert worker.returncode == 0, stderr
+    assert "2 succeeded" in stderr and "ledger" in stderr
+    assert run_counts(sb_cs, sb_queue) == (0, 0)
+    assert support_key() not in stderr
 
 
 def support_key() -> str:
