@@ -16,6 +16,7 @@ import click
 from ai4s_jobq.backends.base import BackendError
 from ai4s_jobq.ids import ConfigError, TaskEncodingError
 from ai4s_jobq.jobq import JobQ
+from ai4s_jobq.ledger.base import LedgerError
 from ai4s_jobq.redact import redact
 from ai4s_jobq.spec import SpecError
 
@@ -24,9 +25,10 @@ EXIT_CONFIG = 4
 
 
 class Settings:
-    def __init__(self, queue: str | None, conn_str: str | None):
+    def __init__(self, queue: str | None, conn_str: str | None, ledger: str | None = None):
         self.queue = queue
         self.conn_str = conn_str
+        self.ledger = ledger
 
 
 def apply_log_level(ctx: click.Context, verbose: int, quiet: bool) -> None:
@@ -79,6 +81,7 @@ def accept_global_options(group: click.Group) -> None:
         for name, callback, extra in (
             ("queue", set_setting("queue"), {}),
             ("conn_str", set_setting("conn_str"), {}),
+            ("ledger", set_setting("ledger"), {}),
             ("verbose", set_verbose, {"count": True}),
             ("quiet", set_quiet, {"is_flag": True}),
         ):
@@ -112,7 +115,14 @@ def run(coro: Awaitable[T]) -> T:
     no secrets)."""
     try:
         return asyncio.run(coro)  # type: ignore[arg-type]
-    except (SpecError, ConfigError, TaskEncodingError, BackendError, ValueError) as exc:
+    except (
+        SpecError,
+        ConfigError,
+        TaskEncodingError,
+        BackendError,
+        LedgerError,
+        ValueError,
+    ) as exc:
         click.echo(f"error: {redact(str(exc))}", err=True)
         sys.exit(EXIT_CONFIG)
     except Exception as exc:  # SDK errors: message only, redacted
@@ -124,6 +134,7 @@ def run(coro: Awaitable[T]) -> T:
 
 def open_queue(ctx: click.Context, **options: Any) -> Any:
     settings: Settings = ctx.obj
+    options.setdefault("ledger", settings.ledger)
     return JobQ.open(settings.queue, connection_string=settings.conn_str, **options)
 
 

@@ -3,7 +3,8 @@
 Exit codes: 0 success; 1 a task or push failed (``push`` rejected lines, ``pull``'s
 task failed, ``check --strict`` found a problem); 2 usage error (bad option
 value); 3 worker stopped after too many consecutive failures; 4 configuration
-or connection error; 128+N stopped by signal N (130 SIGINT, 143 SIGTERM).
+or connection error; 124 ``wait`` timed out; 128+N stopped by signal N (130 SIGINT,
+143 SIGTERM).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import click
 from click.core import ParameterSource
 
 from ai4s_jobq.ids import TaskEncodingError, canonical_json, identify
+from ai4s_jobq.ledger.recorder import ledger_hooks
 from ai4s_jobq.task import task_args
 from ai4s_jobq.telemetry.setup import telemetry_session
 from ai4s_jobq.worker.build import ProcessorOptions, build_processor
@@ -29,8 +31,9 @@ from ai4s_jobq.worker.processors import started
 from . import options
 from .common import Settings, accept_global_options, apply_log_level, confirm, open_queue, run
 from .dlq import dlq
+from .ledger_cmds import register as register_ledger_commands
 from .policy_options import policy_fields, worker_policy_options
-from .push_input import read_tasks, run_push
+from .push_input import LedgerPush, read_tasks, run_push
 from .worker_options import processor_options
 
 
@@ -49,19 +52,31 @@ from .worker_options import processor_options
     metavar="CS",
     help="Connection string (Service Bus or Storage). Env: JOBQ_CONNECTION_STRING.",
 )
+@click.option(
+    "--ledger",
+    envvar="JOBQ_LEDGER",
+    metavar="ACCOUNT[/TABLE]",
+    help="Azure Table for task outcomes (needed for Service Bus; default table jobqledger). "
+    "Env: JOBQ_LEDGER; JOBQ_LEDGER_CONNECTION_STRING instead of Azure AD.",
+)
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.option("--quiet", is_flag=True, help="Only errors.")
 @click.version_option(package_name="ai4s_jobq")
 @click.pass_context
 def cli(
-    ctx: click.Context, queue: str | None, conn_str: str | None, verbose: int, quiet: bool
+    ctx: click.Context,
+    queue: str | None,
+    conn_str: str | None,
+    ledger: str | None,
+    verbose: int,
+    quiet: bool,
 ) -> None:
     """Push tasks with deterministic, deduplicating IDs and run workers that drain them.
 
     The options above may also follow the command (jobq push --queue X)."""
     ctx.ensure_object(dict)
     apply_log_level(ctx, verbose, quiet)
-    ctx.obj = Settings(queue, conn_str)
+    ctx.obj = Settings(queue, conn_str, ledger)
 
 
 @cli.command()
@@ -124,6 +139,24 @@ def cli(
     hidden=False,
     help="Lock duration for a new queue (default 5m).",
 )
+@click.option("--tag", metavar="NAME", help="Record the tasks as members of run NAME.")
+@click.option(
+    "--wait",
+    "wait_after",
+    is_flag=True,
+    help="Then wait for exactly the pushed tasks (duplicates included); exit as `jobq wait`.",
+)
+@click.option(
+    "--timeout",
+    type=options.Duration("s", zero_ok=True),
+    metavar="D",
+    help="With --wait: give up after D.",
+)
+@click.option(
+    "--skip-succeeded",
+    is_flag=True,
+    help="Do not push a task the ledger records as succeeded (even after the dedup window).",
+)
 @click.pass_context
 def push(
     ctx: click.Context,
@@ -137,6 +170,10 @@ def push(
     as_json: bool,
     progress: bool | None,
     lock_duration: timedelta | None,
+    tag: str | None,
+    wait_after: bool,
+    timeout: timedelta | None,
+    skip_succeeded: bool,
 ) -> None:
     """Push tasks. Blank lines are ignored; a malformed line is reported with its line
     number and not pushed, every other line is pushed; the exit code is then 1.
@@ -164,6 +201,7 @@ def push(
                 as_json=as_json,
                 show_progress=show_progress,
                 print_ids=bool(commands),
+                ledger=LedgerPush(tag, skip_succeeded, wait_after, timeout),
             )
 
     with telemetry_session("jobq-push"):
@@ -216,7 +254,8 @@ def _run_worker(ctx: click.Context, options: ProcessorOptions, policy: WorkerPol
 
     async def main() -> int:
         async with open_queue(ctx) as q, started(built.processor):
-            hooks = telemetry.worker_hooks(q.backend)  # none unless telemetry is configured
+            # the ledger's recorder (outcomes, heartbeats), and telemetry when configured
+            hooks = [*ledger_hooks(q), *telemetry.worker_hooks(q.backend)]
             stats = await Worker(q.backend, built.processor, policy, hooks=hooks).run()
             return stats.exit_code
 
@@ -429,6 +468,7 @@ def check(ctx: click.Context, as_json: bool, strict: bool, dedup_window: timedel
 
 
 cli.add_command(dlq)
+register_ledger_commands(cli)
 
 
 def _register_optional() -> None:

@@ -10,7 +10,7 @@ late it runs, and the pushed / duplicate / failed counts go to counters.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..backends.base import OutgoingMessage, PushOutcome
@@ -76,8 +76,13 @@ class PushTelemetry:
         self.attributes = messaging_attributes(backend)
         self.span_name = f"send {backend.queue_name}"
 
-    async def push(self, backend: Backend, tasks: Sequence[Task]) -> list[PushOutcome]:
-        """``backend.push`` of ``tasks`` inside a span whose context each task carries."""
+    async def push(
+        self,
+        send: Callable[[Sequence[OutgoingMessage]], Awaitable[list[PushOutcome]]],
+        tasks: Sequence[Task],
+    ) -> list[PushOutcome]:
+        """``send`` (the backend's push, through the ledger if any) of ``tasks`` inside a
+        span whose context each task carries."""
         from opentelemetry.trace import SpanKind, Status, StatusCode
 
         from .context import current_carrier, with_trace_context
@@ -101,7 +106,7 @@ class PushTelemetry:
                 for t in tasks
             ]
             try:
-                outcomes = await backend.push(messages)
+                outcomes = await send(messages)
             except Exception:
                 self.instruments.failures.add(len(tasks), self.attributes)
                 raise  # the span records it

@@ -343,13 +343,8 @@ class Worker:
         completes a reschedule that a dying worker left half done (see
         :mod:`.attempts`)."""
         if counters.attempt > task.max_attempts:
-            self.stats.dead_lettered += 1
-            await self._settle(
-                "dead_letter",
-                message,
-                "MaxAttemptsExceeded",
-                f"{counters.attempt - 1} failed attempts, {task.max_attempts} allowed",
-            )
+            why = f"{counters.attempt - 1} failed attempts, {task.max_attempts} allowed"
+            await self._dead_letter_unrun(message, task, counters, "MaxAttemptsExceeded", why)
             return
         log.warning(
             "task %s: %d earlier deliveries never finished (worker lost); counted as interruptions",
@@ -357,6 +352,16 @@ class Worker:
             lost,
         )
         await self._interrupted(message, task, counters.interrupted(lost), "WorkerLost")
+
+    async def _dead_letter_unrun(
+        self, message: ReceivedMessage, task: Task, counters: RunCounters, reason: str, why: str
+    ) -> None:
+        """Dead-letter a task that will not run again, telling the hooks (the ledger
+        records it as dead-lettered rather than leaving it running or interrupted)."""
+        self.stats.dead_lettered += 1
+        run = TaskRun(task, message, counters.attempt)
+        self.hooks.task_finished(run, TaskOutcome(DEAD_LETTERED, 0.0, reason=reason, summary=why))
+        await self._settle("dead_letter", message, reason, why)
 
     def _task_over(self, running: _Running) -> None:
         """Free the slot for the next message while this one is settled."""
@@ -438,20 +443,12 @@ class Worker:
         it once it has been interrupted more than ``max_interruptions`` times."""
         self.stats.interrupted += 1
         if counters.interruptions > self.policy.max_interruptions:
-            self.stats.dead_lettered += 1
-            log.error(
-                "task %s: interrupted %d times (limit %d): dead-lettering",
-                task.id,
-                counters.interruptions,
-                self.policy.max_interruptions,
-            )
-            await self._settle(
-                "dead_letter",
-                message,
-                "TooManyInterruptions",
+            why = (
                 f"interrupted {counters.interruptions} times (last: {reason}); "
-                f"--max-interruptions is {self.policy.max_interruptions}",
+                f"--max-interruptions is {self.policy.max_interruptions}"
             )
+            log.error("task %s: %s: dead-lettering", task.id, why)
+            await self._dead_letter_unrun(message, task, counters, "TooManyInterruptions", why)
             return
         log.warning(
             "task %s: interrupted (%s); putting it back at once (attempt %d kept, interruption %d)",
