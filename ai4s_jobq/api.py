@@ -2,17 +2,54 @@
 
 Each call opens the queue, pushes and closes it.  Inside an event loop use
 ``JobQ`` instead (these functions refuse to nest event loops).
+
+``push_many(...).wait(timeout=None)`` waits for the tasks that push accepted
+(duplicates included) and returns a :class:`~ai4s_jobq.ledger.wait.WaitReport`.  The
+rule for memory: with ``tag=`` the result holds no IDs and waits on the tag (which
+also covers earlier pushes under the same tag); without a tag it keeps every accepted
+ID (about 100 bytes each), so give huge pushes a tag.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 from .backends.base import PushOutcome
 from .jobq import JobQ, PushFailure, PushResult, PushSummary, TaskInput
+from .ledger.wait import WaitReport
+
+
+@dataclass
+class PushManyResult(PushSummary):
+    """A :class:`PushSummary` that can wait for the tasks it pushed."""
+
+    tag: str | None = None
+    ids: list[str] | None = None  # accepted IDs when there is no tag
+    queue: str | None = None
+    connection_string: str | None = field(default=None, repr=False)
+    ledger: str | None = None
+
+    def wait(self, timeout: float | None = None) -> WaitReport:
+        """Block until every pushed task is succeeded or dead-lettered (or
+        ``timeout`` seconds); ``report.exit_code`` is 0 when all succeeded."""
+
+        async def main() -> WaitReport:
+            async with JobQ.open(
+                self.queue,
+                connection_string=self.connection_string,
+                ledger=self.ledger,
+                check=False,
+                create=False,
+            ) as q:
+                if self.tag is not None:
+                    return await q.wait(tag=self.tag, timeout=timeout)
+                return await q.wait(ids=self.ids or [], timeout=timeout)
+
+        return _run(main())  # type: ignore[no-any-return]
 
 
 def _run(coro: Any) -> Any:
@@ -38,12 +75,14 @@ def push(
     deterministic: bool | None = None,
     dedup_window: timedelta | str | int | None = None,
     env: Mapping[str, str] | None = None,
+    tag: str | None = None,
+    ledger: str | None = None,
 ) -> PushResult:
     """Push one task (a shell command string or a dict of arguments)."""
 
     async def main() -> PushResult:
         async with JobQ.open(
-            queue, connection_string=connection_string, dedup_window=dedup_window
+            queue, connection_string=connection_string, dedup_window=dedup_window, ledger=ledger
         ) as q:
             return await q.push(
                 task,
@@ -52,9 +91,10 @@ def push(
                 dedup_keys=dedup_keys,
                 deterministic=deterministic,
                 env=env,
+                tag=tag,
             )
 
-    return _run(main())
+    return _run(main())  # type: ignore[no-any-return]
 
 
 def push_many(
@@ -69,12 +109,24 @@ def push_many(
     env: Mapping[str, str] | None = None,
     batch_size: int | None = None,
     on_result: Callable[[int, str | None, PushOutcome | PushFailure], None] | None = None,
-) -> PushSummary:
-    """Push many tasks, streaming from ``tasks`` in batches (constant memory)."""
+    tag: str | None = None,
+    skip_succeeded: bool = False,
+    ledger: str | None = None,
+) -> PushManyResult:
+    """Push many tasks, streaming from ``tasks`` in batches (constant memory without a
+    tag, see the module docstring).  ``tag`` records them as members of a run;
+    ``skip_succeeded`` leaves out tasks the ledger records as succeeded."""
+    ids: list[str] | None = None if tag is not None else []
+
+    def collect(index: int, task_id: str | None, outcome: PushOutcome | PushFailure) -> None:
+        if ids is not None and task_id is not None and not isinstance(outcome, PushFailure):
+            ids.append(task_id)
+        if on_result is not None:
+            on_result(index, task_id, outcome)
 
     async def main() -> PushSummary:
         async with JobQ.open(
-            queue, connection_string=connection_string, dedup_window=dedup_window
+            queue, connection_string=connection_string, dedup_window=dedup_window, ledger=ledger
         ) as q:
             return await q.push_many(
                 tasks,
@@ -83,7 +135,17 @@ def push_many(
                 deterministic=deterministic,
                 env=env,
                 batch_size=batch_size,
-                on_result=on_result,
+                on_result=collect,
+                tag=tag,
+                skip_succeeded=skip_succeeded,
             )
 
-    return _run(main())
+    summary: PushSummary = _run(main())
+    return PushManyResult(
+        **summary.__dict__,
+        tag=tag,
+        ids=ids,
+        queue=queue,
+        connection_string=connection_string,
+        ledger=ledger,
+    )

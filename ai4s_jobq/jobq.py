@@ -29,6 +29,11 @@ from .backends.base import (
 )
 from .durations import parse_duration
 from .ids import ConfigError, TaskEncodingError, deterministic_ids_enabled
+from .ledger.base import LedgerStore, StatusSummary, TaskRecord
+from .ledger.events import PushEntry
+from .ledger.push import PushLedger
+from .ledger.resolve import ledger_for, require
+from .ledger.wait import ProgressCallback, WaitReport, wait_for_tasks
 from .spec import CONNECTION_STRING_ENV, make_backend, parse_spec
 from .task import MalformedTaskError, Task, make_task
 
@@ -88,8 +93,11 @@ class JobQ:
         dedup_window: timedelta | None = None,
         lock_duration: timedelta | None = None,
         deterministic: bool | None = None,
+        ledger: LedgerStore | None = None,
     ):
         self.backend = backend
+        #: the outcome ledger (None: this queue has none, e.g. Service Bus without --ledger)
+        self.ledger = ledger
         self.configured_window = dedup_window
         self.settings = QueueSettings(
             dedup_window=dedup_window or DEFAULT_DEDUP_WINDOW,
@@ -109,16 +117,22 @@ class JobQ:
         deterministic: bool | None = None,
         check: bool = True,
         create: bool = True,
+        ledger: str | None = None,
     ) -> AsyncIterator[JobQ]:
         """Connect to the queue named by ``spec`` (see :mod:`ai4s_jobq.spec`), create it
-        on first use, and log the startup checker's warnings."""
+        on first use, and log the startup checker's warnings.  ``ledger`` names the
+        outcome ledger's Azure Table (``ACCOUNT[/TABLE]``, see :mod:`ai4s_jobq.ledger.resolve`)."""
         connection_string = connection_string or os.environ.get(CONNECTION_STRING_ENV) or None
         window = configured_dedup_window(dedup_window)
         backend = make_backend(
             parse_spec(spec, connection_string), connection_string, dedup_window=window
         )
         q = cls(
-            backend, dedup_window=window, lock_duration=lock_duration, deterministic=deterministic
+            backend,
+            dedup_window=window,
+            lock_duration=lock_duration,
+            deterministic=deterministic,
+            ledger=ledger_for(backend, ledger),
         )
         await backend.open()
         try:
@@ -128,7 +142,11 @@ class JobQ:
                 checker.log_findings(await q.check())
             yield q
         finally:
-            await backend.close()
+            try:
+                if q.ledger is not None:
+                    await q.ledger.close()
+            finally:
+                await backend.close()
 
     # ------------------------------------------------------------------ producing
 
@@ -145,8 +163,10 @@ class JobQ:
         dedup_keys: Iterable[str] | None = None,
         deterministic: bool | None = None,
         env: Mapping[str, str] | None = None,
+        tag: str | None = None,
     ) -> PushResult:
-        """Push one task.  Raises on failure (e.g. ``MessageTooLargeError``)."""
+        """Push one task.  Raises on failure (e.g. ``MessageTooLargeError``).  ``tag``
+        records the task's membership of a run in the ledger."""
         built = make_task(
             task,
             num_retries=num_retries,
@@ -155,7 +175,8 @@ class JobQ:
             env=env,
             deterministic=self.deterministic if deterministic is None else deterministic,
         )
-        (outcome,) = await self.backend.push([OutgoingMessage(built.id, built.to_body())])
+        message = OutgoingMessage(built.id, built.to_body())
+        (outcome,) = await self._send([message], self._push_ledger(tag, False))
         if outcome.error is not None:
             raise outcome.error
         return PushResult(built.id, outcome.duplicate)
@@ -170,6 +191,8 @@ class JobQ:
         env: Mapping[str, str] | None = None,
         batch_size: int | None = None,
         on_result: Callable[[int, str | None, PushOutcome | PushFailure], None] | None = None,
+        tag: str | None = None,
+        skip_succeeded: bool = False,
     ) -> PushSummary:
         """Push tasks from an iterable in batches, holding only a few batches in memory.
 
@@ -177,7 +200,10 @@ class JobQ:
         its index; the others are still pushed.  An ``Exception`` instance among
         ``tasks`` stands for an input the caller could not read: it is recorded as a
         failure at its index.  ``on_result(index, id, outcome)``
-        is called for every task, in order.
+        is called for every task, in order.  ``tag`` records every accepted task
+        (duplicates included) as a member of that run in the ledger; with
+        ``skip_succeeded`` a task the ledger records as succeeded is not sent again
+        (its outcome is a ``SkippedOutcome``, counted as a duplicate).
         """
         size = batch_size or self.backend.push_batch_size
         keys = list(dedup_keys) if dedup_keys is not None else None
@@ -185,6 +211,7 @@ class JobQ:
         if det is None:
             det = _deterministic_setting()
         summary = PushSummary()
+        ledger = self._push_ledger(tag, skip_succeeded)
         # Each entry is (index, task) or (index, the error that prevented building it);
         # failures travel with their batch so results are reported in input order.
         Entry = tuple[int, Task | Exception]
@@ -192,7 +219,7 @@ class JobQ:
 
         async def send(batch: list[Entry]) -> list[PushOutcome]:
             messages = [OutgoingMessage(t.id, t.to_body()) for _, t in batch if isinstance(t, Task)]
-            return await self.backend.push(messages) if messages else []
+            return await self._send(messages, ledger) if messages else []
 
         def record(batch: list[Entry], outcomes: Sequence[PushOutcome]) -> None:
             sent = iter(outcomes)
@@ -254,6 +281,62 @@ class JobQ:
             pending.append((batch, asyncio.ensure_future(send(batch))))
         await drain(0)
         return summary
+
+    def _push_ledger(self, tag: str | None, skip_succeeded: bool) -> PushLedger | None:
+        if self.ledger is None:
+            if skip_succeeded:
+                require(None)  # raises: says which setting names a ledger
+            if tag is not None:
+                log.warning("this queue has no ledger: tag %r is not recorded", tag)
+            return None
+        return PushLedger(self.ledger, tag=tag, skip_succeeded=skip_succeeded)
+
+    async def _send(
+        self, messages: Sequence[OutgoingMessage], ledger: PushLedger | None
+    ) -> list[PushOutcome]:
+        """One batch to the backend; with a ledger, through it (one ledger write)."""
+        if ledger is None:
+            return await self.backend.push(messages)
+        return await ledger.send(self.backend.push, messages)
+
+    # ------------------------------------------------------------------ outcomes
+
+    async def wait(
+        self,
+        ids: Iterable[str] | None = None,
+        tag: str | None = None,
+        timeout: float | None = None,
+        *,
+        on_progress: ProgressCallback | None = None,
+    ) -> WaitReport:
+        """Block until every task named (by ``ids`` or ``tag``) is succeeded or
+        dead-lettered, or ``timeout`` seconds passed.  See :mod:`ai4s_jobq.ledger.wait`."""
+        return await wait_for_tasks(
+            require(self.ledger), ids=ids, tag=tag, timeout=timeout, on_progress=on_progress
+        )
+
+    async def result(self, id: str) -> TaskRecord | None:
+        """The ledger's record of one task (``.result`` is a Python task's return value)."""
+        return (await require(self.ledger).get([id])).get(id)
+
+    async def status(self, tag: str | None = None) -> StatusSummary:
+        """Counts by state over ``tag`` (or the whole ledger) and recent throughput."""
+        return await require(self.ledger).status(tag)
+
+    async def wait_drained(self, timeout: float | None = None, poll: float = 0.5) -> bool:
+        """Wait until the queue has no active or scheduled messages (no ledger needed).
+        True when drained, False on timeout."""
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        delay = 0.02
+        while True:
+            counts = await self.backend.counts()
+            if counts.active == 0 and not counts.scheduled:
+                return True
+            now = asyncio.get_running_loop().time()
+            if deadline is not None and now >= deadline:
+                return False
+            delay = min(poll, delay * 1.5)
+            await asyncio.sleep(delay if deadline is None else min(delay, deadline - now))
 
     # ------------------------------------------------------------------ inspecting
 
@@ -319,17 +402,20 @@ class JobQ:
                 return moved
 
     async def _requeue_one(self, message: ReceivedMessage) -> None:
+        task_known = True
         try:
-            task = Task.from_body(message.body)
+            task_id = Task.from_body(message.body).id
         except MalformedTaskError:
-            body, task_id = message.body, message.message_id
-        else:
-            body, task_id = message.body, task.id
+            task_id, task_known = message.message_id, False
+        body = message.body
         new_id = requeue_message_id(task_id, _dlq_key(message))
         (outcome,) = await self.backend.push([OutgoingMessage(new_id, body)])
         if outcome.error is not None:
             raise outcome.error
         await self.backend.complete(message)
+        if self.ledger is not None and task_known:
+            # A new generation: the dead-lettered record goes back to queued.
+            await PushLedger(self.ledger).record([PushEntry(task_id, False)])
 
 
 def _deterministic_setting() -> bool | None:

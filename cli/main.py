@@ -22,22 +22,25 @@ from ai4s_jobq.backends.base import BackendError
 from ai4s_jobq.durations import DurationError, parse_duration
 from ai4s_jobq.ids import ConfigError, TaskEncodingError, canonical_json, identify
 from ai4s_jobq.jobq import JobQ
+from ai4s_jobq.ledger.base import LedgerError
+from ai4s_jobq.ledger.recorder import ledger_hooks
 from ai4s_jobq.redact import redact
 from ai4s_jobq.spec import SpecError
 from ai4s_jobq.task import task_args
 from ai4s_jobq.worker.loop import Worker, WorkerPolicy
 from ai4s_jobq.worker.processors import make_processor
 
-from .push_input import read_tasks, run_push
+from .push_input import LedgerPush, read_tasks, run_push
 
 T = TypeVar("T")
 EXIT_CONFIG = 4
 
 
 class Settings:
-    def __init__(self, queue: str | None, conn_str: str | None):
+    def __init__(self, queue: str | None, conn_str: str | None, ledger: str | None = None):
         self.queue = queue
         self.conn_str = conn_str
+        self.ledger = ledger
 
 
 def _duration(bare_unit: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
@@ -59,7 +62,14 @@ def run(coro: Awaitable[T]) -> T:
     no secrets)."""
     try:
         return asyncio.run(coro)  # type: ignore[arg-type]
-    except (SpecError, ConfigError, TaskEncodingError, BackendError, ValueError) as exc:
+    except (
+        SpecError,
+        ConfigError,
+        TaskEncodingError,
+        BackendError,
+        LedgerError,
+        ValueError,
+    ) as exc:
         click.echo(f"error: {redact(str(exc))}", err=True)
         sys.exit(EXIT_CONFIG)
     except Exception as exc:  # SDK errors: message only, redacted
@@ -71,6 +81,7 @@ def run(coro: Awaitable[T]) -> T:
 
 def _open(ctx: click.Context, **options: Any) -> Any:
     settings: Settings = ctx.obj
+    options.setdefault("ledger", settings.ledger)
     return JobQ.open(settings.queue, connection_string=settings.conn_str, **options)
 
 
@@ -89,12 +100,24 @@ def _open(ctx: click.Context, **options: Any) -> Any:
     metavar="CS",
     help="Connection string (Service Bus or Storage). Env: JOBQ_CONNECTION_STRING.",
 )
+@click.option(
+    "--ledger",
+    envvar="JOBQ_LEDGER",
+    metavar="ACCOUNT[/TABLE]",
+    help="Azure Table for task outcomes (needed for Service Bus; default table jobqledger). "
+    "Env: JOBQ_LEDGER; JOBQ_LEDGER_CONNECTION_STRING instead of Azure AD.",
+)
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.option("--quiet", is_flag=True, help="Only errors.")
 @click.version_option(package_name="ai4s_jobq")
 @click.pass_context
 def cli(
-    ctx: click.Context, queue: str | None, conn_str: str | None, verbose: int, quiet: bool
+    ctx: click.Context,
+    queue: str | None,
+    conn_str: str | None,
+    ledger: str | None,
+    verbose: int,
+    quiet: bool,
 ) -> None:
     """Push tasks with deterministic, deduplicating IDs and run workers that drain them."""
     level = (
@@ -109,7 +132,7 @@ def cli(
     )
     for noisy in ("azure", "uamqp", "proton"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    ctx.obj = Settings(queue, conn_str)
+    ctx.obj = Settings(queue, conn_str, ledger)
 
 
 @cli.command()
@@ -172,6 +195,21 @@ def cli(
     hidden=False,
     help="Lock duration for a new queue (default 5m).",
 )
+@click.option("--tag", metavar="NAME", help="Record the tasks as members of run NAME.")
+@click.option(
+    "--wait",
+    "wait_after",
+    is_flag=True,
+    help="Then wait for exactly the pushed tasks (duplicates included); exit as `jobq wait`.",
+)
+@click.option(
+    "--timeout", callback=_duration("s"), metavar="D", help="With --wait: give up after D."
+)
+@click.option(
+    "--skip-succeeded",
+    is_flag=True,
+    help="Do not push a task the ledger records as succeeded (even after the dedup window).",
+)
 @click.pass_context
 def push(
     ctx: click.Context,
@@ -185,6 +223,10 @@ def push(
     as_json: bool,
     progress: bool | None,
     lock_duration: timedelta | None,
+    tag: str | None,
+    wait_after: bool,
+    timeout: timedelta | None,
+    skip_succeeded: bool,
 ) -> None:
     """Push tasks. Blank lines are ignored; a malformed line is reported with its line
     number and not pushed, every other line is pushed; the exit code is then 1.
@@ -212,6 +254,7 @@ def push(
                 as_json=as_json,
                 show_progress=show_progress,
                 print_ids=bool(commands),
+                ledger=LedgerPush(tag, skip_succeeded, wait_after, timeout),
             )
 
     sys.exit(run(main()))
@@ -258,7 +301,7 @@ def _run_worker(ctx: click.Context, proc: str | None, policy: WorkerPolicy) -> i
 
     async def main() -> int:
         async with _open(ctx) as q:
-            stats = await Worker(q.backend, processor, policy).run()
+            stats = await Worker(q.backend, processor, policy, hooks=ledger_hooks(q)).run()
             return stats.exit_code
 
     return run(main())
@@ -469,8 +512,10 @@ def check(ctx: click.Context, as_json: bool, strict: bool, dedup_window: timedel
 
 
 from .dlq import dlq  # noqa: E402
+from .ledger_cmds import register as register_ledger_commands  # noqa: E402
 
 cli.add_command(dlq)
+register_ledger_commands(cli)
 
 
 def _register_optional() -> None:

@@ -14,12 +14,16 @@ import json
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import click
 
 from ai4s_jobq.backends.base import PushOutcome
 from ai4s_jobq.jobq import JobQ, PushFailure
+from ai4s_jobq.ledger.push import SkippedOutcome
+from ai4s_jobq.ledger.resolve import require
 
 MAX_ERRORS_SHOWN = 20
 
@@ -68,6 +72,16 @@ class _Numbered:
         self.value = value
 
 
+@dataclass
+class LedgerPush:
+    """The ledger options of ``jobq push``: ``--tag``, ``--skip-succeeded``, ``--wait``."""
+
+    tag: str | None = None
+    skip_succeeded: bool = False
+    wait: bool = False
+    timeout: timedelta | None = None
+
+
 class _Counter:
     def __init__(self) -> None:
         self.pushed = self.duplicates = self.unknown = self.failed = 0
@@ -82,7 +96,10 @@ async def run_push(
     as_json: bool,
     show_progress: bool,
     print_ids: bool,
+    ledger: LedgerPush | None = None,
 ) -> int:
+    ledger = ledger or LedgerPush()
+    pushed_ids: list[str] = []  # for --wait: every accepted ID, duplicates included
     line_numbers: dict[int, int] = {}
     counter = _Counter()
     errors_shown = 0
@@ -105,6 +122,8 @@ async def run_push(
                 errors_shown += 1
         else:
             error = None
+            if ledger.wait:
+                pushed_ids.append(outcome.message_id)
             if outcome.duplicate is True:
                 counter.duplicates += 1
                 status = "duplicate"
@@ -122,6 +141,11 @@ async def run_push(
                         "id": task_id,
                         "status": status,
                         **({"error": error} if error else {}),
+                        **(
+                            {"reason": outcome.reason}
+                            if isinstance(outcome, SkippedOutcome)
+                            else {}
+                        ),
                     }
                 )
             )
@@ -130,11 +154,18 @@ async def run_push(
         if progress is not None:
             progress.update(counter)
 
+    if ledger.wait:
+        require(q.ledger)  # before pushing: say at once that --wait needs a ledger
     progress = _Progress() if show_progress else None
     started = time.monotonic()
     try:
         await q.push_many(
-            values(), num_retries=num_retries, dedup_keys=dedup_keys, on_result=on_result
+            values(),
+            num_retries=num_retries,
+            dedup_keys=dedup_keys,
+            on_result=on_result,
+            tag=ledger.tag,
+            skip_succeeded=ledger.skip_succeeded,
         )
     finally:
         if progress is not None:
@@ -161,7 +192,30 @@ async def run_push(
             f"to {q.backend.description}",
             err=True,
         )
+    if ledger.wait:
+        return await _wait_for_pushed(q, pushed_ids, ledger, counter, as_json, show_progress)
     return 1 if counter.failed else 0
+
+
+async def _wait_for_pushed(
+    q: JobQ,
+    ids: list[str],
+    ledger: LedgerPush,
+    counter: _Counter,
+    as_json: bool,
+    show_progress: bool,
+) -> int:
+    """``push --wait``: wait on exactly the IDs this push accepted.  Exit as ``jobq
+    wait`` does, except that rejected lines still make it at least 1."""
+    from .ledger_cmds import print_report, wait_on
+
+    if not ids:
+        return 1 if counter.failed else 0
+    timeout = ledger.timeout.total_seconds() if ledger.timeout is not None else None
+    report = await wait_on(q, ids, None, timeout, show_progress, quiet=as_json)
+    print_report(report, as_json=as_json)
+    code = report.exit_code
+    return max(code, 1) if counter.failed and code == 0 else code
 
 
 class _Progress:

@@ -23,7 +23,10 @@ import abc
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .events import AttemptEvent, PushEntry
 
 
 class TaskState(str, Enum):
@@ -103,6 +106,11 @@ class WorkerRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def is_stale(self, now: float, heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS) -> bool:
+        """No heartbeat for three intervals (and no final one): the worker is gone
+        without saying so (killed, host lost)."""
+        return not self.stopped and now - self.last_seen > 3 * heartbeat_seconds
 
 
 @dataclass
@@ -200,8 +208,38 @@ class LedgerStore(abc.ABC):
         """Delete records (and their tag memberships) not updated for that long."""
 
     # ------------------------------------------------------------------ writes
-    # The concrete write API (pushes with tags, attempt transitions with forward-only
-    # guards, heartbeats) is defined by the implementations in this package.
+    # Writers batch: one call carries a push batch or a worker's flush.  See
+    # :mod:`.events` for what each write means and the forward-only rule.
+
+    @abc.abstractmethod
+    async def record_pushes(self, entries: Sequence[PushEntry], tag: str | None = None) -> None:
+        """Record pushed task IDs (new ones become ``queued``; a final record pushed
+        again as new starts a new generation) and their membership of ``tag``."""
+
+    @abc.abstractmethod
+    async def record_attempts(self, events: Sequence[AttemptEvent]) -> None:
+        """Apply attempt starts/ends, each only if it moves its record forward."""
+
+    @abc.abstractmethod
+    async def heartbeat(self, worker: WorkerRecord) -> None:
+        """Write (replace) a worker's heartbeat."""
+
+    async def succeeded_among(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` are recorded as succeeded (``push --skip-succeeded``)."""
+        records = await self.get(ids)
+        return {i for i, r in records.items() if r.state is TaskState.SUCCEEDED}
+
+    async def last_pruned(self) -> float | None:
+        """When a prune last started on this ledger (wall clock), if recorded."""
+        return None
+
+    async def mark_pruned(self, at: float) -> None:  # noqa: B027 - optional
+        """Record that a prune starts now (so other workers skip theirs)."""
+
+    @property
+    def description(self) -> str:
+        """Where the ledger lives, for messages (never a secret)."""
+        return type(self).__name__
 
     @staticmethod
     def known_states(values: Iterable[str]) -> list[TaskState]:
