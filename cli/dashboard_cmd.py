@@ -74,7 +74,7 @@ def dashboard(
     specs = list(queues) or [ctx.obj.queue]
 
     async def main() -> None:
-        async with open_sources(specs, ctx.obj.conn_str) as sources:
+        async with open_sources(specs, ctx.obj.conn_str, ledger=ctx.obj.ledger) as sources:
             board = Dashboard(sources, refresh_seconds=refresh, sample_seconds=sample)
             try:
                 bound = await board.start(host, port)

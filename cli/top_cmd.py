@@ -44,7 +44,7 @@ def top(
     specs = list(queues) or [ctx.obj.queue]
 
     async def main() -> None:
-        async with open_sources(specs, ctx.obj.conn_str) as sources:
+        async with open_sources(specs, ctx.obj.conn_str, ledger=ctx.obj.ledger) as sources:
             if not once:
                 await run_top(sources, interval=interval)
                 return

@@ -25,8 +25,8 @@ from dashboard_support import (
     SUCCEEDED,
     KnownOutcomes,
     make_known_outcomes,
+    run_worker,
 )
-from memory_ledger import MemoryLedger
 
 from ai4s_jobq import JobQ
 from ai4s_jobq.dashboard import charts
@@ -40,7 +40,8 @@ from ai4s_jobq.dashboard.snapshot import (
     format_duration,
     worker_state,
 )
-from ai4s_jobq.ledger.base import TaskRecord, TaskState, WorkerRecord
+from ai4s_jobq.ledger.base import WorkerRecord
+from ai4s_jobq.ledger.sqlite_store import SqliteLedger
 
 
 @pytest.fixture
@@ -95,12 +96,17 @@ async def test_snapshot_without_ledger_uses_counts_alone(known: KnownOutcomes):
 
 
 async def test_a_failing_ledger_is_shown_not_raised(known: KnownOutcomes):
-    class Broken(MemoryLedger):
+    class Broken(SqliteLedger):
         async def status(self, tag=None, *, window_minutes=5.0):  # type: ignore[override]
             raise ConnectionError("table endpoint unreachable")
 
-    source = QueueSource("q", known.source.queue, Broken())
-    snap = await collect(source)
+    ledger = known.source.ledger
+    assert isinstance(ledger, SqliteLedger)
+    broken = Broken(ledger.path)
+    try:
+        snap = await collect(QueueSource("q", known.source.queue, broken))
+    finally:
+        await broken.close()
     assert snap.has_ledger and snap.status is None
     assert "ConnectionError: table endpoint unreachable" in (snap.ledger_error or "")
     assert snap.active == QUEUED  # the counts still show
@@ -135,7 +141,8 @@ def test_worker_state():
         return WorkerRecord("w", "h", 1, 1, "q", 0.0, last_seen, stopped=stopped)
 
     assert worker_state(worker(100.0), now=110.0) == "alive"
-    assert worker_state(worker(100.0), now=200.0) == "stale"
+    assert worker_state(worker(100.0), now=200.0) == "stale"  # three 15 s heartbeats missed
+    assert worker_state(worker(100.0), now=120.0, heartbeat_seconds=5.0) == "stale"
     assert worker_state(worker(100.0, stopped=True), now=101.0) == "stopped"
 
 
@@ -227,25 +234,26 @@ async def test_routes(served: tuple[str, KnownOutcomes]):
 
 
 async def test_user_data_is_escaped(known: KnownOutcomes):
+    """A task's command, error text and tag are user data: a real task that prints
+    markup to stderr and fails shows that markup as text, never as HTML."""
     evil = "<img src=x onerror=alert(1)>"
-    ledger = known.source.ledger
-    assert isinstance(ledger, MemoryLedger)
-    ledger.put(
-        TaskRecord("e" * 32, TaskState.DEAD_LETTERED, reason=evil, summary=evil, tags=[evil])
-    )
-    await known.source.queue.push(f"echo '{evil}'")
+    q = known.source.queue
+    bad = await q.push(f"echo '{evil}' >&2; exit 5", num_retries=0, tag=evil)
+    await run_worker(q)
     board = Dashboard([known.source])
     port = await board.start("127.0.0.1", 0)
     try:
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{port}/") as page:
                 html = await page.text()
-            async with http.get(f"http://127.0.0.1:{port}/task/{'e' * 32}") as task:
+            async with http.get(f"http://127.0.0.1:{port}/task/{bad.id}") as task:
                 record_html = await task.text()
     finally:
         await board.stop()
     assert evil not in html and evil not in record_html
-    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    escaped = "&lt;img src=x onerror=alert(1)&gt;"
+    assert escaped in html and escaped in record_html
+    assert html.count(escaped) >= 3  # the tag row, the failure summary, the dead letter
 
 
 async def test_queue_without_ledger_page(known: KnownOutcomes):

@@ -39,8 +39,6 @@ from ..redact import redact
 if TYPE_CHECKING:
     from ..jobq import JobQ
 
-#: a worker whose last heartbeat is older than this many heartbeat intervals is stale
-STALE_AFTER_INTERVALS = 3.0
 #: how many tags get a row in "outcomes per tag"
 TAG_ROWS = 12
 #: how many dead-lettered messages the views list
@@ -246,6 +244,7 @@ class QueueSource:
     queue: JobQ
     ledger: LedgerStore | None = None
     ledger_note: str | None = None  # why there is no ledger, shown instead of its panels
+    heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS  # the workers' interval
     history: DepthHistory = field(default_factory=DepthHistory)
 
     async def read_counts(self) -> DepthSample:
@@ -272,12 +271,14 @@ async def bounded(awaitable: Awaitable[T], timeout: float = SOURCE_TIMEOUT) -> T
     return task.result()
 
 
-def worker_state(record: WorkerRecord, now: float) -> str:
+def worker_state(
+    record: WorkerRecord, now: float, heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
+) -> str:
+    """ "stopped" (said goodbye), "stale" (silent for three heartbeats: killed or host
+    lost) or "alive"."""
     if record.stopped:
         return "stopped"
-    if now - record.last_seen > STALE_AFTER_INTERVALS * DEFAULT_HEARTBEAT_SECONDS:
-        return "stale"
-    return "alive"
+    return "stale" if record.is_stale(now, heartbeat_seconds) else "alive"
 
 
 def _error_text(exc: BaseException) -> str:
@@ -321,7 +322,7 @@ async def collect(source: QueueSource, *, tag_rows: int = TAG_ROWS) -> QueueSnap
             return
         snap.has_ledger = True
         try:
-            await bounded(_read_ledger(ledger, snap, now, tag_rows))
+            await bounded(_read_ledger(source, snap, now, tag_rows))
         except (LedgerError, Exception) as exc:
             snap.ledger_error = _error_text(exc)
 
@@ -331,7 +332,9 @@ async def collect(source: QueueSource, *, tag_rows: int = TAG_ROWS) -> QueueSnap
     return snap
 
 
-async def _read_ledger(ledger: LedgerStore, snap: QueueSnapshot, now: float, rows: int) -> None:
+async def _read_ledger(source: QueueSource, snap: QueueSnapshot, now: float, rows: int) -> None:
+    ledger = source.ledger
+    assert ledger is not None
     status, failures, durations, workers, tags = await asyncio.gather(
         ledger.status(window_minutes=RATE_WINDOW_MINUTES),
         ledger.failures(limit=20, examples=3),
@@ -343,7 +346,12 @@ async def _read_ledger(ledger: LedgerStore, snap: QueueSnapshot, now: float, row
     snap.failures = failures
     snap.durations = DurationStats.of(durations)
     snap.workers = sorted(
-        (WorkerRow(w, worker_state(w, now), max(0.0, now - w.last_seen)) for w in workers),
+        (
+            WorkerRow(
+                w, worker_state(w, now, source.heartbeat_seconds), max(0.0, now - w.last_seen)
+            )
+            for w in workers
+        ),
         key=lambda row: (("alive", "stale", "stopped").index(row.state), row.record.worker_id),
     )
     per_tag = await asyncio.gather(*(ledger.status(tag) for tag in tags))
