@@ -11,10 +11,17 @@ Routes (``?q=N`` picks the N-th queue when several are watched):
 Why aiohttp: it is already a dependency of the library (no new server stack), it serves
 static files and runs the depth sampler in the same event loop as the queue clients.
 
-Snapshots are cached for ``cache_seconds`` per queue (and one gathering at a time), so
-many open tabs cost one set of queries per refresh, not one per tab.  A background task
-samples the queue counts every ``sample_seconds`` so the depth chart has history even
-when nobody is looking.
+Pages never wait for the ledger: a background gatherer per queue keeps a fresh
+snapshot (every ``refresh_seconds`` while someone has looked in the last
+:data:`VIEWER_IDLE_SECONDS`), and requests render the latest one — so a page costs
+its rendering (milliseconds) however large the ledger, and many open tabs cost one
+set of queries per refresh, not one per tab.  Gathering over a large ledger can take
+seconds (``bench/bench_dashboard.py`` measures both); the gatherer then waits
+:data:`GATHER_DUTY` times as long as the last gathering took before the next, so it
+never keeps the ledger busy more than a fraction of the time.  Only the very first
+request waits for the first snapshot.  A second background task samples the queue
+counts every ``sample_seconds`` so the depth chart has history even when nobody is
+looking.
 
 The server has no authentication: it binds to 127.0.0.1 unless told otherwise (the CLI
 requires ``--allow-remote`` for anything else and warns), and it sends a strict
@@ -62,10 +69,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+#: gather snapshots while a page, fragment or API request came this recently
+VIEWER_IDLE_SECONDS = 120.0
+#: wait at least this many times the last gathering's duration before the next
+GATHER_DUTY = 4.0
+
+
 @dataclass
 class _Cached:
     snapshot: QueueSnapshot | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    last_viewed: float = 0.0
+    gather_seconds: float = 0.0
 
 
 class Dashboard:
@@ -77,28 +92,41 @@ class Dashboard:
         *,
         refresh_seconds: float = 5.0,
         sample_seconds: float = 5.0,
-        cache_seconds: float = 1.0,
     ):
         if not sources:
             raise ValueError("the dashboard needs at least one queue")
         self.sources = sources
         self.refresh_seconds = refresh_seconds
         self.sample_seconds = sample_seconds
-        self.cache_seconds = cache_seconds
         self._cache = [_Cached() for _ in sources]
-        self._sampler: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         self.app = self._make_app()
 
     # ------------------------------------------------------------------ data
 
     async def snapshot(self, index: int) -> QueueSnapshot:
+        """The latest snapshot of queue ``index`` (waits only for the first one)."""
         cached = self._cache[index]
-        async with cached.lock:
-            snap = cached.snapshot
-            if snap is None or time.time() - snap.taken_at >= self.cache_seconds:
-                snap = cached.snapshot = await collect(self.sources[index])
-            return snap
+        cached.last_viewed = time.monotonic()
+        await cached.ready.wait()
+        assert cached.snapshot is not None
+        return cached.snapshot
+
+    async def _gather_forever(self, index: int) -> None:
+        cached = self._cache[index]
+        while True:
+            started = time.monotonic()
+            try:
+                cached.snapshot = await collect(self.sources[index])
+            except Exception:  # collect reports failures in the snapshot; this is a bug
+                log.exception("gathering a snapshot of %s failed", self.sources[index].name)
+            if cached.snapshot is not None:
+                cached.ready.set()
+            cached.gather_seconds = time.monotonic() - started
+            await asyncio.sleep(max(self.refresh_seconds, GATHER_DUTY * cached.gather_seconds))
+            while time.monotonic() - cached.last_viewed > VIEWER_IDLE_SECONDS:
+                await asyncio.sleep(0.5)  # nobody is looking: only the sampler runs
 
     async def _sample_forever(self) -> None:
         while True:
@@ -196,17 +224,20 @@ class Dashboard:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        self._sampler = asyncio.create_task(self._sample_forever())
+        self._background = [asyncio.create_task(self._sample_forever())] + [
+            asyncio.create_task(self._gather_forever(i)) for i in range(len(self.sources))
+        ]
         server = site._server  # aiohttp keeps the asyncio server private
         sockets = getattr(server, "sockets", None) or []
         return int(sockets[0].getsockname()[1]) if sockets else port
 
     async def stop(self) -> None:
-        if self._sampler is not None:
-            self._sampler.cancel()
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sampler
-            self._sampler = None
+                await task
+        self._background = []
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
