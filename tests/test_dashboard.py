@@ -6,6 +6,7 @@ binding rules and errors.  What a person sees in a browser is in
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -349,3 +350,37 @@ async def test_cli_remote_bind_warns(known: KnownOutcomes):
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
+
+
+async def test_pages_do_not_wait_for_a_slow_ledger(known: KnownOutcomes):
+    """A gathering stuck on the ledger does not hold up pages: they show the latest
+    snapshot (and say when it was taken)."""
+    release = asyncio.Event()
+    calls = 0
+
+    class Slow(SqliteLedger):
+        async def status(self, tag=None, *, window_minutes=5.0):  # type: ignore[override]
+            nonlocal calls
+            calls += 1
+            if calls > 3:  # the first gathering (status + two tags) answers at once
+                await release.wait()
+            return await super().status(tag, window_minutes=window_minutes)
+
+    ledger = known.source.ledger
+    assert isinstance(ledger, SqliteLedger)
+    slow = Slow(ledger.path)
+    board = Dashboard([QueueSource("q", known.source.queue, slow)], refresh_seconds=0.5)
+    port = await board.start("127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession() as http:
+            first = await (await http.get(f"http://127.0.0.1:{port}/api/snapshot")).json()
+            while calls <= 3:  # the second gathering is now stuck in status()
+                await asyncio.sleep(0.05)
+            page = await asyncio.wait_for(http.get(f"http://127.0.0.1:{port}/api/snapshot"), 10)
+            second = await page.json()
+            assert second["taken_at"] == first["taken_at"]  # the latest complete snapshot
+            assert second["ledger"]["states"]["succeeded"] == SUCCEEDED
+            release.set()
+    finally:
+        await board.stop()
+        await slow.close()
