@@ -195,3 +195,19 @@ async def test_requeue_from_the_dead_letter_queue_resets_the_record(local_dir):
         assert (await q.result(task_id)).state is TaskState.QUEUED
         await drain(q, returns)
         assert (await q.result(task_id)).state is TaskState.SUCCEEDED
+
+
+async def test_a_task_whose_worker_died_on_its_last_attempt_ends_dead_lettered(local_dir):
+    """The killed worker's record says running; the next delivery is past the attempts
+    allowed, so the loop dead-letters it without running it, and the record follows."""
+    from ai4s_jobq.ledger.events import AttemptEvent
+
+    async with JobQ.open("local://died") as q:
+        task_id = (await q.push({"value": 1}, num_retries=0)).id
+        (message,) = await q.backend.receive(1, 1.0)
+        await q.ledger.record_attempts([AttemptEvent(task_id, "running", 1, time.time())])
+        await q.backend.abandon(message)  # as if its lock had expired
+        await drain(q, returns)
+        record = await q.result(task_id)
+    assert (record.state, record.reason) == (TaskState.DEAD_LETTERED, "MaxAttemptsExceeded")
+    assert "worker killed" in record.summary

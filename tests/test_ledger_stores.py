@@ -19,15 +19,21 @@ from ai4s_jobq.ledger.table_store import TableLedger
 @pytest.fixture(params=["sqlite", "table"])
 async def store(request, tmp_path) -> AsyncIterator[LedgerStore]:
     if request.param == "sqlite":
-        ledger: LedgerStore = SqliteLedger(tmp_path / "q.sqlite3")
+
+        def make() -> LedgerStore:
+            return SqliteLedger(tmp_path / "q.sqlite3")
+
     else:
         azurite = request.getfixturevalue("azurite")
-        ledger = TableLedger.for_account(
-            None,
-            f"t{uuid.uuid4().hex[:16]}",
-            scope="q",
-            connection_string=azurite.connection_string,
-        )
+        table = f"t{uuid.uuid4().hex[:16]}"
+
+        def make() -> LedgerStore:
+            return TableLedger.for_account(
+                None, table, scope="q", connection_string=azurite.connection_string
+            )
+
+    ledger = make()
+    ledger.another = make  # type: ignore[attr-defined] - a second writer on the same ledger
     async with ledger:
         yield ledger
 
@@ -164,3 +170,29 @@ async def test_workers_prune_old_records_at_most_daily(store, monkeypatch):
     now[0] = time.time()
     await run_worker_hook()
     assert set(await store.get(["old2"])) == {"old2"}
+
+
+async def test_two_writers_racing_on_one_task(store):
+    """Writer A (a worker that lost its lock) started attempt 1 and reports late;
+    writer B ran attempt 2 to success meanwhile.  A's stale write cannot undo B's."""
+    other = store.another()
+    async with other:
+        await store.record_pushes([PushEntry("t", False)])
+        await other.record_attempts([AttemptEvent("t", "running", 1, 1.0, worker_id="A")])
+        await store.record_attempts([AttemptEvent("t", "running", 2, 2.0, worker_id="B")])
+        await store.record_attempts(
+            [AttemptEvent("t", "succeeded", 2, 3.0, worker_id="B", duration=1.0)]
+        )
+        await other.record_attempts([AttemptEvent("t", "failed", 1, 4.0, worker_id="A")])
+        await other.record_attempts([AttemptEvent("t", "running", 2, 5.0, worker_id="A")])
+        for reader in (store, other):
+            record = await state_of(reader, "t")
+            assert (record.state, record.worker_id) == (TaskState.SUCCEEDED, "B")
+        # a long task's end after its own start (a separate flush) still lands
+        await store.record_pushes([PushEntry("u", False)])
+        await other.record_attempts([AttemptEvent("u", "running", 1, 1.0)])
+        await other.record_attempts([AttemptEvent("u", "interrupted", 1, 2.0)])
+        await other.record_attempts([AttemptEvent("u", "running", 1, 3.0)])
+        await other.record_attempts([AttemptEvent("u", "dead_lettered", 1, 4.0, reason="E")])
+        record = await state_of(store, "u")
+        assert (record.state, record.interruptions) == (TaskState.DEAD_LETTERED, 1)

@@ -13,29 +13,33 @@ Entities (one table may serve many queues; ``SCOPE`` is the queue name):
 =========================  =====================  =======================================
 PartitionKey               RowKey                 what
 =========================  =====================  =======================================
-``t~SCOPE``                task ID (escaped)      the task record (state, attempt, ...)
+``p~SCOPE``                task ID (escaped)      pushed: when (written by producers)
+``t~SCOPE``                task ID (escaped)      the attempt record (written by workers)
 ``g~SCOPE~TAG``            task ID (escaped)      membership of a tag
 ``n~SCOPE``                tag (escaped)          a tag's first/last push times
 ``w~SCOPE``                worker ID              a worker's last heartbeat
+``m~SCOPE``                ``prune``              when a prune last started
 =========================  =====================  =======================================
 
-Writes go in entity-group transactions (at most 100 operations, one partition).  An
-attempt event is applied by reading the records of a flush (14 IDs per query), deciding
-with :func:`.events.moves_forward`, and writing with the read ETag as a condition: if
-another worker changed a record in between, the transaction fails (HTTP 412) and that
-chunk is redone one record at a time, re-reading each.  So a late write can never move a
-record backwards.  A result (up to 32 KiB of JSON) is split over string properties of
-16,000 characters, below Table storage's 64 KiB per property.
+A task is ``queued`` while it has a ``p~`` entity and no ``t~`` one.  Why producers and
+workers write different entities: then neither has to read before writing in the
+common case.  A push inserts ``p~`` entities (one transaction per 100); a worker's first
+write of a task *inserts* its ``t~`` record and later writes replace it with the ETag
+this process got back from its own previous write.  Only when a condition fails (another
+worker wrote the record, the record was reset) does a write fall back to reading the
+record (14 IDs per query), deciding with :func:`.events.moves_forward`, and writing with
+the ETag it read — so a late write can never move a record backwards.  Measured on
+Azurite, where each operation costs the (single-threaded) emulator 5-9 ms and a 14-ID
+lookup ~75 ms, reading before every write nearly doubled a drain of no-op tasks.
 
-Reads that aggregate (status, tasks, failures) scan the partition: fine for the
-thousands to hundreds of thousands of tasks a run holds, with constant memory; the
-SQLite ledger is the one with sub-second status on 100,000 tasks.
+A push accepted as new for an ID whose record is final (a new generation) deletes the
+``t~`` record with its ETag.  A result (up to 32 KiB of JSON) is split over string
+properties of 16,000 characters, below Table storage's 64 KiB per property.
 
-Cost, measured on Azurite (``bench/bench_ledger.py``): each operation of a transaction
-costs Azurite ~5-9 ms and a 14-ID lookup ~75 ms, so a worker's ledger (one lookup share
-and one write per task) nearly doubles an Azurite drain of no-op tasks.  Real Table
-storage is much cheaper per operation.  The way to fewer operations would be a journal:
-one entity per flush holding many events, folded into the records by readers; not done.
+Reads that aggregate (status, tasks, failures) scan the partitions (a merge of the
+RowKey-ordered ``p~`` and ``t~`` streams, constant memory): fine for the thousands to
+hundreds of thousands of tasks a run holds; the SQLite ledger is the one with
+sub-second status on 100,000 tasks.
 """
 
 from __future__ import annotations
@@ -44,12 +48,12 @@ import asyncio
 import heapq
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 from .base import (
     FailureGroup,
-    LedgerError,
     LedgerStore,
     StatusSummary,
     TaskRecord,
@@ -57,18 +61,15 @@ from .base import (
     WorkerRecord,
 )
 from .events import FINAL, AttemptEvent, PushEntry, decode_result, moves_forward
+from .table_access import TRANSACTION_SIZE, TableAccess, etag, quote, row_key
 
-T = TypeVar("T")
-
-TRANSACTION_SIZE = 100
-LOOKUP_GROUP = 14  # RowKey comparisons per filter (Table storage allows 15 in all)
-LOOKUP_CONCURRENCY = 8
 RESULT_CHUNK = 16_000
+REMEMBERED_WRITES = 10_000  # ETags of this process's own recent writes, per store
+_MEMBER_BATCH = 200
 _RECORD_FIELDS = (
     "state",
     "attempt",
     "interruptions",
-    "pushed_at",
     "started_at",
     "finished_at",
     "worker_id",
@@ -81,34 +82,31 @@ _RECORD_FIELDS = (
 )
 
 
-def _key(text: str) -> str:
-    from ..backends.storage.dedup import row_key
+def _if_unchanged(tag: str) -> dict[str, Any]:
+    from azure.core import MatchConditions
 
-    return row_key(text)
+    return {"etag": tag, "match_condition": MatchConditions.IfNotModified}
+
+
+def _if_match(tag: str) -> dict[str, Any]:
+    """Options of a replace that applies only if the entity still has ETag ``tag``."""
+    from azure.data.tables import UpdateMode
+
+    return {"mode": UpdateMode.REPLACE, **_if_unchanged(tag)}
 
 
 class TableLedger(LedgerStore):
     """A queue's ledger in one Azure Table (see the module docstring for the layout)."""
 
-    def __init__(
-        self,
-        table_client: Callable[[], Awaitable[Any]],
-        table_name: str,
-        scope: str,
-        *,
-        where: str,
-        close: Callable[[], Awaitable[None]] | None = None,
-        clock: Callable[[], float] = time.time,
-    ):
-        self._client_factory = table_client
-        self.table_name = table_name
+    def __init__(self, access: TableAccess, scope: str, *, clock: Callable[[], float] = time.time):
+        self.access = access
         self.scope = scope
-        self._where = where
-        self._close = close
         self.clock = clock
-        self._table: Any = None
-        self._opening: asyncio.Lock | None = None
-        self._limit = asyncio.Semaphore(LOOKUP_CONCURRENCY)
+        #: task ID -> (ETag, entity) of this process's last write of its t~ record
+        self._written: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
+        key = row_key(scope)
+        self._tasks_pk, self._pushed_pk = f"t~{key}", f"p~{key}"
+        self._names_pk, self._workers_pk, self._meta_pk = f"n~{key}", f"w~{key}", f"m~{key}"
 
     # ------------------------------------------------------------------ construction
 
@@ -117,13 +115,16 @@ class TableLedger(LedgerStore):
         """The ledger of a Storage Queue: a table in the queue's own account, reached
         with the queue's credentials and endpoints (the backend's Table client)."""
 
-        async def client() -> Any:
-            service = getattr(backend, "_tables", None)
-            if service is None:
-                raise LedgerError("the Storage Queue backend is not open")
-            return service
+        async def service() -> Any:
+            tables = getattr(backend, "_tables", None)
+            if tables is None:
+                from .base import LedgerError
 
-        return cls(client, table_name, backend.queue_name, where=f"{backend.account}/{table_name}")
+                raise LedgerError("the Storage Queue backend is not open")
+            return tables
+
+        where = f"{backend.account}/{table_name}"
+        return cls(TableAccess(service, table_name, where), backend.queue_name)
 
     @classmethod
     def for_account(
@@ -137,14 +138,14 @@ class TableLedger(LedgerStore):
         """A ledger table named by ``--ledger ACCOUNT[/TABLE]``: Azure AD
         (DefaultAzureCredential, honouring ``JOBQ_STORAGE_TABLE_ENDPOINT``/``_CA``), or
         a connection string, whose account wins."""
-        state: dict[str, Any] = {}
+        clients: dict[str, Any] = {}
 
-        async def client() -> Any:
+        async def service() -> Any:
             from azure.data.tables.aio import TableServiceClient
 
             retry: dict[str, Any] = {"retry_total": 3, "retry_backoff_factor": 0.5}
             if connection_string:
-                state["service"] = TableServiceClient.from_connection_string(
+                clients["service"] = TableServiceClient.from_connection_string(
                     connection_string, **retry
                 )
             else:
@@ -153,157 +154,49 @@ class TableLedger(LedgerStore):
                 from ..backends.storage.endpoint import StorageEndpointOverride
 
                 override = StorageEndpointOverride.from_env()
-                state["credential"] = DefaultAzureCredential()
-                state["service"] = TableServiceClient(
+                clients["credential"] = DefaultAzureCredential()
+                clients["service"] = TableServiceClient(
                     override.table_url(str(account)),
-                    credential=state["credential"],
+                    credential=clients["credential"],
                     **retry,
                     **override.sdk_kwargs(),
                 )
-            return state["service"]
+            return clients["service"]
 
         async def close() -> None:
             for name in ("service", "credential"):
-                if state.get(name) is not None:
+                if clients.get(name) is not None:
                     try:
-                        await state.pop(name).close()
+                        await clients.pop(name).close()
                     except Exception:  # noqa: BLE001 - best effort
                         pass
 
         where = f"{account or 'connection string account'}/{table_name}"
-        return cls(client, table_name, scope, where=where, close=close)
+        return cls(TableAccess(service, table_name, where, close), scope)
 
     @property
     def description(self) -> str:
-        return f"Azure Table ledger {self._where}"
-
-    # ------------------------------------------------------------------ plumbing
+        return f"Azure Table ledger {self.access.where}"
 
     async def open(self) -> None:
-        if self._table is not None:
-            return
-        if self._opening is None:
-            self._opening = asyncio.Lock()
-        async with self._opening:
-            if self._table is not None:
-                return
-            from azure.core.exceptions import ResourceExistsError
-
-            async def create() -> Any:
-                service = await self._client_factory()
-                try:
-                    await service.create_table(self.table_name)
-                except ResourceExistsError:
-                    pass
-                return service.get_table_client(self.table_name)
-
-            self._table = await self._call("opening", create)
+        await self.access.open()
 
     async def close(self) -> None:
-        self._table = None
-        if self._close is not None:
-            await self._close()
-
-    async def _call(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run a Table request, turning SDK errors into a :class:`LedgerError` that
-        keeps only the status and code (SDK messages may echo URLs with SAS tokens)."""
-        from ..backends.base import BackendError
-        from ..backends.storage.wire import translate_errors
-
-        try:
-            with translate_errors(f"ledger {what}", self._where):
-                return await operation()
-        except BackendError as exc:
-            raise LedgerError(str(exc)) from None
-
-    async def _query(
-        self, what: str, query_filter: str, select: list[str] | None = None
-    ) -> list[dict[str, Any]]:
-        await self.open()
-
-        async def run() -> list[dict[str, Any]]:
-            async with self._limit:
-                pages = self._table.query_entities(query_filter, select=select)
-                return [entity async for entity in pages]
-
-        return await self._call(what, run)
-
-    async def _scan(
-        self, what: str, query_filter: str, select: list[str] | None = None
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Stream a large query page by page (constant memory)."""
-        await self.open()
-        pager = self._table.query_entities(
-            query_filter, select=select, results_per_page=1000
-        ).by_page()
-        while True:
-
-            async def next_page() -> list[dict[str, Any]] | None:
-                try:
-                    page = await pager.__anext__()
-                except StopAsyncIteration:
-                    return None
-                return [entity async for entity in page]
-
-            entities = await self._call(what, next_page)
-            if entities is None:
-                return
-            for entity in entities:
-                yield entity
-
-    async def _transact(self, what: str, operations: list[Any]) -> bool:
-        """Submit one transaction: True if applied, False if a condition failed
-        (409 exists / 412 changed / 404 gone); other failures raise LedgerError."""
-        from azure.data.tables import TableTransactionError
-
-        await self.open()
-
-        async def run() -> bool:
-            try:
-                await self._table.submit_transaction(operations)
-            except TableTransactionError as exc:
-                if exc.status_code in (404, 409, 412):
-                    return False
-                raise
-            return True
-
-        return await self._call(what, run)
-
-    # ------------------------------------------------------------------ keys
-
-    @property
-    def _tasks_pk(self) -> str:
-        return f"t~{_key(self.scope)}"
+        await self.access.close()
 
     def _tag_pk(self, tag: str) -> str:
-        return f"g~{_key(self.scope)}~{_key(tag)}"
+        return f"g~{row_key(self.scope)}~{row_key(tag)}"
 
-    @property
-    def _names_pk(self) -> str:
-        return f"n~{_key(self.scope)}"
+    # ------------------------------------------------------------------ push writes
 
-    @property
-    def _workers_pk(self) -> str:
-        return f"w~{_key(self.scope)}"
-
-    async def _records(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """Existing task entities by task ID (with their ETags in ``metadata``)."""
-        wanted = list(dict.fromkeys(ids))
-        groups = [wanted[i : i + LOOKUP_GROUP] for i in range(0, len(wanted), LOOKUP_GROUP)]
-
-        async def query(group: list[str]) -> list[dict[str, Any]]:
-            rows = " or ".join(f"RowKey eq '{_quote(_key(i))}'" for i in group)
-            return await self._query(
-                "lookup", f"PartitionKey eq '{_quote(self._tasks_pk)}' and ({rows})"
-            )
-
-        found: dict[str, dict[str, Any]] = {}
-        for entities in await asyncio.gather(*(query(g) for g in groups)):
-            for entity in entities:
-                found[entity["id"]] = entity
-        return found
-
-    # ------------------------------------------------------------------ writes
+    def _pushed(self, task_id: str, now: float) -> dict[str, Any]:
+        return {
+            "PartitionKey": self._pushed_pk,
+            "RowKey": row_key(task_id),
+            "id": task_id,
+            "pushed_at": now,
+            "updated_at": now,
+        }
 
     async def record_pushes(self, entries: Sequence[PushEntry], tag: str | None = None) -> None:
         if not entries:
@@ -312,8 +205,8 @@ class TableLedger(LedgerStore):
         unique = list({e.id: e for e in entries}.values())
         for start in range(0, len(unique), TRANSACTION_SIZE):
             chunk = unique[start : start + TRANSACTION_SIZE]
-            creates = [("create", self._queued(e.id, now)) for e in chunk]
-            if not await self._transact("push", creates):
+            creates = [("create", self._pushed(e.id, now)) for e in chunk]
+            if await self.access.transact("push", creates) is None:
                 await self._record_known_pushes(chunk, now)
         if tag is not None:
             for start in range(0, len(unique), TRANSACTION_SIZE):
@@ -322,148 +215,125 @@ class TableLedger(LedgerStore):
                         "upsert",
                         {
                             "PartitionKey": self._tag_pk(tag),
-                            "RowKey": _key(e.id),
+                            "RowKey": row_key(e.id),
                             "id": e.id,
                             "added_at": now,
                         },
                     )
                     for e in unique[start : start + TRANSACTION_SIZE]
                 ]
-                await self._transact("tag", members)
+                await self.access.transact("tag", members)
             await self._upsert_tag_name(tag, now)
 
-    def _queued(self, task_id: str, now: float) -> dict[str, Any]:
-        return {
-            "PartitionKey": self._tasks_pk,
-            "RowKey": _key(task_id),
-            "id": task_id,
-            "state": TaskState.QUEUED.value,
-            "attempt": 0,
-            "interruptions": 0,
-            "pushed_at": now,
-            "updated_at": now,
-        }
-
     async def _record_known_pushes(self, chunk: Sequence[PushEntry], now: float) -> None:
-        """Some IDs of the chunk exist: create the missing, reset final records that
-        were pushed as new (a new generation), leave the rest."""
-        from azure.core import MatchConditions
-        from azure.data.tables import UpdateMode
-
-        existing = await self._records([e.id for e in chunk])
-        operations: list[Any] = []
+        """Some IDs were pushed before: add the missing ``p~`` entities; an ID pushed as
+        new whose record is final starts a new generation (its record is deleted)."""
+        ids = [e.id for e in chunk]
+        pushed, records = await asyncio.gather(
+            self.access.lookup(self._pushed_pk, ids), self.access.lookup(self._tasks_pk, ids)
+        )
+        creates = [("create", self._pushed(e.id, now)) for e in chunk if e.id not in pushed]
+        if creates and await self.access.transact("push", creates) is None:
+            for operation in creates:  # raced with another producer: one at a time
+                await self.access.transact("push", [operation])
         for entry in chunk:
-            entity = existing.get(entry.id)
-            if entity is None:
-                operations.append(("create", self._queued(entry.id, now)))
-            elif entry.duplicate is False and entity.get("state") in FINAL:
-                operations.append(
-                    (
-                        "update",
-                        self._queued(entry.id, now),
-                        {
-                            "mode": UpdateMode.REPLACE,
-                            "etag": _etag(entity),
-                            "match_condition": MatchConditions.IfNotModified,
-                        },
-                    )
-                )
-        if operations and not await self._transact("push", operations):
-            # raced with a worker or another producer: one at a time, re-reading
-            for entry in chunk:
-                await self._record_known_pushes_one(entry, now)
-
-    async def _record_known_pushes_one(self, entry: PushEntry, now: float) -> None:
-        for _ in range(5):
-            existing = (await self._records([entry.id])).get(entry.id)
-            if existing is None:
-                if await self._transact("push", [("create", self._queued(entry.id, now))]):
-                    return
+            record = records.get(entry.id)
+            if entry.duplicate is not False or record is None or record.get("state") not in FINAL:
                 continue
-            if entry.duplicate is not False or existing.get("state") not in FINAL:
-                return
-            if await self._replace(existing, self._queued(entry.id, now)):
-                return
-
-    async def _replace(self, existing: dict[str, Any], entity: dict[str, Any]) -> bool:
-        from azure.core import MatchConditions
-        from azure.data.tables import UpdateMode
-
-        options = {
-            "mode": UpdateMode.REPLACE,
-            "etag": _etag(existing),
-            "match_condition": MatchConditions.IfNotModified,
-        }
-        return await self._transact("update", [("update", entity, options)])
+            self._written.pop(entry.id, None)
+            delete = ("delete", record, _if_unchanged(etag(record)))
+            await self.access.transact("new generation", [delete])
+            if entry.id in pushed:
+                renewed = ("upsert", self._pushed(entry.id, now))
+                await self.access.transact("new generation", [renewed])
 
     async def _upsert_tag_name(self, tag: str, now: float) -> None:
         from azure.data.tables import UpdateMode
 
-        entity = {"PartitionKey": self._names_pk, "RowKey": _key(tag), "tag": tag}
-        created = await self._transact(
+        entity = {"PartitionKey": self._names_pk, "RowKey": row_key(tag), "tag": tag}
+        created = await self.access.transact(
             "tag name", [("create", {**entity, "first_pushed_at": now, "last_pushed_at": now})]
         )
-        if not created:
-            await self._transact(
+        if created is None:
+            await self.access.transact(
                 "tag name",
                 [("upsert", {**entity, "last_pushed_at": now}, {"mode": UpdateMode.MERGE})],
             )
+
+    # ------------------------------------------------------------------ worker writes
 
     async def record_attempts(self, events: Sequence[AttemptEvent]) -> None:
         latest = list({e.id: e for e in events}.values())
         for start in range(0, len(latest), TRANSACTION_SIZE):
             chunk = latest[start : start + TRANSACTION_SIZE]
-            existing = await self._records([e.id for e in chunk])
             operations = []
             for event in chunk:
-                operation = self._attempt_operation(existing.get(event.id), event)
+                remembered = self._written.get(event.id)
+                operation = self._operation(remembered, event)
                 if operation is not None:
                     operations.append(operation)
-            if operations and not await self._transact("outcomes", operations):
+            if not operations:
+                continue
+            answers = await self.access.transact("outcomes", operations)
+            if answers is None:  # a condition failed: read, decide, write, one by one
                 for event in chunk:
-                    await self._record_attempt_one(event)
+                    await self._record_attempt_read_first(event)
+                continue
+            for operation, answer in zip(operations, answers):
+                self._remember(operation[1], answer.get("etag"))
 
-    def _attempt_operation(self, entity: dict[str, Any] | None, event: AttemptEvent) -> Any:
-        from azure.core import MatchConditions
-        from azure.data.tables import UpdateMode
-
-        state = entity.get("state") if entity is not None else None
-        attempt = int(entity.get("attempt") or 0) if entity is not None else 0
-        if not moves_forward(state, attempt, event):
+    def _operation(self, current: tuple[str, dict[str, Any]] | None, event: AttemptEvent) -> Any:
+        """The write for ``event`` given the record as last seen (ETag, entity), or
+        None if it would not move the record forward.  No record seen: an insert."""
+        if current is None:
+            return ("create", self._apply(None, event))
+        tag, entity = current
+        if not moves_forward(entity.get("state"), int(entity.get("attempt") or 0), event):
             return None
-        merged = self._apply(entity, event)
-        if entity is None:
-            return ("create", merged)
-        options = {
-            "mode": UpdateMode.REPLACE,
-            "etag": _etag(entity),
-            "match_condition": MatchConditions.IfNotModified,
-        }
-        return ("update", merged, options)
+        return ("update", self._apply(entity, event), _if_match(tag))
 
-    async def _record_attempt_one(self, event: AttemptEvent) -> None:
+    async def _record_attempt_read_first(self, event: AttemptEvent) -> None:
+        from .base import LedgerError
+
         for _ in range(8):
-            entity = (await self._records([event.id])).get(event.id)
-            operation = self._attempt_operation(entity, event)
-            if operation is None or await self._transact("outcome", [operation]):
+            found = (await self.access.lookup(self._tasks_pk, [event.id])).get(event.id)
+            current = (etag(found), dict(found)) if found is not None else None
+            operation = self._operation(current, event)
+            if operation is None:
+                if current is not None:
+                    self._remember(current[1], current[0])
+                return
+            answers = await self.access.transact("outcome", [operation])
+            if answers is not None:
+                self._remember(operation[1], answers[0].get("etag"))
                 return
         raise LedgerError(f"ledger outcome of task {event.id}: kept changing; giving up")
 
+    def _remember(self, entity: dict[str, Any], tag: str | None) -> None:
+        task_id = entity["id"]
+        if tag is None or entity.get("state") in FINAL:
+            self._written.pop(task_id, None)  # a final record is never written again
+            return
+        self._written[task_id] = (tag, entity)
+        self._written.move_to_end(task_id)
+        while len(self._written) > REMEMBERED_WRITES:
+            self._written.popitem(last=False)
+
     def _apply(self, entity: dict[str, Any] | None, event: AttemptEvent) -> dict[str, Any]:
         """The record after ``event`` (the same fields the SQLite upsert sets)."""
-        old = dict(entity or {})
+        old = entity or {}
+        started = event.started_at if event.started_at is not None else None
+        if started is None:
+            started = event.at if event.is_start else old.get("started_at")
         new: dict[str, Any] = {
             "PartitionKey": self._tasks_pk,
-            "RowKey": _key(event.id),
+            "RowKey": row_key(event.id),
             "id": event.id,
-            "pushed_at": old.get("pushed_at"),
             "state": event.state,
             "attempt": event.attempt,
             "interruptions": int(old.get("interruptions") or 0)
             + (event.state == TaskState.INTERRUPTED.value),
-            "started_at": event.started_at
-            if event.started_at is not None
-            else (event.at if event.is_start else old.get("started_at")),
+            "started_at": started,
             "finished_at": None if event.is_start else event.at,
             "worker_id": event.worker_id,
             "host": event.host,
@@ -487,92 +357,98 @@ class TableLedger(LedgerStore):
     async def heartbeat(self, worker: WorkerRecord) -> None:
         entity = {
             "PartitionKey": self._workers_pk,
-            "RowKey": _key(worker.worker_id),
+            "RowKey": row_key(worker.worker_id),
             **{k: v for k, v in worker.as_dict().items() if k != "running"},
             "running": json.dumps(worker.running)[:30_000],
         }
-        await self._transact("heartbeat", [("upsert", entity)])
+        await self.access.transact("heartbeat", [("upsert", entity)])
 
     # ------------------------------------------------------------------ reads
 
     async def get(self, ids: Sequence[str]) -> dict[str, TaskRecord]:
-        found = {i: _record(e) for i, e in (await self._records(ids)).items()}
+        records, pushed = await asyncio.gather(
+            self.access.lookup(self._tasks_pk, ids), self.access.lookup(self._pushed_pk, ids)
+        )
+        found: dict[str, TaskRecord] = {}
+        for task_id in dict.fromkeys(ids):
+            if task_id in records or task_id in pushed:
+                found[task_id] = _record(task_id, records.get(task_id), pushed.get(task_id))
         if len(found) == 1:  # one task's page (`jobq result`): its tags too
             for record in found.values():
                 record.tags = await self._tags_of(record.id)
         return found
 
+    async def succeeded_among(self, ids: Sequence[str]) -> set[str]:
+        records = await self.access.lookup(self._tasks_pk, ids)
+        return {i for i, e in records.items() if e.get("state") == TaskState.SUCCEEDED.value}
+
     async def _tags_of(self, task_id: str) -> list[str]:
-        names = [
-            e["tag"]
-            async for e in self._scan(
-                "tags", f"PartitionKey eq '{_quote(self._names_pk)}'", ["tag"]
-            )
-        ]
+        query = f"PartitionKey eq '{quote(self._names_pk)}'"
+        names = [e["tag"] async for e in self.access.scan("tags", query, ["tag"])]
         tags = []
         for tag in names[:50]:
-            hits = await self._query(
+            hits = await self.access.query(
                 "tag membership",
-                f"PartitionKey eq '{_quote(self._tag_pk(tag))}' "
-                f"and RowKey eq '{_quote(_key(task_id))}'",
+                f"PartitionKey eq '{quote(self._tag_pk(tag))}' "
+                f"and RowKey eq '{quote(row_key(task_id))}'",
                 ["id"],
             )
             if hits:
                 tags.append(tag)
         return tags
 
-    async def iter_tag(self, tag: str, *, page_size: int = 1000) -> AsyncIterator[TaskRecord]:
+    async def _members(self, tag: str) -> AsyncIterator[list[str]]:
+        query = f"PartitionKey eq '{quote(self._tag_pk(tag))}'"
         batch: list[str] = []
-        async for member in self._scan(
-            "tag members", f"PartitionKey eq '{_quote(self._tag_pk(tag))}'", ["id"]
-        ):
+        async for member in self.access.scan("tag members", query, ["id"]):
             batch.append(member["id"])
-            if len(batch) >= min(page_size, 200):
-                for entity in (await self._records(batch)).values():
-                    yield _record(entity)
+            if len(batch) >= _MEMBER_BATCH:
+                yield batch
                 batch = []
         if batch:
-            for entity in (await self._records(batch)).values():
-                yield _record(entity)
+            yield batch
 
-    async def _each(
-        self, tag: str | None, select: list[str] | None
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Every task entity (of ``tag``), with at least the ``select``ed fields
-        (None: all of them)."""
+    async def iter_tag(self, tag: str, *, page_size: int = 1000) -> AsyncIterator[TaskRecord]:
+        async for batch in self._members(tag):
+            for record in (await self.get(batch)).values():
+                yield record
+
+    async def _everything(self) -> AsyncIterator[TaskRecord]:
+        """Every task: the RowKey-ordered ``p~`` and ``t~`` streams merged."""
+        pushed = self.access.scan("scan", f"PartitionKey eq '{quote(self._pushed_pk)}'")
+        records = self.access.scan("scan", f"PartitionKey eq '{quote(self._tasks_pk)}'")
+        p, t = await _next(pushed), await _next(records)
+        while p is not None or t is not None:
+            if t is None or (p is not None and p["RowKey"] < t["RowKey"]):
+                assert p is not None
+                yield _record(p["id"], None, p)
+                p = await _next(pushed)
+            elif p is None or t["RowKey"] < p["RowKey"]:
+                yield _record(t["id"], t, None)
+                t = await _next(records)
+            else:
+                yield _record(t["id"], t, p)
+                p, t = await _next(pushed), await _next(records)
+
+    async def _each(self, tag: str | None) -> AsyncIterator[TaskRecord]:
         if tag is None:
-            fields = None if select is None else select + ["id"]
-            query = f"PartitionKey eq '{_quote(self._tasks_pk)}'"
-            async for entity in self._scan("scan", query, fields):
-                yield entity
+            async for record in self._everything():
+                yield record
             return
-        batch: list[str] = []
-        async for member in self._scan(
-            "tag members", f"PartitionKey eq '{_quote(self._tag_pk(tag))}'", ["id"]
-        ):
-            batch.append(member["id"])
-            if len(batch) >= 200:
-                for entity in (await self._records(batch)).values():
-                    yield entity
-                batch = []
-        if batch:
-            for entity in (await self._records(batch)).values():
-                yield entity
+        async for record in self.iter_tag(tag):
+            yield record
 
     async def status(self, tag: str | None = None, *, window_minutes: float = 5.0) -> StatusSummary:
         since = self.clock() - window_minutes * 60
         counts: dict[str, int] = {}
         finished = members = 0
-        async for entity in self._each(tag, ["state", "finished_at"]):
-            state = entity.get("state", "queued")
-            counts[state] = counts.get(state, 0) + 1
-            if state in FINAL and float(entity.get("finished_at") or 0) >= since:
-                finished += 1
         if tag is not None:
-            async for _ in self._scan(
-                "tag members", f"PartitionKey eq '{_quote(self._tag_pk(tag))}'", ["id"]
-            ):
-                members += 1
+            async for batch in self._members(tag):
+                members += len(batch)
+        async for record in self._each(tag):
+            counts[record.state.value] = counts.get(record.state.value, 0) + 1
+            if record.state.final and (record.finished_at or 0) >= since:
+                finished += 1
         total = sum(counts.values())
         return StatusSummary(
             counts=counts,
@@ -585,39 +461,40 @@ class TableLedger(LedgerStore):
     async def tasks(
         self, *, tag: str | None = None, state: TaskState | None = None, limit: int = 50
     ) -> list[TaskRecord]:
-        newest: list[tuple[float, str, dict[str, Any]]] = []
-        async for entity in self._each(tag, None):
-            if state is not None and entity.get("state") != state.value:
+        newest: list[tuple[float, str, TaskRecord]] = []
+        async for record in self._each(tag):
+            if state is not None and record.state is not state:
                 continue
-            item = (float(entity.get("updated_at") or 0), entity["id"], entity)
+            changed = record.finished_at or record.started_at or record.pushed_at or 0.0
+            item = (float(changed), record.id, record)
             if len(newest) < limit:
                 heapq.heappush(newest, item)
             else:
                 heapq.heappushpop(newest, item)
-        return [_record(e) for _, _, e in sorted(newest, key=lambda x: -x[0])]
+        return [r for _, _, r in sorted(newest, key=lambda x: -x[0])]
 
     async def failures(
         self, *, tag: str | None = None, limit: int = 20, examples: int = 3
     ) -> list[FailureGroup]:
         groups: dict[str, FailureGroup] = {}
-        async for entity in self._each(tag, ["state", "reason", "summary"]):
-            if entity.get("state") not in (TaskState.FAILED.value, TaskState.DEAD_LETTERED.value):
+        async for record in self._each(tag):
+            if record.state not in (TaskState.FAILED, TaskState.DEAD_LETTERED):
                 continue
-            reason = entity.get("reason") or "unknown"
+            reason = record.reason or "unknown"
             group = groups.setdefault(reason, FailureGroup(reason, 0, []))
             group.count += 1
             if len(group.example_ids) < examples:
-                group.example_ids.append(entity["id"])
+                group.example_ids.append(record.id)
             if group.example_summary is None:
-                group.example_summary = entity.get("summary")
+                group.example_summary = record.summary
         return sorted(groups.values(), key=lambda g: -g.count)[:limit]
 
     async def durations(self, *, tag: str | None = None, limit: int = 10_000) -> list[float]:
         recent: list[tuple[float, float]] = []
-        async for entity in self._each(tag, ["state", "duration", "finished_at"]):
-            if entity.get("state") != TaskState.SUCCEEDED.value or entity.get("duration") is None:
+        async for record in self._each(tag):
+            if record.state is not TaskState.SUCCEEDED or record.duration is None:
                 continue
-            item = (float(entity.get("finished_at") or 0), float(entity["duration"]))
+            item = (float(record.finished_at or 0), float(record.duration))
             if len(recent) < limit:
                 heapq.heappush(recent, item)
             else:
@@ -626,9 +503,9 @@ class TableLedger(LedgerStore):
 
     async def workers(self, *, include_stopped_seconds: float = 3600) -> list[WorkerRecord]:
         since = self.clock() - include_stopped_seconds
-        entities = await self._query("workers", f"PartitionKey eq '{_quote(self._workers_pk)}'")
+        query = f"PartitionKey eq '{quote(self._workers_pk)}'"
         out = []
-        for e in entities:
+        for e in await self.access.query("workers", query):
             if float(e.get("last_seen") or 0) < since:
                 continue
             out.append(
@@ -649,64 +526,82 @@ class TableLedger(LedgerStore):
         return sorted(out, key=lambda w: w.started_at)
 
     async def tags(self, *, limit: int = 50) -> list[str]:
-        entities = await self._query("tags", f"PartitionKey eq '{_quote(self._names_pk)}'")
+        entities = await self.access.query("tags", f"PartitionKey eq '{quote(self._names_pk)}'")
         entities.sort(key=lambda e: -float(e.get("last_pushed_at") or 0))
         return [e["tag"] for e in entities[:limit]]
 
+    # ------------------------------------------------------------------ retention
+
     async def prune(self, older_than_seconds: float) -> int:
+        """Records not updated since the cut-off go with their push entity; a push
+        entity that old goes only if the task has no (newer) record."""
         cutoff = self.clock() - older_than_seconds
-        deleted = 0
-        deleted += await self._delete_where(self._tasks_pk, "updated_at", cutoff)
-        for entity in await self._query("tags", f"PartitionKey eq '{_quote(self._names_pk)}'"):
-            await self._delete_where(self._tag_pk(entity["tag"]), "added_at", cutoff)
-        await self._delete_where(self._names_pk, "last_pushed_at", cutoff)
-        await self._delete_where(self._workers_pk, "last_seen", cutoff)
-        return deleted
+        old_records = await self._keys_older(self._tasks_pk, "updated_at", cutoff)
+        await self.access.delete(self._tasks_pk, [key for key, _ in old_records])
+        await self.access.delete(self._pushed_pk, [key for key, _ in old_records])
+        gone = {key for key, _ in old_records}
+        old_pushes = [
+            (key, task_id)
+            for key, task_id in await self._keys_older(self._pushed_pk, "updated_at", cutoff)
+            if key not in gone
+        ]
+        alive = await self.access.lookup(self._tasks_pk, [task_id for _, task_id in old_pushes])
+        orphans = [key for key, task_id in old_pushes if task_id not in alive]
+        await self.access.delete(self._pushed_pk, orphans)
+        for entity in await self.access.query("tags", f"PartitionKey eq '{quote(self._names_pk)}'"):
+            partition = self._tag_pk(entity["tag"])
+            keys = await self._keys_older(partition, "added_at", cutoff)
+            await self.access.delete(partition, [key for key, _ in keys])
+        for partition, field in (
+            (self._names_pk, "last_pushed_at"),
+            (self._workers_pk, "last_seen"),
+        ):
+            keys = await self._keys_older(partition, field, cutoff)
+            await self.access.delete(partition, [key for key, _ in keys])
+        return len(old_records) + len(orphans)
+
+    async def _keys_older(self, partition: str, field: str, cutoff: float) -> list[tuple[str, str]]:
+        query = f"PartitionKey eq '{quote(partition)}' and {field} lt {cutoff!r}"
+        return [
+            (e["RowKey"], e.get("id", ""))
+            async for e in self.access.scan("prune", query, ["RowKey", "id"])
+        ]
 
     async def last_pruned(self) -> float | None:
-        entities = await self._query(
-            "prune marker", f"PartitionKey eq '{_quote(self._meta_pk)}' and RowKey eq 'prune'"
-        )
+        query = f"PartitionKey eq '{quote(self._meta_pk)}' and RowKey eq 'prune'"
+        entities = await self.access.query("prune marker", query)
         return float(entities[0]["at"]) if entities else None
 
     async def mark_pruned(self, at: float) -> None:
         marker = {"PartitionKey": self._meta_pk, "RowKey": "prune", "at": at}
-        await self._transact("prune marker", [("upsert", marker)])
-
-    @property
-    def _meta_pk(self) -> str:
-        return f"m~{_key(self.scope)}"
-
-    async def _delete_where(self, partition: str, field: str, cutoff: float) -> int:
-        query = f"PartitionKey eq '{_quote(partition)}' and {field} lt {cutoff!r}"
-        keys: list[str] = [e["RowKey"] async for e in self._scan("prune", query, ["RowKey"])]
-        for start in range(0, len(keys), TRANSACTION_SIZE):
-            operations = [
-                ("delete", {"PartitionKey": partition, "RowKey": key})
-                for key in keys[start : start + TRANSACTION_SIZE]
-            ]
-            if not await self._transact("prune", operations):
-                for operation in operations:  # one vanished meanwhile: one by one
-                    await self._transact("prune", [operation])
-        return len(keys)
+        await self.access.transact("prune marker", [("upsert", marker)])
 
 
-def _quote(value: str) -> str:
-    return value.replace("'", "''")
+async def _next(stream: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
 
 
-def _record(entity: dict[str, Any]) -> TaskRecord:
+def _record(
+    task_id: str, entity: dict[str, Any] | None, pushed: dict[str, Any] | None
+) -> TaskRecord:
+    """A record from the worker-written entity (None: still queued) and the push entity."""
+    pushed_at = pushed.get("pushed_at") if pushed is not None else None
+    if entity is None:
+        return TaskRecord(id=task_id, state=TaskState.QUEUED, pushed_at=pushed_at)
     result_text = None
     parts = int(entity.get("result_parts") or 0)
     if parts:
         result_text = "".join(entity.get(f"result_{i}", "") for i in range(parts))
     values = {name: entity.get(name) for name in _RECORD_FIELDS}
     return TaskRecord(
-        id=entity["id"],
+        id=task_id,
         state=TaskState(values["state"] or TaskState.QUEUED.value),
         attempt=int(values["attempt"] or 0),
         interruptions=int(values["interruptions"] or 0),
-        pushed_at=values["pushed_at"],
+        pushed_at=pushed_at,
         started_at=values["started_at"],
         finished_at=values["finished_at"],
         worker_id=values["worker_id"],
@@ -718,8 +613,3 @@ def _record(entity: dict[str, Any]) -> TaskRecord:
         result=decode_result(result_text),
         result_note=values["result_note"],
     )
-
-
-def _etag(entity: Any) -> str:
-    """The ETag the SDK put on a read entity (a ``TableEntity``'s ``metadata``)."""
-    return str(entity.metadata["etag"])

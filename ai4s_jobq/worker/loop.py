@@ -259,13 +259,15 @@ class Worker:
             # Earlier deliveries never settled: their worker died or lost the lock.
             self.stats.dead_lettered += 1
             self._task_over(running)
-            await self._settle(
-                "dead_letter",
-                message,
-                "MaxAttemptsExceeded",
+            why = (
                 f"delivered {message.delivery_count} times, {task.max_attempts} attempts "
-                "allowed; earlier attempts did not finish (worker killed or lock lost)",
+                "allowed; earlier attempts did not finish (worker killed or lock lost)"
             )
+            self.hooks.task_finished(
+                TaskRun(task, message, message.delivery_count),
+                TaskOutcome(DEAD_LETTERED, 0.0, reason="MaxAttemptsExceeded", summary=why),
+            )
+            await self._settle("dead_letter", message, "MaxAttemptsExceeded", why)
             return
         log.info("task %s: attempt %d of %d", task.id, message.delivery_count, task.max_attempts)
         started = time.monotonic()
