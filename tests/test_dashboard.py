@@ -384,3 +384,16 @@ async def test_pages_do_not_wait_for_a_slow_ledger(known: KnownOutcomes):
     finally:
         await board.stop()
         await slow.close()
+
+
+def test_cli_without_the_dashboard_extra_says_what_to_install(local_dir: Path):
+    """Without Jinja2 (the ``dashboard`` extra) the command names the extra, exit 4."""
+    code = (
+        "import sys; sys.modules['jinja2'] = None; "
+        "from ai4s_jobq_cli.main import main; sys.argv = ['jobq', 'dashboard']; main()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert result.returncode == 4
+    assert "pip install 'ai4s_jobq[dashboard]'" in result.stderr
