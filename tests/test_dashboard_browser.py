@@ -97,6 +97,12 @@ async def test_page_shows_counts_failures_and_charts(board, browser: Browser, tm
         ".map(r => r.getAttribute('data-state'))"
     )
     assert {"succeeded", "dead_lettered", "queued"} <= set(segments)
+    # The per-tag bars line up: each fills its table cell, all the same width.
+    widths = await browser.evaluate(
+        "Array.from(document.querySelectorAll('table.tags svg.stacked'))"
+        ".map(s => Math.round(s.getBoundingClientRect().width))"
+    )
+    assert len(widths) == 3 and len(set(widths)) == 1 and widths[0] > 100
 
     shot = await browser.screenshot(tmp_path / "dashboard.png")
     assert shot.stat().st_size > 10_000

@@ -66,10 +66,14 @@ def short_seconds(value: float) -> str:
     return f"{value / 3600:.3g} h"
 
 
-def _svg(width: int, height: int, label: str, body: list[str], css_class: str) -> str:
+def _svg(
+    width: int, height: int, label: str, body: list[str], css_class: str, aspect: str = "meet"
+) -> str:
+    """``aspect="none"`` lets a bar stretch to its cell (a table column's width)."""
+    fit = "none" if aspect == "none" else "xMidYMid meet"
     return (
         f'<svg class="chart {css_class}" role="img" aria-label="{escape(label)}" '
-        f'viewBox="0 0 {width} {height}" preserveAspectRatio="xMidYMid meet" '
+        f'viewBox="0 0 {width} {height}" preserveAspectRatio="{fit}" '
         f'xmlns="http://www.w3.org/2000/svg">'
         f"<title>{escape(label)}</title>{''.join(body)}</svg>"
     )
@@ -229,4 +233,4 @@ def stacked_bar(
             f'height="{height}" fill="{colour}"><title>{state}: {count:,}</title></rect>'
         )
         xx += w
-    return _svg(width, height, label, body, "stacked")
+    return _svg(width, height, label, body, "stacked", aspect="none")

@@ -73,9 +73,7 @@ def _charts(snap: QueueSnapshot) -> dict[str, Markup]:
     }
     if snap.status is not None:
         out["overall"] = Markup(
-            charts.stacked_bar(
-                snap.status.counts, snap.status.total, label="All tasks by state", width=640
-            )
+            charts.stacked_bar(snap.status.counts, snap.status.total, label="All tasks by state")
         )
     for i, tag in enumerate(snap.tag_outcomes):
         out[f"tag{i}"] = Markup(
