@@ -194,3 +194,11 @@ def test_live_view_quits_on_sigterm(known: KnownOutcomes):
         assert run.wait() == 0
     finally:
         run.close()
+
+
+async def test_frame_names_every_watched_queue(known: KnownOutcomes):
+    snap = await collect(known.source)
+    names = ["local://a [x]", snap.name]
+    text = frame_text(render_top(snap, names=names, selected=1), width=250)
+    assert "1:local://a [x]" in text and f"2:{snap.name}" in text
+    assert "1-9 queue" in text

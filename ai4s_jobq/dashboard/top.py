@@ -182,17 +182,18 @@ def render_top(snap: QueueSnapshot, *, names: Sequence[str] = (), selected: int 
             reasons[dead.reason or "?"] = reasons.get(dead.reason or "?", 0) + 1
         listed = ", ".join(f"{r} ×{n}" for r, n in sorted(reasons.items(), key=lambda x: -x[1]))
         parts.append(Text.assemble(("\ndead-letter queue: ", "dim"), (listed, "red")))
-    title = snap.name
+    title = Text("jobq top · ")
     if len(names) > 1:
-        title = " | ".join(
-            f"[{i + 1}] {n}" if i != selected else f"[{i + 1}] [b]{n}[/b]"
-            for i, n in enumerate(names)
-        )
+        for i, name in enumerate(names):
+            title.append(" | " if i else "")
+            title.append(f"{i + 1}:{name}", style="bold reverse" if i == selected else "")
+    else:
+        title.append(snap.name)  # a Text, so brackets in a name are never markup
     when = time.strftime("%H:%M:%S", time.localtime(snap.taken_at))
     keys = "q quit" + (", 1-9 queue" if len(names) > 1 else "")
     return Panel(
         Group(*parts),
-        title=f"jobq top · {title}",
+        title=title,
         title_align="left",
         subtitle=f"{when} · {keys}",
         subtitle_align="right",
