@@ -153,9 +153,10 @@ async def test_workers_prune_old_records_at_most_daily(store, monkeypatch):
     store.clock = lambda: now[0]  # type: ignore[attr-defined]
     await store.record_pushes([PushEntry("old", False)])
     now[0] = time.time()
+    await store.mark_pruned(time.time() - 2 * 86400)  # the last prune was two days ago
 
     async def run_worker_hook() -> None:
-        recorder = LedgerRecorder(store)
+        recorder = LedgerRecorder(store, prune_delay=0)
         await recorder.start(WorkerIdentity())
         assert recorder._pruner is not None
         await recorder._pruner

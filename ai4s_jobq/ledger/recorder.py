@@ -42,6 +42,9 @@ log = logging.getLogger("ai4s_jobq.ledger")
 HEARTBEAT_ENV = "JOBQ_HEARTBEAT_SECONDS"
 RETENTION_ENV = "JOBQ_LEDGER_RETENTION"
 PRUNE_EVERY_SECONDS = 86400.0
+#: a worker looks at retention only after running this long: short-lived workers (and
+#: benchmarks) never pay for a prune scan, which on Azurite costs the drain noticeably
+PRUNE_DELAY_SECONDS = 60.0
 _RECORDED = (SUCCEEDED, FAILED, DEAD_LETTERED, INTERRUPTED)
 _WARN_EVERY = 60.0
 
@@ -83,6 +86,7 @@ class LedgerRecorder(WorkerHook):
         max_buffer: int = 200_000,
         version: str | None = None,
         stop_timeout: float = 15.0,
+        prune_delay: float = PRUNE_DELAY_SECONDS,
     ):
         self.store = store
         self.heartbeat_seconds = heartbeat_seconds or heartbeat_seconds_from_env()
@@ -90,6 +94,7 @@ class LedgerRecorder(WorkerHook):
         self.flush_size = flush_size
         self.max_buffer = max_buffer
         self.stop_timeout = stop_timeout
+        self.prune_delay = prune_delay
         self.version = version if version is not None else _version()
         self._buffer: list[AttemptEvent] = []
         self._running: dict[str, float] = {}  # task ID -> started (wall clock)
@@ -189,14 +194,19 @@ class LedgerRecorder(WorkerHook):
     async def _prune_if_due(self) -> None:
         """Retention: delete records older than ``JOBQ_LEDGER_RETENTION`` when no
         prune has started on this ledger for a day (the marker is written first, so
-        workers starting together mostly skip)."""
+        workers starting together mostly skip).  A ledger without a marker gets one
+        now and its first prune a day later."""
         try:
             retention = retention_seconds_from_env()
             if retention <= 0:
                 return
+            await asyncio.sleep(self.prune_delay)
             last = await self.store.last_pruned()
             now = time.time()
-            if last is not None and now - last < PRUNE_EVERY_SECONDS:
+            if last is None:
+                await self.store.mark_pruned(now)
+                return
+            if now - last < PRUNE_EVERY_SECONDS:
                 return
             await self.store.mark_pruned(now)
             deleted = await self.store.prune(retention)
