@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -177,10 +176,6 @@ class Browser:
         )
         path.write_bytes(base64.b64decode(shot["data"]))
         return path
-
-
-def new_profile() -> Path:
-    return Path(tempfile.mkdtemp(prefix="jobq-chromium-"))
 
 
 def running_in_ci() -> bool:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from cdp_browser import Browser, find_chromium, new_profile, running_in_ci
+from cdp_browser import Browser, find_chromium, running_in_ci
 from dashboard_support import DEAD_LETTERED, FAILURE_TEXT, QUEUED, SUCCEEDED, make_known_outcomes
 
 from ai4s_jobq import JobQ
@@ -51,7 +51,7 @@ async def board(local_dir: Path, refresh_seconds: float) -> AsyncIterator[tuple[
 @pytest.fixture
 async def browser(tmp_path: Path) -> AsyncIterator[Browser]:
     assert CHROMIUM is not None, "CI=true but chromium is not installed: .ci/run installs it"
-    async with Browser(CHROMIUM, new_profile()) as b:
+    async with Browser(CHROMIUM, tmp_path / "chromium-profile") as b:
         await b.set_viewport(1280, 900)
         yield b
 
