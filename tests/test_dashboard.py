@@ -397,3 +397,16 @@ def test_cli_without_the_dashboard_extra_says_what_to_install(local_dir: Path):
     )
     assert result.returncode == 4
     assert "pip install 'ai4s_jobq[dashboard]'" in result.stderr
+
+
+async def test_cli_port_in_use_is_a_clear_error(known: KnownOutcomes):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = jobq_cli("dashboard", "-q", "local://dash", "--port", str(port), timeout=60)
+    assert result.returncode == 4
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
