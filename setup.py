@@ -7,5 +7,8 @@ from setuptools import find_packages, setup
 setup(
     packages=find_packages(include=["ai4s_jobq", "ai4s_jobq.*"]) + ["ai4s_jobq_cli"],
     package_dir={"ai4s_jobq_cli": "cli"},
-    package_data={"ai4s_jobq": ["py.typed"]},
+    package_data={
+        "ai4s_jobq": ["py.typed"],
+        "ai4s_jobq.dashboard": ["templates/*.html", "static/*.css", "static/*.js"],
+    },
 )

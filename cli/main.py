@@ -480,6 +480,8 @@ def _register_optional() -> None:
     for module_name, command_name in (
         (f"{__package__}.emulator_cmd", "emulator"),
         (f"{__package__}.migrate", "migrate"),
+        (f"{__package__}.dashboard_cmd", "dashboard"),
+        (f"{__package__}.top_cmd", "top"),
     ):
         if importlib.util.find_spec(module_name) is not None:
             cli.add_command(getattr(importlib.import_module(module_name), command_name))
