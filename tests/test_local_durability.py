@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from ai4s_jobq import JobQ
+from ai4s_jobq.backends.base import QueueSettings
 from ai4s_jobq.backends.local import LocalBackend
 from ai4s_jobq.broker_core import BrokerCore
 from ai4s_jobq.ids import ConfigError
@@ -47,6 +48,7 @@ async def test_explicit_argument_wins_over_the_environment(local_dir, tmp_path, 
     backend = LocalBackend(tmp_path / "q.sqlite3", "q", durability="normal")
     await backend.open()
     try:
+        await backend.ensure_queue(QueueSettings())  # opening alone creates no file
         assert synchronous_of(backend) == NORMAL
     finally:
         await backend.close()
