@@ -29,16 +29,13 @@ annotations there).
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import threading
-import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any
 
+from .broker_housekeeping import activate_scheduled, allocate, move_to_dead_letter, sweep
 from .broker_model import (  # noqa: F401 - re-exported: the core's public names
     ACTIVE,
     COLUMNS,
@@ -69,136 +66,15 @@ from .broker_model import (  # noqa: F401 - re-exported: the core's public names
     row_to_message,
     validate_properties,
 )
+from .broker_store import SqliteStore
 
 #: Delete a message if ``lock_token`` (first parameter) still locks it at the
 #: time given as the second.
 _DELETE_LOCKED = "DELETE FROM messages WHERE lock_token = ? AND locked_until > ?"
 
 
-class BrokerCore:
+class BrokerCore(SqliteStore):
     """A set of queues in one SQLite file (``":memory:"`` for a private in-memory store)."""
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        clock: Callable[[], float] = time.time,
-        read_only: bool = False,
-        synchronous: str = "NORMAL",
-    ):
-        """``read_only``: an existing store we only read (a subclass connects read-only):
-        no schema is created and ``counts`` skips its lock-expiry sweep.
-        ``synchronous`` is SQLite's setting for every connection: ``NORMAL`` (a
-        commit survives a process crash) or ``FULL`` (also a power loss); see
-        :mod:`ai4s_jobq.backends.durability`."""
-        if synchronous not in ("NORMAL", "FULL"):
-            raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
-        self.path = str(path)
-        self.clock = clock
-        self.read_only = read_only
-        self.synchronous = synchronous
-        self._local = threading.local()
-        self._memory_conn: sqlite3.Connection | None = None
-        self._memory_lock = threading.RLock()
-        self._listeners: list[Callable[[str], None]] = []
-        if read_only:
-            return
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        with self._write() as conn:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
-            if "qseq" not in columns:  # a file from before per-queue sequence numbers
-                conn.execute("ALTER TABLE messages ADD COLUMN qseq INTEGER")
-                conn.execute("UPDATE messages SET qseq = seq")
-            for statement in SEQUENCE_INDEXES.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-
-    # ------------------------------------------------------------------ plumbing
-
-    def _conn(self) -> sqlite3.Connection:
-        if self.path == ":memory:":
-            if self._memory_conn is None:
-                self._memory_conn = self._connect()
-            return self._memory_conn
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
-        return conn
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path, timeout=60.0, isolation_level=None, check_same_thread=False
-        )
-        conn.execute("PRAGMA busy_timeout = 60000")
-        if self.path != ":memory:":
-            conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-        return conn
-
-    class _Txn:
-        """A write transaction; inside another one on the same connection it joins it
-        (the outer one commits or rolls back), so operations compose into one commit."""
-
-        def __init__(self, core: BrokerCore, conn: sqlite3.Connection):
-            self.core = core
-            self.conn = conn
-            self.joined = False
-
-        def __enter__(self) -> sqlite3.Connection:
-            self.core._memory_lock.acquire()
-            self.joined = self.conn.in_transaction
-            if self.joined:
-                return self.conn
-            try:
-                self.conn.execute("BEGIN IMMEDIATE")
-            except BaseException:
-                self.core._memory_lock.release()
-                raise
-            return self.conn
-
-        def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-            try:
-                if self.joined:
-                    pass
-                elif exc_type is None:
-                    self.conn.execute("COMMIT")
-                else:
-                    self.conn.execute("ROLLBACK")
-            finally:
-                self.core._memory_lock.release()
-
-    def _write(self, conn: sqlite3.Connection | None = None) -> BrokerCore._Txn:
-        return BrokerCore._Txn(self, conn or self._conn())
-
-    def add_listener(self, callback: Callable[[str], None]) -> None:
-        """Call ``callback(queue_name)`` (in the writer's thread) when messages may have
-        become receivable in this process: after a send, abandon or lock release."""
-        self._listeners.append(callback)
-
-    def remove_listener(self, callback: Callable[[str], None]) -> None:
-        if callback in self._listeners:
-            self._listeners.remove(callback)
-
-    def _notify(self, queue: str) -> None:
-        for callback in list(self._listeners):
-            try:
-                callback(queue)
-            except Exception:  # a listener must never break the broker
-                pass
-
-    def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-        if self._memory_conn is not None:
-            self._memory_conn.close()
-            self._memory_conn = None
 
     # ------------------------------------------------------------------ queues
 
@@ -279,7 +155,7 @@ class BrokerCore:
         now = self.clock()
         if not self.read_only:
             with self._write() as conn:
-                self._sweep(conn, props, now)
+                sweep(conn, props, now)
         conn = self._conn()
         active, scheduled, deferred, dead = conn.execute(
             "SELECT"
@@ -322,7 +198,7 @@ class BrokerCore:
                     [(queue, m.message_id, now) for m, new in zip(messages, fresh) if new],
                 )
             accepted = sum(fresh)
-            first_seq = self._allocate(conn, queue, accepted) if accepted else 0
+            first_seq = allocate(conn, queue, accepted) if accepted else 0
             numbers = iter(range(first_seq, first_seq + accepted))
             self._insert_messages(
                 conn,
@@ -372,39 +248,6 @@ class BrokerCore:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
-
-    @staticmethod
-    def _allocate(conn: sqlite3.Connection, queue: str, count: int) -> int:
-        """Reserve ``count`` consecutive sequence numbers of ``queue``; returns the
-        first.  Per queue and gap-free, as Azure numbers each entity; the caller's
-        ``BEGIN IMMEDIATE`` transaction keeps other writers out."""
-        row = conn.execute("SELECT last FROM sequences WHERE queue = ?", (queue,)).fetchone()
-        if row is None:
-            last = conn.execute(
-                "SELECT COALESCE(MAX(qseq), 0) FROM messages WHERE queue = ?", (queue,)
-            ).fetchone()[0]
-            conn.execute("INSERT INTO sequences(queue, last) VALUES (?, ?)", (queue, last + count))
-        else:
-            last = row[0]
-            conn.execute("UPDATE sequences SET last = ? WHERE queue = ?", (last + count, queue))
-        return last + 1
-
-    def _activate_scheduled(self, conn: sqlite3.Connection, queue: str, now: float) -> None:
-        """Scheduled messages whose time has come join the queue as if sent now: a new
-        sequence number (after every message already there) and that enqueued time,
-        as Azure does when a scheduled message activates."""
-        due = conn.execute(
-            "SELECT seq FROM messages WHERE queue = ? AND visible_at > enqueued_at"
-            " AND visible_at <= ? ORDER BY visible_at, qseq",
-            (queue, now),
-        ).fetchall()
-        if not due:
-            return
-        first = self._allocate(conn, queue, len(due))
-        conn.executemany(
-            "UPDATE messages SET qseq = ?, enqueued_at = visible_at WHERE seq = ?",
-            [(first + index, seq) for index, (seq,) in enumerate(due)],
-        )
 
     def _recently_accepted(
         self, conn: sqlite3.Connection, props: QueueProperties, ids: list[str], now: float
@@ -465,7 +308,7 @@ class BrokerCore:
         now = self.clock()
         until = now + (lock_duration if lock_duration is not None else props.lock_duration)
         with self._write() as conn:
-            self._sweep(conn, props, now)
+            sweep(conn, props, now)
             rows = conn.execute(
                 f"SELECT {COLUMNS} FROM messages WHERE queue = ? AND sub = ? AND state = ?"
                 " AND visible_at <= ? AND (locked_until IS NULL OR locked_until <= ?)"
@@ -561,7 +404,7 @@ class BrokerCore:
             return
         try:
             with self._write() as conn:
-                self._activate_scheduled(conn, queue, now)
+                activate_scheduled(conn, queue, now)
         except sqlite3.OperationalError:
             pass
 
@@ -633,7 +476,7 @@ class BrokerCore:
             )
             max_count = self.get_queue(queue).max_delivery_count
             if delivery_count >= max_count:
-                self._move_to_dead_letter(
+                move_to_dead_letter(
                     conn, seq, MAX_DELIVERY_COUNT_REASON, max_delivery_count_description(max_count)
                 )
         self._notify(queue)
@@ -689,7 +532,7 @@ class BrokerCore:
                 raise InvalidOperation("a dead-lettered message cannot be dead-lettered again")
             props = merge_props(props_json, properties_to_modify)
             conn.execute("UPDATE messages SET props = ? WHERE seq = ?", (props, seq))
-            self._move_to_dead_letter(conn, seq, reason, description)
+            move_to_dead_letter(conn, seq, reason, description)
 
     def defer(self, lock_token: str, properties_to_modify: dict[str, Any] | None = None) -> None:
         now = self.clock()
@@ -709,49 +552,3 @@ class BrokerCore:
                 "DELETE FROM messages WHERE queue = ? AND sub = ?", (queue, sub_queue)
             )
         return cur.rowcount
-
-    # ------------------------------------------------------------------ housekeeping
-
-    def _move_to_dead_letter(
-        self, conn: sqlite3.Connection, seq: int, reason: str | None, description: str | None
-    ) -> None:
-        conn.execute(
-            "UPDATE messages SET sub = ?, state = ?, lock_token = NULL, locked_until = NULL,"
-            " dl_reason = ?, dl_description = ? WHERE seq = ?",
-            (DEAD_LETTER, READY_STATE, reason, description, seq),
-        )
-
-    def _sweep(self, conn: sqlite3.Connection, props: QueueProperties, now: float) -> None:
-        """Apply what time has done: expired locks past the delivery limit go to the
-        dead-letter queue, messages past their time to live expire (deferred ones never
-        do: Azure keeps them until they are received by sequence number), scheduled
-        messages whose time has come activate."""
-        self._activate_scheduled(conn, props.name, now)
-        conn.execute(
-            "UPDATE messages SET sub = ?, lock_token = NULL, locked_until = NULL,"
-            " dl_reason = ?, dl_description = ?"
-            " WHERE queue = ? AND sub = ? AND locked_until IS NOT NULL AND locked_until <= ?"
-            " AND delivery_count >= ?",
-            (
-                DEAD_LETTER,
-                MAX_DELIVERY_COUNT_REASON,
-                max_delivery_count_description(props.max_delivery_count),
-                props.name,
-                ACTIVE,
-                now,
-                props.max_delivery_count,
-            ),
-        )
-        expired = (props.name, ACTIVE, now, now, DEFERRED_STATE)
-        where = (
-            " WHERE queue = ? AND sub = ? AND expires_at IS NOT NULL AND expires_at <= ?"
-            " AND (locked_until IS NULL OR locked_until <= ?) AND state != ?"
-        )
-        if props.dead_lettering_on_message_expiration:
-            conn.execute(
-                "UPDATE messages SET sub = ?, lock_token = NULL, locked_until = NULL,"
-                " dl_reason = ?, dl_description = ?" + where,
-                (DEAD_LETTER, TTL_EXPIRED_REASON, TTL_EXPIRED_DESCRIPTION, *expired),
-            )
-        else:
-            conn.execute("DELETE FROM messages" + where, expired)
