@@ -29,7 +29,6 @@ import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
 
 from ..backends.base import (
     Backend,
@@ -56,9 +55,9 @@ from .hooks import (
     WorkerHook,
     WorkerIdentity,
 )
-from .preemption import EvictionNotice, PreemptionPolicy, PreemptionWatcher, grace_for
+from .preemption import EvictionNotice, PreemptionWatcher, grace_for
 from .processors import Processor, TaskFailed, install_signal_handlers
-from .retry import RetryDelay
+from .settings import ExitCode, WorkerPolicy, WorkerStats  # noqa: F401 - re-exported
 
 log = logging.getLogger("ai4s_jobq.worker")
 
@@ -68,42 +67,6 @@ RECEIVE_LINGER_SECONDS = 0.05
 #: After a delayed retry comes due, how long an idle worker still waits for it at least
 #: (whole-second visibility timeouts, a poll back-off in between).
 RETRY_SLACK = 3.0
-
-
-class ExitCode(IntEnum):
-    OK = 0  # idle timeout, time limit or task limit reached
-    TASK_FAILED = 1  # `jobq pull`: the one task failed
-    TOO_MANY_FAILURES = 3  # --max-consecutive-failures reached
-    CONFIGURATION = 4  # credentials refused or queue missing: retrying will not help
-    SIGINT = 128 + signal.SIGINT
-    SIGTERM = 128 + signal.SIGTERM
-
-
-@dataclass
-class WorkerPolicy:
-    slots: int = 1
-    idle_timeout: float = 5.0  # seconds with an empty queue and nothing running; 0 = never
-    time_limit: float | None = None  # stop taking tasks after this many seconds
-    max_consecutive_failures: int | None = None
-    grace_period: float = 30.0  # on SIGTERM/SIGINT, before running tasks are killed
-    max_tasks: int | None = None  # `jobq pull` is max_tasks=1
-    retry_delay: RetryDelay = field(default_factory=RetryDelay)  # back-off between attempts
-    max_interruptions: int = 10  # then dead-lettered as TooManyInterruptions
-    preemption: PreemptionPolicy = field(default_factory=lambda: PreemptionPolicy(mode="off"))
-
-
-@dataclass
-class WorkerStats:
-    succeeded: int = 0
-    failed: int = 0  # attempts that failed (retried or dead-lettered)
-    dead_lettered: int = 0
-    malformed: int = 0
-    lost_locks: int = 0
-    interrupted: int = 0
-    rescheduled: int = 0  # retries put back with a delay
-    consecutive_failures: int = 0
-    stop_reason: str = ""
-    exit_code: int = 0
 
 
 @dataclass(eq=False)
