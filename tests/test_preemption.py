@@ -94,6 +94,26 @@ async def test_auto_mode_stays_off_where_no_endpoint_answers():
     assert watcher.notice is None
 
 
+async def test_auto_mode_sends_nothing_off_azure(tmp_path, monkeypatch):
+    """With the default endpoint, ``auto`` asks IMDS only on an Azure VM (DMI asset
+    tag); here a fake DMI file stands in for the VM's (no real link-local request is
+    ever made by this test: the probe is replaced by a recorder)."""
+    from ai4s_jobq.worker import preemption
+
+    probes: list[str] = []
+    monkeypatch.setattr(preemption.PreemptionWatcher, "_probe", lambda self: probes.append("x"))
+    tag = tmp_path / "chassis_asset_tag"
+    monkeypatch.setattr(preemption, "DMI_ASSET_TAG_FILE", str(tag))
+    policy = PreemptionPolicy(mode="auto", endpoint=preemption.DEFAULT_ENDPOINT)
+    for contents, expected in (("Not an Azure VM\n", 0), (preemption.AZURE_ASSET_TAG + "\n", 1)):
+        tag.write_text(contents)
+        watcher = PreemptionWatcher(policy, lambda notice: None)
+        await watcher.start()
+        assert watcher._task is not None
+        await watcher._task
+        assert len(probes) == expected
+
+
 async def test_notice_deadline_bounds_the_grace(imds):
     imds.schedule("Preempt", in_seconds=20)
     notice = await _first_notice(PreemptionPolicy(mode="imds", endpoint=imds.endpoint))

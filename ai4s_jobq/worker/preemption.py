@@ -15,8 +15,11 @@ the broker redeliver them only when their locks expire.
 The policy (``--preemption``):
 
 * ``off`` -- never ask;
-* ``auto`` (default) -- probe the endpoint once with a short timeout; watch only if it
-  answers (elsewhere -- a laptop, CI, another cloud -- it is simply off);
+* ``auto`` (default) -- on an Azure VM (its DMI chassis asset tag, which every Azure VM
+  carries, Azure ML and Batch nodes and AKS nodes included) or with
+  ``JOBQ_IMDS_ENDPOINT`` set, probe the endpoint once with a short timeout and watch
+  only if it answers.  Elsewhere -- a laptop, CI, another cloud -- it sends nothing at
+  all: no request to a link-local address from machines that have no IMDS;
 * ``imds`` -- always watch (a failed probe is logged, polling goes on).
 
 Polled about once a second, in a thread (the standard library's ``urllib``: one tiny
@@ -53,6 +56,9 @@ NAME_PATH = "/metadata/instance/compute/name?api-version=2021-02-01&format=text"
 EVICTION_EVENTS = ("Preempt", "Terminate")
 MAINTENANCE_EVENTS = ("Reboot", "Redeploy")
 PROBE_TIMEOUT = 1.0
+#: The chassis asset tag Azure sets on every VM (read from DMI; Linux only).
+AZURE_ASSET_TAG = "7783-7084-3265-9085-8269-3286-77"
+DMI_ASSET_TAG_FILE = "/sys/class/dmi/id/chassis_asset_tag"
 POLL_INTERVAL = 1.0
 POLL_TIMEOUT = 2.0
 #: Kept in hand before the notice's deadline to give messages back.
@@ -100,6 +106,9 @@ class PreemptionWatcher:
             self._task = asyncio.ensure_future(self._watch())
 
     async def _watch(self) -> None:
+        if self.policy.mode == "auto" and not _may_have_imds(self.policy.endpoint):
+            log.debug("not an Azure VM: preemption watch off")
+            return
         answered = await _in_daemon_thread(self._probe)
         if not answered:
             if self.policy.mode == "auto":
@@ -194,6 +203,18 @@ class PreemptionWatcher:
         with opener.open(request, timeout=timeout) as response:
             data: bytes = response.read()
             return data
+
+
+def _may_have_imds(endpoint: str) -> bool:
+    """Whether ``auto`` should probe: an endpoint set by hand, or a VM that says it
+    runs on Azure."""
+    if endpoint != DEFAULT_ENDPOINT:
+        return True
+    try:
+        with open(DMI_ASSET_TAG_FILE, encoding="ascii", errors="replace") as tag:
+            return tag.read().strip() == AZURE_ASSET_TAG
+    except OSError:
+        return False
 
 
 async def _in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
