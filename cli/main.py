@@ -446,7 +446,13 @@ def check(ctx: click.Context, as_json: bool, strict: bool, dedup_window: timedel
 
     async def main() -> Any:
         async with open_queue(ctx, check=False, create=False, dedup_window=dedup_window) as q:
-            return await q.check()
+            findings = await q.check()
+            if any(f.code == "unreadable" for f in findings):
+                # No Manage rights, or a wrong key? (Service Bus answers both with the same
+                # 401.)  A peek tells: a refused one exits 4.  Only here, not at every
+                # startup, where it would cost Send/Listen-only producers a round trip.
+                await q.backend.peek(1)
+            return findings
 
     findings = run(main())
     if as_json:

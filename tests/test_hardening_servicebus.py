@@ -92,7 +92,9 @@ def _fails_fast(cs: str, queue: str, command: tuple[str, ...], hint: str) -> Non
     assert took < 15, (command, took)
 
 
-@pytest.mark.parametrize("command", [("push", "-c", "true"), ("size",), ("peek",)], ids=" ".join)
+@pytest.mark.parametrize(
+    "command", [("push", "-c", "true"), ("size",), ("peek",), ("check",)], ids=" ".join
+)
 def test_wrong_key_is_a_configuration_error_at_once(sb_cs, sb_queue, command):
     parts = dict(p.split("=", 1) for p in sb_cs.split(";") if "=" in p)
     wrong = sb_cs.replace(parts["SharedAccessKey"], "V3JvbmdLZXlXcm9uZ0tleVdyb25nS2V5V3Jvbmc=")
