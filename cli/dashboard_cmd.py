@@ -63,7 +63,7 @@ def dashboard(
             err=True,
         )
         sys.exit(4)
-    from .main import run
+    from .common import run
 
     remote = not is_loopback(host)
     if remote and not allow_remote:

@@ -37,7 +37,7 @@ def top(
     from ai4s_jobq.dashboard.sources import open_sources
     from ai4s_jobq.dashboard.top import render_top, run_top
 
-    from .main import run
+    from .common import run
 
     if as_json and not once:
         raise click.UsageError("--json needs --once (a live view cannot be JSON)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -20,7 +21,7 @@ from conftest import jobq_cli
 from test_hardening_inputs import HOSTILE_BODIES
 
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
-from ai4s_jobq.backends.base import OutgoingMessage, PermanentBackendError
+from ai4s_jobq.backends.base import OutgoingMessage
 from ai4s_jobq.worker.processors import CallableProcessor, ShellProcessor
 
 
@@ -268,17 +269,20 @@ def test_each_kind_of_damage_is_refused(local_dir, how):
         _refused_at_once(path, command)
 
 
-def test_a_worker_stops_when_its_queue_file_is_damaged_under_it(local_dir):
-    """Damage found mid-run (not at open) is permanent: the worker raises at once
-    instead of retrying the receive forever (idle timeout 0: it would never stop)."""
+def test_a_worker_stops_when_its_queue_file_is_damaged_under_it(local_dir, caplog):
+    """Damage found mid-run (not at open) is permanent: the worker stops at once with
+    exit code 4 and says why, instead of retrying the receive forever (idle timeout
+    0: it would never stop)."""
     path = _make_queue(local_dir, "midrun", tasks=5)
 
     async def main() -> None:
         async with JobQ.open("local://midrun") as q:
             _damage(path, "corrupt pages")
             worker = Worker(q.backend, ShellProcessor(), WorkerPolicy(idle_timeout=0))
-            with pytest.raises(PermanentBackendError, match="damaged"):
-                await asyncio.wait_for(worker.run(), timeout=30)
+            with caplog.at_level(logging.ERROR, logger="ai4s_jobq.worker"):
+                stats = await asyncio.wait_for(worker.run(), timeout=30)
+            assert (stats.exit_code, stats.stop_reason) == (4, "configuration error")
+            assert any("damaged" in r.getMessage() for r in caplog.records)
 
     asyncio.run(main())
 

@@ -158,7 +158,7 @@ def test_worker_sigint_does_not_reach_pool_processes(local_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, stderr
-    assert "interrupted by shutdown" in stderr
+    assert "interrupted (Shutdown); putting it back at once" in stderr
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
     remaining = asyncio.run(_count("local://q"))

@@ -199,9 +199,10 @@ async def test_requeue_from_the_dead_letter_queue_resets_the_record(local_dir):
         assert (await q.result(task_id)).state is TaskState.SUCCEEDED
 
 
-async def test_a_task_whose_worker_died_on_its_last_attempt_ends_dead_lettered(local_dir):
-    """The killed worker's record says running; the next delivery is past the attempts
-    allowed, so the loop dead-letters it without running it, and the record follows."""
+async def test_a_task_whose_worker_died_too_often_ends_dead_lettered(local_dir):
+    """The killed worker's record says running; its lost delivery counts as an
+    interruption, and past ``max_interruptions`` the loop dead-letters the task without
+    running it: the record follows (it does not stay running)."""
     from ai4s_jobq.ledger.events import AttemptEvent
 
     async with JobQ.open("local://died") as q:
@@ -209,7 +210,7 @@ async def test_a_task_whose_worker_died_on_its_last_attempt_ends_dead_lettered(l
         (message,) = await q.backend.receive(1, 1.0)
         await q.ledger.record_attempts([AttemptEvent(task_id, "running", 1, time.time())])
         await q.backend.abandon(message)  # as if its lock had expired
-        await drain(q, returns)
+        await drain(q, returns, max_interruptions=0)
         record = await q.result(task_id)
-    assert (record.state, record.reason) == (TaskState.DEAD_LETTERED, "MaxAttemptsExceeded")
-    assert "worker killed" in record.summary
+    assert (record.state, record.reason) == (TaskState.DEAD_LETTERED, "TooManyInterruptions")
+    assert "interrupted 1 times" in record.summary

@@ -86,7 +86,7 @@ def test_storage_shell_tasks_from_their_cli_run_once_in_bash(ai4s_venv, azurite,
     assert all(len(line[3]) == 32 for line in lines)  # JOBQ_TASK_ID: their task ID
     (dead,) = dlq(cs, spec)
     assert dead["reason"] == "NonZeroExit" and "exit code 5" in dead["description"]
-    assert dead["delivery_count"] == 2  # num_retries 1: two attempts
+    assert dead["attempt"] == 2  # num_retries 1: two attempts (counted in the envelope)
     assert sizes(cs, spec) == (0, 1)
 
 
@@ -143,7 +143,7 @@ async def test_servicebus_shell_and_python_tasks_run_once(ai4s_venv, sb_cs, sb_q
     assert sorted(line[3] for line in lines) == sorted(shell_ids[:3])
     (dead,) = dlq(sb_cs, support.spec(shell_queue))
     assert dead["reason"] == "NonZeroExit" and "exit code 7" in dead["description"]
-    assert dead["delivery_count"] == 3  # num_retries 2: three attempts
+    assert dead["attempt"] == 3  # num_retries 2: three attempts (counted in the envelope)
     recorded = [json.loads(line) for line in calls.read_text().splitlines()]
     assert sorted(c["value"] for c in recorded) == [0, 1, 2]
     assert sorted(c["id"] for c in recorded) == sorted(py_ids)

@@ -23,7 +23,7 @@ async def test_receive_on_a_missing_queue_says_it_is_created_by_the_first_push(t
     backend = LocalBackend(tmp_path / "q.sqlite3", "nothing-here")
     await backend.open()
     try:
-        with pytest.raises(QueueUnavailableError, match="created by the first push"):
+        with pytest.raises(QueueUnavailableError, match="A push creates a queue"):
             await backend.receive(1, 0.01)
     finally:
         await backend.close()

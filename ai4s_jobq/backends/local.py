@@ -147,7 +147,8 @@ class LocalBackend(Backend):
         limit = self._props().max_message_size
         if all(len(message.body) <= limit for message in messages):  # the usual case
             to_send = [broker_core.NewMessage(m.message_id, m.body) for m in messages]
-            results = self.core.send(self.queue_name, to_send)
+            with translate_sqlite_errors(self.path):
+                results = self.core.send(self.queue_name, to_send)
             return [PushOutcome(m.message_id, r.duplicate) for m, r in zip(messages, results)]
         outcomes: list[PushOutcome | None] = [None] * len(messages)
         to_send = []
