@@ -34,7 +34,7 @@ from typing import Any
 
 from ..task import Task
 from .context import TaskContext, current_task, task_context
-from .processors import Processor, watch_abandoned_threads
+from .processors import Processor, ProcessorWrapper, watch_abandoned_threads
 
 log = logging.getLogger("ai4s_jobq.worker")
 
@@ -144,13 +144,13 @@ def gpu_groups(spec: str, per_task: int = 1, slots: int | None = None) -> list[G
     return groups
 
 
-class GpuSlots:
+class GpuSlots(ProcessorWrapper):
     """Wraps a processor: each task runs with a GPU group of its own."""
 
     def __init__(self, inner: Processor, groups: Sequence[GpuGroup]):
         if not groups:
             raise GpuConfigError("no GPU groups")
-        self.inner = inner
+        super().__init__(inner)
         self.groups = list(groups)
         self._free: asyncio.Queue[GpuGroup] | None = None
         self.in_use: set[GpuGroup] = set()  # for tests and logs: groups held right now
@@ -164,14 +164,7 @@ class GpuSlots:
 
     async def start(self) -> None:
         self._pool()
-        start = getattr(self.inner, "start", None)
-        if start is not None:
-            await start()
-
-    async def close(self) -> None:
-        close = getattr(self.inner, "close", None)
-        if close is not None:
-            await close()
+        await super().start()
 
     async def __call__(self, task: Task) -> Any:
         group = await self._pool().get()

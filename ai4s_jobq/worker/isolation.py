@@ -62,6 +62,7 @@ from .processors import (
     exit_text,
     kill_process_group,
     load_callable,
+    split_reference,
 )
 from .task_env import task_environment
 
@@ -401,13 +402,7 @@ def _log_spawn_failure(future: asyncio.Future[_Child]) -> None:
 def _check_importable(reference: str) -> None:
     """Fail fast on a misspelt module, without importing the user's code (and its
     heavy dependencies) into the worker process itself."""
-    module_name, sep, attr = reference.partition(":")
-    if not sep:
-        module_name, _, attr = reference.rpartition(".")
-    if not module_name or not attr:
-        raise ValueError(f"{reference!r} is not module:function or module:Class")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    module_name, _ = split_reference(reference)
     try:
         found = importlib.util.find_spec(module_name)
     except (ImportError, ValueError) as exc:

@@ -443,6 +443,24 @@ async def call_hook(instance: Any, name: str) -> None:
         await result
 
 
+class ProcessorWrapper:
+    """A processor around another (GPU slots, timeouts): its lifecycle is the inner
+    one's, so ``start()``/``close()`` pass through."""
+
+    def __init__(self, inner: Processor):
+        self.inner = inner
+
+    async def start(self) -> None:
+        start = getattr(self.inner, "start", None)
+        if start is not None:
+            await start()
+
+    async def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            await close()
+
+
 @contextlib.asynccontextmanager
 async def started(processor: Processor) -> AsyncIterator[Processor]:
     """Run a processor's ``start()`` before and ``close()`` after the block, if it
@@ -458,18 +476,24 @@ async def started(processor: Processor) -> AsyncIterator[Processor]:
             await close()
 
 
-def load_callable(reference: str) -> Callable[..., Any]:
-    """Import ``module:function`` or ``module:Class`` (or ``module.name``), looking in
-    the working directory too."""
+def split_reference(reference: str) -> tuple[str, str]:
+    """``module:name`` (or ``module.name``) as (module, name).  Like ``python -m``, the
+    working directory joins ``sys.path``, so the user's modules are found (a console
+    script otherwise only sees its own bin directory)."""
     module_name, sep, attr = reference.partition(":")
     if not sep:
         module_name, _, attr = reference.rpartition(".")
     if not module_name or not attr:
         raise ValueError(f"{reference!r} is not module:function or module:Class")
     if os.getcwd() not in sys.path and "" not in sys.path:
-        # Like `python -m`, find the user's modules in the working directory; a
-        # console script otherwise only sees its own bin directory.
         sys.path.insert(0, os.getcwd())
+    return module_name, attr
+
+
+def load_callable(reference: str) -> Callable[..., Any]:
+    """Import ``module:function`` or ``module:Class`` (or ``module.name``), looking in
+    the working directory too."""
+    module_name, attr = split_reference(reference)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

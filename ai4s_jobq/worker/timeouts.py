@@ -22,29 +22,19 @@ from typing import Any
 
 from ..durations import format_duration
 from ..task import Task
-from .processors import Processor, TaskFailed
+from .processors import Processor, ProcessorWrapper, TaskFailed
 
 log = logging.getLogger("ai4s_jobq.worker")
 
 
-class TaskTimeout:
+class TaskTimeout(ProcessorWrapper):
     """Wraps a processor: fail a task with ``Timeout`` after ``seconds``."""
 
     def __init__(self, inner: Processor, seconds: float):
         if seconds <= 0:
             raise ValueError("--task-timeout must be positive")
-        self.inner = inner
+        super().__init__(inner)
         self.seconds = seconds
-
-    async def start(self) -> None:
-        start = getattr(self.inner, "start", None)
-        if start is not None:
-            await start()
-
-    async def close(self) -> None:
-        close = getattr(self.inner, "close", None)
-        if close is not None:
-            await close()
 
     async def __call__(self, task: Task) -> Any:
         # Its own asyncio task (copying the context): the deadline cancels only it.
