@@ -18,7 +18,8 @@ from azure.storage.queue.aio import QueueClient
 from azurite_fixtures import OpenBackend
 
 from ai4s_jobq.backends.base import OutgoingMessage
-from ai4s_jobq.backends.storage.prefetch import PollBackoff, ReadAhead
+from ai4s_jobq.backends.read_ahead import ReadAhead
+from ai4s_jobq.backends.storage.prefetch import PollBackoff
 
 
 def tasks(count: int) -> list[OutgoingMessage]:

@@ -52,9 +52,10 @@ from ..base import (
     QueueUnavailableError,
     ReceivedMessage,
 )
+from ..read_ahead import ReadAhead
 from .clients import account_clients
 from .dedup import LEDGER_TABLE, DedupLedger, ensure_ledger_table, first_occurrences
-from .prefetch import PollBackoff, ReadAhead
+from .prefetch import PollBackoff
 from .rest import RestError, StorageRest
 from .wire import (
     MESSAGE_TEXT_LIMIT,
