@@ -5,6 +5,8 @@ committed by the next receive's transaction."""
 from __future__ import annotations
 
 import asyncio
+import time
+from datetime import timedelta
 
 import pytest
 
@@ -94,5 +96,78 @@ async def test_the_last_completion_of_a_receive_is_committed_by_the_next_receive
         # A stale lock is the caller's own LockLostError, through either path.
         with pytest.raises(LockLostError):
             await backend.complete(second)
+    finally:
+        await backend.close()
+
+
+async def _fast_worker_history(backend: LocalBackend, count: int) -> None:
+    """Receive and complete ``count`` messages one by one: the throughput of a worker
+    draining no-op tasks, which is what makes the backend read ahead."""
+    for _ in range(count):
+        (message,) = await backend.receive(1, 0.1)
+        await backend.complete(message)
+
+
+async def test_a_fast_receiver_reads_ahead_and_releases_the_surplus_uncounted(tmp_path):
+    path = tmp_path / "q.sqlite3"
+    backend = LocalBackend(path, "q")
+    await backend.open()
+    try:
+        await backend.ensure_queue(QueueSettings())
+        await backend.push([OutgoingMessage(f"m{i}", b"{}") for i in range(300)])
+        await _fast_worker_history(backend, 40)
+        (taken,) = await backend.receive(1, 0.1)
+        buffered = len(backend._read_ahead)
+        assert buffered > 0  # locked ahead for this receiver...
+        other = BrokerCore(path)
+        try:
+            locked = [m for m in other.peek("q", 300) if m.locked_until]
+            assert len(locked) == buffered + 1  # ... invisible to the others meanwhile
+        finally:
+            other.close()
+        await backend.complete(taken)
+    finally:
+        await backend.close()
+    # Closing gave the unstarted ones back, without counting a delivery.
+    core = BrokerCore(path)
+    try:
+        left = core.peek("q", 300)
+        assert len(left) == 300 - 41
+        assert not [m for m in left if m.locked_until or m.delivery_count]
+    finally:
+        core.close()
+
+
+async def test_a_slow_receiver_does_not_read_ahead(tmp_path):
+    backend = LocalBackend(tmp_path / "q.sqlite3", "q")
+    await backend.open()
+    try:
+        await backend.ensure_queue(QueueSettings())
+        await backend.push([OutgoingMessage(f"m{i}", b"{}") for i in range(10)])
+        for _ in range(3):  # one message at a time, a few a second at most
+            (message,) = await backend.receive(1, 0.1)
+            await backend.complete(message)
+            assert len(backend._read_ahead) == 0
+    finally:
+        await backend.close()
+
+
+async def test_a_read_ahead_message_whose_lock_ran_low_is_renewed_before_it_is_handed_out(
+    tmp_path,
+):
+    path = tmp_path / "q.sqlite3"
+    backend = LocalBackend(path, "q")
+    await backend.open()
+    try:
+        await backend.ensure_queue(QueueSettings(lock_duration=timedelta(seconds=30)))
+        await backend.push([OutgoingMessage(f"m{i}", b"{}") for i in range(300)])
+        await _fast_worker_history(backend, 40)
+        await backend.receive(1, 0.1)
+        assert len(backend._read_ahead)
+        # Waiting in the buffer used up more than half the lock: renewed on hand-out.
+        for message in backend._read_ahead._buffer:
+            message.locked_until = time.time() + 5
+        (handed,) = await backend.receive(1, 0.1)
+        assert handed.locked_until is not None and handed.locked_until > time.time() + 25
     finally:
         await backend.close()

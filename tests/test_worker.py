@@ -10,7 +10,7 @@ import sample_tasks
 import worker_scenarios
 
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
-from ai4s_jobq.worker.loop import ExitCode
+from ai4s_jobq.worker.loop import SETTLES_IN_FLIGHT, ExitCode
 from ai4s_jobq.worker.processors import CallableProcessor
 from ai4s_jobq.worker.retry import RetryDelay
 
@@ -150,20 +150,22 @@ async def test_a_slot_takes_the_next_task_while_the_last_one_settles(local_dir):
         assert (await q.counts()).active == 0
 
 
-async def test_settles_in_flight_are_bounded_by_the_slots(local_dir):
-    """When the broker stops answering settles, a worker takes at most 2 × slots
-    messages (slots running, slots settling), not the whole queue."""
+async def test_settles_in_flight_are_bounded(local_dir):
+    """When the broker stops answering settles, a worker takes at most
+    ``max(slots, SETTLES_IN_FLIGHT)`` messages beyond its running tasks, not the
+    whole queue."""
+    bound = SETTLES_IN_FLIGHT + 1  # settling beyond the slot, plus the (finished) one in it
     async with JobQ.open("local://bounded") as q:
-        await q.push_many([{"n": n} for n in range(10)])
+        await q.push_many([{"n": n} for n in range(bound + 30)])
         release = asyncio.Event()
         complete = q.backend.complete
         calls: list[str] = []
-        two_held = asyncio.Event()
+        all_held = asyncio.Event()
 
         async def stuck_complete(message):
             calls.append(message.message_id)
-            if len(calls) == 2:
-                two_held.set()
+            if len(calls) == bound:
+                all_held.set()
             await release.wait()
             await complete(message)
 
@@ -176,13 +178,13 @@ async def test_settles_in_flight_are_bounded_by_the_slots(local_dir):
         worker = asyncio.ensure_future(
             Worker(q.backend, CallableProcessor(run), policy(slots=1)).run()
         )
-        await asyncio.wait_for(two_held.wait(), 10)
+        await asyncio.wait_for(all_held.wait(), 10)
         for _ in range(20):  # let the loop run: nothing more may start
             await asyncio.sleep(0)
-        assert len(ran) == 2  # one settling beyond the slot, one (finished) in the slot
+        assert len(ran) == bound
         release.set()
         stats = await asyncio.wait_for(worker, 10)
-        assert stats.succeeded == 10
+        assert stats.succeeded == bound + 30
 
 
 async def test_with_an_idle_timeout_no_receive_waits_longer_than_it(local_dir):

@@ -17,8 +17,10 @@ timeout) and renews it while the task runs.  Outcomes:
 
 A slot is a running *task*: when a task ends its slot takes the next message
 while the settle (a broker round trip) is still in flight, so short tasks do not
-leave slots idle waiting on the broker.  At most ``slots`` settles may be in
-flight beyond that; past it, slots wait.  Shutdown waits for every settle.
+leave slots idle waiting on the broker.  At most ``max(slots,
+SETTLES_IN_FLIGHT)`` settles may be in flight beyond that (a broker may hold
+completions a moment to commit them together); past it, slots wait.  Shutdown
+waits for every settle.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..backends.base import (
     Backend,
@@ -58,6 +61,7 @@ from .hooks import (
 from .preemption import EvictionNotice, PreemptionWatcher, grace_for
 from .processors import Processor, TaskFailed, install_signal_handlers
 from .settings import ExitCode, WorkerPolicy, WorkerStats  # noqa: F401 - re-exported
+from .wakeup import Wakeup
 
 log = logging.getLogger("ai4s_jobq.worker")
 
@@ -67,17 +71,36 @@ RECEIVE_LINGER_SECONDS = 0.05
 #: After a delayed retry comes due, how long an idle worker still waits for it at least
 #: (whole-second visibility timeouts, a poll back-off in between).
 RETRY_SLACK = 3.0
+#: Settles that may be in flight beyond the running tasks (at least; ``slots`` if more).
+SETTLES_IN_FLIGHT = 64
 
 
 @dataclass(eq=False)
 class _Running:
+    """One received message, from its handler's start to its settle's end.  The
+    processor runs inside the handler (no task of its own: a task, a wait and a
+    lock keeper per message were a third of a no-op task's cost); cancelling the
+    handler while ``working`` stops the processor."""
+
     message: ReceivedMessage
-    work: asyncio.Future[None] | None = None
+    working: bool = False  # the processor is running (cancel the handler to stop it)
+    cancelled: bool = False  # the processor was stopped by the loop
+    result: Any = None
+    error: BaseException | None = None
     lock_lost: bool = False
     interrupted: str | None = None  # why the loop cancelled it: Shutdown, Preempted
     context: TaskContext | None = None
     settling: bool = False  # the task is over; its message is being settled
+    keeper: asyncio.Task[None] | None = None  # renews the lock once the task runs long
     handler: asyncio.Task[None] = field(init=False)
+
+    def stop(self) -> bool:
+        """Cancel the processor if it is running; False if it is not."""
+        if not self.working:
+            return False
+        self.cancelled = True
+        self.handler.cancel()
+        return True
 
 
 class Worker:
@@ -99,7 +122,8 @@ class Worker:
         )
         self.stats = WorkerStats()
         self._running: set[_Running] = set()
-        self._slot_freed = asyncio.Event()
+        self._slot_freed = Wakeup()
+        self._settling = 0  # handlers whose task is over, settling its message
         self._signal: int | None = None
         self._stop: str | None = None  # why intake stopped early (signal, preemption)
         self._kill_at: float | None = None  # when running tasks are cancelled
@@ -219,10 +243,11 @@ class Worker:
         return self._free_slots()
 
     def _free_slots(self) -> int:
-        """Slots minus running tasks, minus settles in flight beyond ``slots``."""
-        settling = sum(1 for running in self._running if running.settling)
+        """Slots minus running tasks, minus settles in flight beyond the allowance."""
+        settling = self._settling
         tasks = len(self._running) - settling
-        return self.policy.slots - tasks - max(0, settling - self.policy.slots)
+        allowed = max(self.policy.slots, SETTLES_IN_FLIGHT)
+        return self.policy.slots - tasks - max(0, settling - allowed)
 
     def _receive_wait(self, last_activity: float) -> float:
         """How long one receive may wait.  With an idle timeout, never longer than
@@ -238,11 +263,8 @@ class Worker:
                 wait = min(wait, max(left, 0.0))
         return wait
 
-    async def _wait_for(self, event: asyncio.Event, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
+    async def _wait_for(self, event: Wakeup, timeout: float) -> None:
+        await event.wait(timeout)
 
     def _start(self, message: ReceivedMessage) -> None:
         self._taken += 1
@@ -252,6 +274,8 @@ class Worker:
 
         def done(_: object) -> None:
             self._running.discard(running)
+            if running.settling:
+                self._settling -= 1
             self._slot_freed.set()
 
         running.handler.add_done_callback(done)
@@ -285,16 +309,18 @@ class Worker:
             task.max_attempts,
             f" ({counters.interruptions} interruptions)" if counters.interruptions else "",
         )
-        # The processor's asyncio task copies the context: it sees its own TaskContext.
         context = TaskContext(task.id, counters.attempt, counters.interruptions)
         running.context = context
-        with task_context(context):
-            running.work = asyncio.ensure_future(self.processor(task))
-        keeper = asyncio.ensure_future(self._keep_locked(running))
+        # The lock keeper starts only once the task has run for a renew interval.
+        timer = asyncio.get_running_loop().call_later(
+            self.backend.lock_renew_interval(message), self._start_keeper, running
+        )
         try:
-            await asyncio.wait([running.work])
+            await self._run_processor(running, task, context)
         finally:
-            keeper.cancel()
+            timer.cancel()
+            if running.keeper is not None:
+                running.keeper.cancel()
         self._task_over(running)
         await self._settle_outcome(running, run, counters, time.monotonic() - started)
 
@@ -326,16 +352,37 @@ class Worker:
         self.hooks.task_finished(run, TaskOutcome(DEAD_LETTERED, 0.0, reason=reason, summary=why))
         await self._settle("dead_letter", message, reason, why)
 
+    async def _run_processor(self, running: _Running, task: Task, context: TaskContext) -> None:
+        """Run the processor in this handler, with ``context`` current (asyncio tasks
+        and threads it starts see it); record its result, error or cancellation."""
+        running.working = True
+        try:
+            with task_context(context):
+                running.result = await self.processor(task)
+        except asyncio.CancelledError:
+            cancelling = getattr(running.handler, "cancelling", None)  # Python >= 3.11
+            if not running.cancelled and (cancelling is None or cancelling()):
+                raise  # not the loop's doing: the worker is being torn down
+            running.cancelled = True  # (or the processor raised CancelledError itself)
+            if cancelling is not None:
+                uncancel = running.handler.uncancel  # type: ignore[attr-defined]
+                while cancelling():
+                    uncancel()
+        except BaseException as exc:  # a processor's failure (TaskFailed or not)
+            running.error = exc
+        finally:
+            running.working = False
+
     def _task_over(self, running: _Running) -> None:
         """Free the slot for the next message while this one is settled."""
         running.settling = True
+        self._settling += 1
         self._slot_freed.set()
 
     async def _settle_outcome(
         self, running: _Running, run: TaskRun, counters: RunCounters, seconds: float
     ) -> None:
-        message, work, task = running.message, running.work, run.task
-        assert work is not None
+        message, task = running.message, run.task
         if running.lock_lost:
             self.stats.lost_locks += 1
             self.hooks.task_finished(run, TaskOutcome(LOCK_LOST, seconds, reason="LockLost"))
@@ -343,18 +390,20 @@ class Worker:
                 "task %s: lock lost, task cancelled; the message is left to its new owner", task.id
             )
             return
-        if work.cancelled():
+        if running.cancelled:
             reason = running.interrupted or "Shutdown"
             self.hooks.task_finished(run, TaskOutcome(INTERRUPTED, seconds, reason=reason))
             await self._interrupted(message, task, counters.interrupted(), reason)
             return
-        error = work.exception()
+        error = running.error
         if error is None:
             self.stats.succeeded += 1
             self.stats.consecutive_failures = 0
             log.info("task %s: succeeded in %.2fs", task.id, seconds)
             if self.hooks:
-                self.hooks.task_finished(run, TaskOutcome(SUCCEEDED, seconds, result=work.result()))
+                self.hooks.task_finished(
+                    run, TaskOutcome(SUCCEEDED, seconds, result=running.result)
+                )
             await self._settle("complete", message)
             return
         failure = (
@@ -437,14 +486,15 @@ class Worker:
             self._delayed_until = max(self._delayed_until, time.monotonic() + delay)
         await self._settle("reschedule", message, copy.message_id, copy.body, delay)
 
+    def _start_keeper(self, running: _Running) -> None:
+        if running.working:
+            running.keeper = asyncio.ensure_future(self._keep_locked(running))
+
     async def _keep_locked(self, running: _Running) -> None:
-        """Renew the lock until the work ends; if the lock is lost, cancel the work."""
-        message, work = running.message, running.work
-        assert work is not None
-        while not work.done():
-            await asyncio.sleep(self.backend.lock_renew_interval(message))
-            if work.done():
-                return
+        """Renew the lock (the first renew interval has passed) until the work ends;
+        if the lock is lost, cancel the work."""
+        message = running.message
+        while running.working:
             try:
                 await self.backend.renew(message)
             except LockLostError:
@@ -454,8 +504,9 @@ class Worker:
                 if message.locked_until is not None and message.locked_until <= time.time():
                     running.lock_lost = True
             if running.lock_lost:
-                work.cancel()
+                running.stop()
                 return
+            await asyncio.sleep(self.backend.lock_renew_interval(message))
 
     async def _settle(self, action: str, message: ReceivedMessage, *args: object) -> None:
         """Settle, tolerating a lost lock or a broker hiccup: the broker will
@@ -537,11 +588,11 @@ class Worker:
         """Cancel running tasks; each processor stops its work (the shell processor
         sends SIGTERM, then SIGKILL after ``grace`` or its own default)."""
         for running in list(self._running):
-            if running.work is not None and not running.work.done():
+            if running.working:
                 running.interrupted = running.interrupted or reason
                 if running.context is not None and grace is not None:
                     running.context.stop.grace = grace
-                running.work.cancel()
+                running.stop()
 
     def _exit_code(self) -> int:
         if self.stats.exit_code == ExitCode.CONFIGURATION:

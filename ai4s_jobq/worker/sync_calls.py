@@ -73,12 +73,8 @@ class _Inbox:
             outcomes, self.outcomes = self.outcomes, []
             self.wakeup_pending = False
         for future, result, error in outcomes:
-            if future.done():  # cancelled while the function ran
-                continue
-            if error is None:
-                future.set_result(result)
-            else:
-                future.set_exception(error)
+            if not future.done():  # (else: cancelled while the function ran)
+                future.set_result((result, error))
 
 
 class _Pool:
@@ -137,4 +133,11 @@ async def run_sync(function: Callable[..., Any], kwargs: Mapping[str, Any]) -> A
         inbox = _inboxes[loop] = _Inbox(loop)
     future: asyncio.Future[Any] = loop.create_future()
     _pool.submit((contextvars.copy_context(), function, kwargs, future, inbox))
-    return await future
+    result, error = await future
+    if error is not None:
+        # Raised here rather than set on the future: asyncio *throws* a future's
+        # exception into the awaiting task's outermost coroutine, and a thrown
+        # GeneratorExit closes every coroutine in between instead of reaching the
+        # processor's handler.
+        raise error
+    return result
