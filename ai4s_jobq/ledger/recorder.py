@@ -5,7 +5,8 @@ The per-task hook methods only append an :class:`~.events.AttemptEvent` to a buf
 ``flush_interval`` seconds (or sooner when it fills up) in one store call — one SQLite
 transaction or a few Table transactions — after :func:`~.events.coalesce` has merged
 each short task's start and end into one write.  So the ledger costs the hot path an
-append, not a round trip.
+append, not a round trip.  A start is not even an event until a flush finds the task
+still running (a task that ends first is written once, with its outcome).
 
 A write that fails is logged and retried on the next flush with the events kept (up to
 ``max_buffer`` events; beyond that the oldest are dropped, with a warning): the ledger
@@ -98,6 +99,7 @@ class LedgerRecorder(WorkerHook):
         self.version = version if version is not None else _version()
         self._buffer: list[AttemptEvent] = []
         self._running: dict[str, float] = {}  # task ID -> started (wall clock)
+        self._unrecorded_starts: dict[str, TaskRun] = {}  # started since the last flush
         self._done = 0
         self._identity: WorkerIdentity | None = None
         self._wake = asyncio.Event()
@@ -118,9 +120,14 @@ class LedgerRecorder(WorkerHook):
         self._pruner = asyncio.ensure_future(self._prune_if_due())
 
     def task_started(self, run: TaskRun) -> None:
+        # The "running" event is made at the next flush, and only if the task is still
+        # running then: a short task's start would be coalesced away anyway.
         self._running[run.task.id] = run.started_at
+        self._unrecorded_starts[run.task.id] = run
+
+    def _start_events(self) -> list[AttemptEvent]:
         identity = self._identity
-        self._append(
+        events = [
             AttemptEvent(
                 id=run.task.id,
                 state="running",
@@ -130,10 +137,14 @@ class LedgerRecorder(WorkerHook):
                 worker_id=identity.worker_id if identity else None,
                 host=identity.host if identity else None,
             )
-        )
+            for run in self._unrecorded_starts.values()
+        ]
+        self._unrecorded_starts = {}
+        return events
 
     def task_finished(self, run: TaskRun, outcome: TaskOutcome) -> None:
         self._running.pop(run.task.id, None)
+        self._unrecorded_starts.pop(run.task.id, None)
         if outcome.kind not in _RECORDED:
             return  # lock lost: the message belongs to another worker, which reports it
         if outcome.kind != INTERRUPTED:
@@ -244,6 +255,8 @@ class LedgerRecorder(WorkerHook):
                     await asyncio.wait_for(self._wake.wait(), 1.0)
 
     async def _flush(self) -> bool:
+        if self._unrecorded_starts:
+            self._buffer.extend(self._start_events())
         if not self._buffer:
             return True
         events, self._buffer = coalesce(self._buffer), []
