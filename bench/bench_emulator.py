@@ -22,6 +22,7 @@ import time
 import uuid
 
 from azure.servicebus import ServiceBusClient, ServiceBusMessage
+from bytecode import ensure_bytecode
 
 from ai4s_jobq.emulator.process import EmulatorProcess
 
@@ -92,6 +93,7 @@ def receive_and_complete(client: ServiceBusClient, queue: str, count: int) -> fl
 
 
 def main() -> None:
+    ensure_bytecode()  # see bench/bytecode.py
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--messages",

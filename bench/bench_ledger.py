@@ -40,6 +40,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from bytecode import ensure_bytecode
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # measure this checkout, not an installed copy
 sys.path.insert(0, str(REPO / "tests"))
@@ -296,6 +298,7 @@ def print_table(rows: list[Row]) -> None:
 
 
 def main() -> int:
+    ensure_bytecode()  # see bench/bytecode.py
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
     parser.add_argument(

@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bytecode import ensure_bytecode
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # measure this checkout, not an installed copy
 
@@ -407,6 +409,7 @@ def print_table(rows: list[Row]) -> None:
 
 
 def main() -> int:
+    ensure_bytecode()  # see bench/bytecode.py
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
     parser.add_argument(

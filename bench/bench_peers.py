@@ -70,6 +70,8 @@ import venv
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bytecode import ensure_bytecode
+
 REPO = Path(__file__).resolve().parent.parent
 PEERS_VENV = REPO / "bench" / ".venv-peers"
 PEER_PACKAGES = ["huey==3.5.4", "persist-queue==1.1.0", "litequeue==0.9"]
@@ -109,6 +111,7 @@ def child_jobq(system: str, op: str, n: int, slots: int, root: Path) -> dict:
     import asyncio
 
     import ai4s_jobq
+    import ai4s_jobq.backends.local  # noqa: F401 - imported before the clock, as the peers are
     from ai4s_jobq import JobQ
     from ai4s_jobq.worker.loop import Worker, WorkerPolicy
     from ai4s_jobq.worker.processors import CallableProcessor
@@ -540,6 +543,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         return run_child_main(args.child)
+    ensure_bytecode()  # see bench/bytecode.py
     sizes = QUICK if args.quick else FULL
     parts = args.only or ["push", "drain", "dedup"]
     print(load_line(), flush=True)

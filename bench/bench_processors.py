@@ -39,6 +39,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bytecode import ensure_bytecode
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # measure this checkout, not an installed copy
 sys.path.insert(0, str(REPO / "bench"))  # the pool processes import the no-ops from here
@@ -272,6 +274,7 @@ def overhead_rows(
 
 
 def main() -> None:
+    ensure_bytecode()  # see bench/bytecode.py
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer tasks and rounds")
     parser.add_argument("-n", type=int, help="tasks per drain")

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from azure.servicebus.aio.management import ServiceBusAdministrationClient
+from bytecode import ensure_bytecode
 
 from ai4s_jobq.emulator.client import admin_client_kwargs
 from ai4s_jobq.emulator.process import EmulatorProcess
@@ -129,6 +130,7 @@ def baseline_variant(path: str) -> Variant:
 
 
 def main() -> None:
+    ensure_bytecode()  # see bench/bytecode.py
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5, help="runs per command (median)")
     parser.add_argument(

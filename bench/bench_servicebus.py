@@ -68,6 +68,7 @@ from ai4s_jobq.task import make_task
 from ai4s_jobq.worker.processors import CallableProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bytecode import ensure_bytecode
 from latency_proxy import LatencyProxy  # noqa: E402  (a sibling script, not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -328,6 +329,7 @@ def print_push(
 
 
 def main() -> None:
+    ensure_bytecode()  # see bench/bytecode.py
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=5000, help="tasks to push")
     parser.add_argument(

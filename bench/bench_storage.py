@@ -56,6 +56,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bytecode import ensure_bytecode
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
@@ -371,6 +373,7 @@ def report(args: argparse.Namespace, r: dict[str, float]) -> None:
 
 
 def main() -> None:
+    ensure_bytecode()  # see bench/bytecode.py
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--push-tasks", type=int, default=5000)
     parser.add_argument("--drain-tasks", type=int, default=2000)

@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bytecode import ensure_bytecode
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # measure this checkout, not an installed copy
 
@@ -148,6 +150,7 @@ def start_receiver() -> tuple[subprocess.Popen[str], str]:
 
 
 def main() -> None:
+    ensure_bytecode()  # see bench/bytecode.py
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tasks", type=int, default=None)
