@@ -357,6 +357,7 @@ class Samples:
     cpu: list[float] = field(default_factory=list)
     synchronous: int | None = None
     queued: int | None = None
+    failures: list[str] = field(default_factory=list)  # a peer's runs that raised
 
 
 def run_one(system: str, case: Case, python: Path) -> dict:
@@ -384,6 +385,9 @@ def run_one(system: str, case: Case, python: Path) -> dict:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if out.returncode != 0:
+        if system in PEERS:  # e.g. litequeue's "database is locked" with 8 threads
+            lines = [line for line in out.stderr.splitlines() if line.strip()]
+            return {"failed": lines[-1] if lines else f"exit code {out.returncode}"}
         raise SystemExit(f"{system} {case.label} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -401,6 +405,10 @@ def measure(cases: list[tuple[Case, list[str]]], reps: int) -> dict[tuple[Case, 
                 python = ours_python if system.startswith("jobq") else peer_python
                 result = run_one(system, case, python)
                 samples = results.setdefault((case, system), Samples())
+                if "failed" in result:
+                    samples.failures.append(result["failed"])
+                    print("x", end="", flush=True)
+                    continue
                 if "seconds" in result:
                     samples.seconds.append(result["seconds"])
                     samples.cpu.append(result["cpu"])
@@ -433,6 +441,13 @@ def report(
     goals: list[tuple[str, str]] = []
     by_case: dict[Case, dict[str, Samples]] = {}
     for (case, system), samples in results.items():
+        if samples.failures:
+            print(
+                f"\n{system}, {case.label}: {len(samples.failures)} run(s) failed "
+                f"({samples.failures[-1][:200]}); the others count"
+            )
+        if case.op != "dedup" and not samples.seconds:
+            continue  # every run failed: no rate to compare with
         by_case.setdefault(case, {})[system] = samples
     for case, systems in by_case.items():
         if case.op == "dedup":
