@@ -30,8 +30,6 @@ import logging
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 from ..backends.base import (
     Backend,
@@ -60,6 +58,7 @@ from .hooks import (
 )
 from .preemption import EvictionNotice, PreemptionWatcher, grace_for
 from .processors import Processor, TaskFailed, install_signal_handlers
+from .running import Running
 from .settings import ExitCode, WorkerPolicy, WorkerStats  # noqa: F401 - re-exported
 from .wakeup import Wakeup
 
@@ -73,34 +72,6 @@ RECEIVE_LINGER_SECONDS = 0.05
 RETRY_SLACK = 3.0
 #: Settles that may be in flight beyond the running tasks (at least; ``slots`` if more).
 SETTLES_IN_FLIGHT = 64
-
-
-@dataclass(eq=False)
-class _Running:
-    """One received message, from its handler's start to its settle's end.  The
-    processor runs inside the handler (no task of its own: a task, a wait and a
-    lock keeper per message were a third of a no-op task's cost); cancelling the
-    handler while ``working`` stops the processor."""
-
-    message: ReceivedMessage
-    working: bool = False  # the processor is running (cancel the handler to stop it)
-    cancelled: bool = False  # the processor was stopped by the loop
-    result: Any = None
-    error: BaseException | None = None
-    lock_lost: bool = False
-    interrupted: str | None = None  # why the loop cancelled it: Shutdown, Preempted
-    context: TaskContext | None = None
-    settling: bool = False  # the task is over; its message is being settled
-    keeper: asyncio.Task[None] | None = None  # renews the lock once the task runs long
-    handler: asyncio.Task[None] = field(init=False)
-
-    def stop(self) -> bool:
-        """Cancel the processor if it is running; False if it is not."""
-        if not self.working:
-            return False
-        self.cancelled = True
-        self.handler.cancel()
-        return True
 
 
 class Worker:
@@ -121,7 +92,7 @@ class Worker:
             slots=self.policy.slots, queue=backend.description
         )
         self.stats = WorkerStats()
-        self._running: set[_Running] = set()
+        self._running: set[Running] = set()
         self._slot_freed = Wakeup()
         self._settling = 0  # handlers whose task is over, settling its message
         self._signal: int | None = None
@@ -268,7 +239,7 @@ class Worker:
 
     def _start(self, message: ReceivedMessage) -> None:
         self._taken += 1
-        running = _Running(message)
+        running = Running(message)
         running.handler = asyncio.ensure_future(self._handle(running))
         self._running.add(running)
 
@@ -282,7 +253,7 @@ class Worker:
 
     # ------------------------------------------------------------------ one message
 
-    async def _handle(self, running: _Running) -> None:
+    async def _handle(self, running: Running) -> None:
         message = running.message
         try:
             task = Task.from_body(message.body)
@@ -352,7 +323,7 @@ class Worker:
         self.hooks.task_finished(run, TaskOutcome(DEAD_LETTERED, 0.0, reason=reason, summary=why))
         await self._settle("dead_letter", message, reason, why)
 
-    async def _run_processor(self, running: _Running, task: Task, context: TaskContext) -> None:
+    async def _run_processor(self, running: Running, task: Task, context: TaskContext) -> None:
         """Run the processor in this handler, with ``context`` current (asyncio tasks
         and threads it starts see it); record its result, error or cancellation."""
         running.working = True
@@ -373,14 +344,14 @@ class Worker:
         finally:
             running.working = False
 
-    def _task_over(self, running: _Running) -> None:
+    def _task_over(self, running: Running) -> None:
         """Free the slot for the next message while this one is settled."""
         running.settling = True
         self._settling += 1
         self._slot_freed.set()
 
     async def _settle_outcome(
-        self, running: _Running, run: TaskRun, counters: RunCounters, seconds: float
+        self, running: Running, run: TaskRun, counters: RunCounters, seconds: float
     ) -> None:
         message, task = running.message, run.task
         if running.lock_lost:
@@ -486,11 +457,11 @@ class Worker:
             self._delayed_until = max(self._delayed_until, time.monotonic() + delay)
         await self._settle("reschedule", message, copy.message_id, copy.body, delay)
 
-    def _start_keeper(self, running: _Running) -> None:
+    def _start_keeper(self, running: Running) -> None:
         if running.working:
             running.keeper = asyncio.ensure_future(self._keep_locked(running))
 
-    async def _keep_locked(self, running: _Running) -> None:
+    async def _keep_locked(self, running: Running) -> None:
         """Renew the lock (the first renew interval has passed) until the work ends;
         if the lock is lost, cancel the work."""
         message = running.message
