@@ -197,7 +197,7 @@ class LocalBackend(Backend):
         pending completions in the same transaction) and keep the surplus."""
         max_count = max(1, max_count)
         if not dead_letter and len(self._read_ahead):
-            ready = self._fresh(self._read_ahead.take(max_count))
+            ready = await self._read_ahead.take_fresh(max_count, self._lock_duration, self.renew)
             if ready:
                 return ready
         sub_queue = broker_core.DEAD_LETTER if dead_letter else broker_core.ACTIVE
@@ -227,20 +227,6 @@ class LocalBackend(Backend):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=min(delay, remaining))
             except asyncio.TimeoutError:
                 delay = min(delay * 2, _POLL_MAX)
-
-    def _fresh(self, messages: list[ReceivedMessage]) -> list[ReceivedMessage]:
-        """Renew read-ahead messages that used up half their lock waiting; drop the
-        ones whose lock is gone (another receiver has them now)."""
-        fresh = []
-        for message in messages:
-            if ReadAhead.stale(message, self._lock_duration):
-                try:
-                    with translate_sqlite_errors(self.path):
-                        message.locked_until = self.core.renew_lock(message.handle)
-                except broker_core.LockLost:
-                    continue
-            fresh.append(message)
-        return fresh
 
     def _release_unstarted(self, messages: list[ReceivedMessage]) -> None:
         """Give read-ahead messages back without counting a delivery (best effort: one

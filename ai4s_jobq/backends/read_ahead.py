@@ -33,10 +33,10 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from .base import ReceivedMessage
+from .base import LockLostError, ReceivedMessage
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,31 @@ class ReadAhead:
         messages = list(self._buffer)
         self._buffer.clear()
         return messages
+
+    async def take_fresh(
+        self,
+        count: int,
+        lock_seconds: float,
+        renew: Callable[[ReceivedMessage], Awaitable[None]],
+    ) -> list[ReceivedMessage]:
+        """Up to ``count`` buffered messages, ready to hand out: one that used up half
+        its lock (``lock_seconds`` long) waiting is renewed with ``renew`` first, one
+        whose lock is already gone (``LockLostError``: another receiver has it) is
+        dropped."""
+        fresh = []
+        for message in self.take(count):
+            if self.stale(message, lock_seconds):
+                try:
+                    await renew(message)
+                except LockLostError:
+                    log.info(
+                        "read-ahead message %s: lock expired while buffered; another "
+                        "receiver has it",
+                        message.message_id,
+                    )
+                    continue
+            fresh.append(message)
+        return fresh
 
     @staticmethod
     def stale(

@@ -376,12 +376,12 @@ class StorageQueueBackend(Backend):
         call, and a fast worker's buffer is refilled in the background."""
         max_count = max(1, max_count)
         ahead = self._read_ahead
-        ready = [] if dead_letter else await self._fresh(ahead.take(max_count))
+        ready = [] if dead_letter else await self._fresh(max_count)
         backoff = self._polls[dead_letter]
         deadline = time.monotonic() + max(0.0, max_wait)
         while len(ready) < max_count:
             if not dead_letter and await ahead.refilled():
-                ready.extend(await self._fresh(ahead.take(max_count - len(ready))))
+                ready.extend(await self._fresh(max_count - len(ready)))
                 continue
             pause = backoff.wait()
             if pause > 0:
@@ -407,26 +407,12 @@ class StorageQueueBackend(Backend):
         self._polls[dead_letter].polled(found=bool(messages))
         return messages
 
-    async def _fresh(self, messages: list[ReceivedMessage]) -> list[ReceivedMessage]:
-        """Renew buffered messages that used up half their lock waiting; drop the
-        ones whose lock is already gone (another receiver has them now)."""
-        if not messages:
-            return messages
+    async def _fresh(self, count: int) -> list[ReceivedMessage]:
+        """Up to ``count`` read-ahead messages, renewed if they waited half their lock."""
+        if not len(self._read_ahead):
+            return []
         config = await self._read_config()
-        fresh = []
-        for message in messages:
-            if ReadAhead.stale(message, config.visibility_timeout):
-                try:
-                    await self.renew(message)
-                except LockLostError:
-                    log.info(
-                        "read-ahead message %s: lock expired while buffered; another "
-                        "receiver has it",
-                        message.message_id,
-                    )
-                    continue
-            fresh.append(message)
-        return fresh
+        return await self._read_ahead.take_fresh(count, config.visibility_timeout, self.renew)
 
     async def _release_unstarted(self, messages: list[ReceivedMessage]) -> None:
         """Make read-ahead messages visible again, recording in their header that
