@@ -97,6 +97,20 @@ class Clock:
         }
 
 
+def timed_threads(consume, slots: int, *, indexed: bool) -> dict:
+    """Run ``consume`` (``consume(i)`` if ``indexed``) on ``slots`` threads; the timing
+    of the whole run (the peers ship no consumer: this is theirs)."""
+    import threading
+
+    threads = [threading.Thread(target=consume, args=(i,) if indexed else ()) for i in range(slots)]
+    clock = Clock()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return clock.stop()
+
+
 def payload(i: int) -> dict:
     return {"i": i, "path": f"/data/shard-{i:05d}.bin", "size": 1024}
 
@@ -214,7 +228,6 @@ def child_huey(system: str, op: str, n: int, slots: int, root: Path) -> dict:
 
 
 def child_persist_queue(system: str, op: str, n: int, slots: int, root: Path) -> dict:
-    import threading
 
     from persistqueue import Empty, SQLiteAckQueue
 
@@ -244,19 +257,12 @@ def child_persist_queue(system: str, op: str, n: int, slots: int, root: Path) ->
                 return
             q.ack(id=item["pqid"])
 
-    threads = [threading.Thread(target=consume) for _ in range(slots)]
-    clock = Clock()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    timing = clock.stop()
+    timing = timed_threads(consume, slots, indexed=False)
     assert q.acked_count() == n, q.acked_count()
     return {**timing, "synchronous": synchronous()}
 
 
 def child_litequeue(system: str, op: str, n: int, slots: int, root: Path) -> dict:
-    import threading
 
     from litequeue import LiteQueue
 
@@ -290,13 +296,7 @@ def child_litequeue(system: str, op: str, n: int, slots: int, root: Path) -> dic
             mine.done(message.message_id)
             done[index] += 1
 
-    threads = [threading.Thread(target=consume, args=(i,)) for i in range(slots)]
-    clock = Clock()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    timing = clock.stop()
+    timing = timed_threads(consume, slots, indexed=True)
     assert sum(done) == n, done
     return {**timing, "synchronous": synchronous()}
 
