@@ -248,13 +248,14 @@ def main() -> None:
 def _sampled_tracer_provider(endpoint: str, ratio: float) -> Any:
     """A second tracer provider exporting the same way but keeping ``ratio`` of the
     traces (what ``OTEL_TRACES_SAMPLER=parentbased_traceidratio`` gives a worker)."""
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
 
+    from ai4s_jobq.telemetry.otlp_spans import SpanExporter  # what the worker uses
+
     provider = TracerProvider(sampler=ParentBasedTraceIdRatio(ratio), shutdown_on_exit=False)
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(f"{endpoint}/v1/traces")))
+    provider.add_span_processor(BatchSpanProcessor(SpanExporter(f"{endpoint}/v1/traces")))
     return provider
 
 

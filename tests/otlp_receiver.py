@@ -74,6 +74,7 @@ class Point:
     total: float | None
     resource: dict[str, Any]
     unit: str
+    exemplars: int = 0  # a histogram point's exemplars (links to spans)
 
 
 @dataclass
@@ -273,6 +274,7 @@ def _points(message: metrics_service_pb2.ExportMetricsServiceRequest) -> Iterato
                             hist.sum,
                             resource,
                             metric.unit,
+                            len(hist.exemplars),
                         )
 
 

@@ -121,6 +121,7 @@ def test_push_and_worker_spans_metrics_and_logs(local_dir, receiver):
     assert sum(p.count or 0 for p in durations) == 2
     assert {p.attributes[names.TASK_OUTCOME] for p in durations} == {"succeeded", "dead_lettered"}
     assert all(p.unit == "s" for p in durations)
+    assert not any(p.exemplars for p in durations)  # off unless asked for (cost)
     depth = {p.attributes[names.QUEUE_STATE]: p.value for p in receiver.points(names.QUEUE_DEPTH)}
     assert depth["active"] == 2  # sampled when the worker started
     assert depth["dead_letter"] == 0
@@ -136,6 +137,14 @@ def test_push_and_worker_spans_metrics_and_logs(local_dir, receiver):
         assert f"task {task_id}: attempt 1 of 1" in bodies
         assert all(r.trace_id == span.trace_id and r.span_id == span.span_id for r in mine)
     assert any(r.body == f"[{ok}] one" for r in logs)  # the shell task's own output
+
+
+def test_exemplars_are_recorded_when_the_standard_variable_asks(local_dir, receiver):
+    env = otel_env(local_dir, receiver, OTEL_METRICS_EXEMPLAR_FILTER="always_on")
+    push(env, "true")
+    assert work(env).returncode == 0
+    durations = receiver.wait_for(lambda: receiver.points(names.TASK_DURATION))
+    assert sum(p.exemplars for p in durations) == 1
 
 
 def test_trace_context_travels_in_the_envelope_and_keeps_the_id(local_dir, receiver):

@@ -16,7 +16,7 @@ from opentelemetry import _logs, metrics, trace
 from opentelemetry import context as otel_context
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import HOST_NAME, SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -33,6 +33,7 @@ log = logging.getLogger("ai4s_jobq.telemetry")
 
 PROTOCOLS = ("http/protobuf", "grpc")
 LOG_LEVEL_ENV = "JOBQ_TELEMETRY_LOG_LEVEL"
+EXEMPLAR_FILTER_ENV = "OTEL_METRICS_EXEMPLAR_FILTER"
 
 
 def install(
@@ -64,7 +65,10 @@ def install(
     if "metrics" in exporters:
         readers = [PeriodicExportingMetricReader(e) for e in exporters["metrics"]]
         meter_provider = MeterProvider(
-            resource=resource, metric_readers=readers, shutdown_on_exit=False
+            resource=resource,
+            metric_readers=readers,
+            shutdown_on_exit=False,
+            exemplar_filter=_exemplar_filter(environ),
         )
         metrics.set_meter_provider(meter_provider)
         session.providers.append(meter_provider)
@@ -114,6 +118,14 @@ def _resource(service_name: str) -> Resource:
     return resource.merge(Resource(ours)) if ours else resource
 
 
+def _exemplar_filter(environ: Mapping[str, str]) -> Any:
+    """No exemplars unless ``OTEL_METRICS_EXEMPLAR_FILTER`` asks for them (then the
+    SDK reads the variable).  The SDK's default, ``trace_based``, samples an exemplar
+    from every measurement made inside a sampled span -- each task's duration is --
+    and that tripled the cost of recording it (measured in bench_telemetry.py)."""
+    return None if environ.get(EXEMPLAR_FILTER_ENV) else AlwaysOffExemplarFilter()
+
+
 def _protocol(signal: str, environ: Mapping[str, str]) -> str:
     value = environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL") or environ.get(
         "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
@@ -133,6 +145,10 @@ def _otlp_exporter(signal: str, environ: Mapping[str, str]) -> Any:
         return None
     package = "http" if protocol == "http/protobuf" else "grpc"
     try:
+        if signal == "traces" and package == "http":
+            from .otlp_spans import SpanExporter  # the SDK's, with a faster encoder
+
+            return SpanExporter()
         if signal == "traces":
             module = __import__(
                 f"opentelemetry.exporter.otlp.proto.{package}.trace_exporter",
