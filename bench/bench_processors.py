@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python bench/bench_processors.py           # 8,000 tasks per drain, 5 rounds
+    python bench/bench_processors.py           # 8,000 tasks per drain, 9 rounds
     python bench/bench_processors.py --quick   # 1,500 tasks, 2 rounds
 
 What is measured: first the processors alone (median CPU microseconds per call over
@@ -289,7 +289,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int)
     options = parser.parse_args()
     n = options.n or (1_500 if options.quick else 8_000)
-    rounds = options.rounds or (2 if options.quick else 5)
+    rounds = options.rounds or (2 if options.quick else 9)
     root = Path(tempfile.mkdtemp(prefix="jobq-bench-proc-"))
     try:
         print(f"draining {n:,} no-op tasks with {SLOTS} slots, {rounds} round(s):")
