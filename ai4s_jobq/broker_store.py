@@ -19,6 +19,28 @@ from typing import Any
 
 from .broker_model import SCHEMA, SEQUENCE_INDEXES
 
+# Measured with bench/bench_ledger.py (push_many of 100,000 tasks, ledger on): the
+# settings below took it from about 10,900 to 12,500-14,000 tasks/s.
+CACHE_KIB = 65_536
+WAL_CHECKPOINT_PAGES = 10_000
+WAL_KEEP_BYTES = 64 * 1024 * 1024
+
+
+def size_for_large_queues(conn: sqlite3.Connection) -> None:
+    """Cache and checkpoint settings for a file that holds a large queue.
+
+    Task IDs are MD5s, so the dedup index and the ledger's task table take inserts all
+    over their B-trees: with SQLite's 2 MiB default cache, a queue of 100,000 tasks
+    re-reads index pages on every batch.  The cache is a ceiling, filled only as pages
+    are used.  And a checkpoint (copying the WAL into the file, with a sync each side of
+    it at ``synchronous=NORMAL``) every 1,000 WAL pages, SQLite's default, meant one or
+    more per pushed batch; every 10,000 pages (40 MiB of WAL) it is about one in ten.
+    The WAL file is cut back to 64 MiB after a checkpoint.  Durability is unchanged:
+    a commit is in the WAL either way."""
+    conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+    conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
+    conn.execute(f"PRAGMA journal_size_limit = {WAL_KEEP_BYTES}")
+
 
 class SqliteStore:
     """One SQLite file (``":memory:"`` for a private in-memory store) and its connections."""
@@ -80,6 +102,7 @@ class SqliteStore:
         conn.execute("PRAGMA busy_timeout = 60000")
         if self.path != ":memory:":
             conn.execute("PRAGMA journal_mode = WAL")
+            size_for_large_queues(conn)
         conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         return conn
 

@@ -171,3 +171,22 @@ async def test_a_read_ahead_message_whose_lock_ran_low_is_renewed_before_it_is_h
         assert handed.locked_until is not None and handed.locked_until > time.time() + 25
     finally:
         await backend.close()
+
+
+async def test_queue_file_connections_are_sized_for_large_queues(tmp_path):
+    """Both connections to a queue file (the broker's and the ledger's) get the cache
+    and checkpoint settings that keep a 100,000-task push fast (bench_ledger.py)."""
+    from ai4s_jobq.broker_store import CACHE_KIB, WAL_CHECKPOINT_PAGES, WAL_KEEP_BYTES
+    from ai4s_jobq.ledger.sqlite_store import SqliteLedger
+
+    core = BrokerCore(tmp_path / "q.sqlite3")
+    ledger = SqliteLedger(tmp_path / "q.sqlite3")
+    await ledger.open()
+    try:
+        for conn in (core._conn(), ledger._conn):
+            assert conn.execute("PRAGMA cache_size").fetchone()[0] == -CACHE_KIB
+            assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_CHECKPOINT_PAGES
+            assert conn.execute("PRAGMA journal_size_limit").fetchone()[0] == WAL_KEEP_BYTES
+    finally:
+        await ledger.close()
+        core.close()

@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..broker_store import size_for_large_queues
 from .base import (
     FailureGroup,
     LedgerError,
@@ -157,9 +158,7 @@ class SqliteLedger(LedgerStore):
             conn.execute("PRAGMA busy_timeout = 60000")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
-            # Task IDs are random (MD5): inserts touch pages all over the index, so a
-            # cache that holds the working set of a large run saves most reads.
-            conn.execute("PRAGMA cache_size = -65536")
+            size_for_large_queues(conn)  # random (MD5) keys: see there
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
