@@ -97,6 +97,8 @@ class TelemetryHook(WorkerHook):
     metrics go to the global providers unless ``tracer_provider`` / ``meter_provider``
     are given (as OpenTelemetry instrumentations accept them)."""
 
+    needs_task_context = True  # the span is made current for the task's own code
+
     def __init__(
         self,
         backend: Backend | None = None,

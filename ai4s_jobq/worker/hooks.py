@@ -78,6 +78,11 @@ class TaskOutcome:
 class WorkerHook:
     """Base class: override what you need; every method is optional."""
 
+    #: True if ``task_started`` must run in the task's own context (e.g. it makes a
+    #: span current for the task's code).  Otherwise the worker may call it from its
+    #: own bookkeeping when a looked-ahead sync task begins (see :mod:`.lookahead`).
+    needs_task_context = False
+
     async def start(self, worker: WorkerIdentity) -> None:
         """Called once before the first receive."""
 
@@ -102,6 +107,10 @@ class HookChain:
 
     def __bool__(self) -> bool:
         return bool(self.hooks)
+
+    @property
+    def need_task_context(self) -> bool:
+        return any(hook.needs_task_context for hook in self.hooks)
 
     async def start(self, worker: WorkerIdentity) -> None:
         for hook in self.hooks:

@@ -26,6 +26,7 @@ waits for every settle.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
@@ -56,10 +57,12 @@ from .hooks import (
     WorkerHook,
     WorkerIdentity,
 )
+from .lookahead import WAIT_LIMIT_SECONDS, LookAhead
 from .preemption import EvictionNotice, PreemptionWatcher, grace_for
 from .processors import Processor, TaskFailed, install_signal_handlers
 from .running import Running
 from .settings import ExitCode, WorkerPolicy, WorkerStats  # noqa: F401 - re-exported
+from .sync_calls import Admission, NotStarted, admitted
 from .wakeup import Wakeup
 
 log = logging.getLogger("ai4s_jobq.worker")
@@ -101,6 +104,7 @@ class Worker:
         self._notice: EvictionNotice | None = None
         self._delayed_until = 0.0  # monotonic time the last retry delayed here comes due
         self._taken = 0
+        self._look_ahead = LookAhead(self.policy.slots)
 
     # ------------------------------------------------------------------ main loop
 
@@ -111,6 +115,8 @@ class Worker:
         try:
             await watcher.start()
             self.stats.stop_reason = await self._receive_loop()
+            if self.stats.stop_reason not in ("task limit", "idle timeout"):
+                self._withdraw_waiting()
             await self._finish_running()
             await watcher.acknowledge()
         finally:
@@ -138,10 +144,7 @@ class Worker:
                 return "time limit"
             if policy.max_tasks is not None and self._taken >= policy.max_tasks:
                 return "task limit"
-            if (
-                policy.max_consecutive_failures
-                and self.stats.consecutive_failures >= policy.max_consecutive_failures
-            ):
+            if self._too_many_failures():
                 return "too many consecutive failures"
             free = self._free_slots()
             if free <= 0:
@@ -218,7 +221,8 @@ class Worker:
         settling = self._settling
         tasks = len(self._running) - settling
         allowed = max(self.policy.slots, SETTLES_IN_FLIGHT)
-        return self.policy.slots - tasks - max(0, settling - allowed)
+        capacity = self.policy.slots + self._look_ahead.extra_slots()
+        return capacity - tasks - max(0, settling - allowed)
 
     def _receive_wait(self, last_activity: float) -> float:
         """How long one receive may wait.  With an idle timeout, never longer than
@@ -270,9 +274,58 @@ class Worker:
             self._task_over(running)
             await self._put_back_unrun(message, task, counters, lost)
             return
-        started = time.monotonic()
-        run = TaskRun(task, message, counters.attempt)
-        self.hooks.task_started(run)  # first: a hook may tag this attempt's log records
+        context = TaskContext(task.id, counters.attempt, counters.interruptions)
+        running.context = context
+        # The lock keeper starts only once the task has run for a renew interval.
+        timer = asyncio.get_running_loop().call_later(
+            self.backend.lock_renew_interval(message), self._start_keeper, running
+        )
+        lane = self._look_ahead.lane_for(self.processor, self.hooks)
+        try:
+            if lane is None:
+                self._begin(running, task, counters, time.time())
+                await self._run_processor(running, task, context)
+            else:  # the call may wait in the lane; _begin runs when it really starts
+                begin = functools.partial(self._begin, running, task, counters)
+                with admitted(Admission(lane, begin, WAIT_LIMIT_SECONDS)):
+                    await self._run_processor(running, task, context)
+        finally:
+            timer.cancel()
+            if running.keeper is not None:
+                running.keeper.cancel()
+        self._task_over(running)
+        run = running.run
+        if run is None:
+            if isinstance(running.error, NotStarted):
+                self._look_ahead.waited_too_long()
+            await self._put_back_unstarted(running, task, counters)
+            return
+        seconds = time.monotonic() - running.began
+        if lane is not None:
+            self._look_ahead.ran(seconds)
+        await self._settle_outcome(running, run, counters, seconds)
+        if lane is not None and lane.held:  # a failure: go on, unless that was the limit
+            if self._too_many_failures():
+                self._withdraw_waiting()
+            else:
+                lane.resume()
+
+    def _too_many_failures(self) -> bool:
+        limit = self.policy.max_consecutive_failures
+        return limit is not None and limit > 0 and self.stats.consecutive_failures >= limit
+
+    def _withdraw_waiting(self) -> None:
+        """Stopping: looked-ahead messages that have not begun go back unchanged."""
+        for running in list(self._running):
+            if running.run is None and running.working:
+                running.stop()
+
+    def _begin(self, running: Running, task: Task, counters: RunCounters, at: float) -> None:
+        """The attempt starts: tell the hooks (first: a hook may tag the attempt's log
+        records) and log it."""
+        running.began = time.monotonic()
+        run = running.run = TaskRun(task, running.message, counters.attempt, started_at=at)
+        self.hooks.task_started(run)
         log.info(
             "task %s: attempt %d of %d%s",
             task.id,
@@ -280,20 +333,17 @@ class Worker:
             task.max_attempts,
             f" ({counters.interruptions} interruptions)" if counters.interruptions else "",
         )
-        context = TaskContext(task.id, counters.attempt, counters.interruptions)
-        running.context = context
-        # The lock keeper starts only once the task has run for a renew interval.
-        timer = asyncio.get_running_loop().call_later(
-            self.backend.lock_renew_interval(message), self._start_keeper, running
-        )
-        try:
-            await self._run_processor(running, task, context)
-        finally:
-            timer.cancel()
-            if running.keeper is not None:
-                running.keeper.cancel()
-        self._task_over(running)
-        await self._settle_outcome(running, run, counters, time.monotonic() - started)
+
+    async def _put_back_unstarted(
+        self, running: Running, task: Task, counters: RunCounters
+    ) -> None:
+        """A looked-ahead message that never began (the worker is stopping, or it
+        waited too long behind a long task): back to the queue with its counters
+        unchanged -- neither an attempt nor an interruption."""
+        if running.lock_lost:
+            return  # the message is another worker's now
+        log.debug("task %s: never started here; putting it back unchanged", task.id)
+        await self._reschedule(running.message, task, counters, 0.0)
 
     async def _put_back_unrun(
         self, message: ReceivedMessage, task: Task, counters: RunCounters, lost: int

@@ -39,7 +39,7 @@ from ..task import Task
 from ..telemetry.context import child_process_env
 from .context import current_task
 from .permanent import PERMANENT_REASON, is_permanent
-from .sync_calls import run_sync
+from .sync_calls import NotStarted, run_sync
 from .task_env import task_environment
 
 log = logging.getLogger("ai4s_jobq.task")
@@ -303,6 +303,9 @@ class CallableProcessor:
     def __init__(self, function: Callable[..., Any]):
         self.function = function
         self.is_async = inspect.iscoroutinefunction(function)
+        #: A sync call goes through ``run_sync``, which tells the worker when it
+        #: begins: the worker may look ahead (see :mod:`.lookahead`).
+        self.reports_start = not self.is_async
 
     async def __call__(self, task: Task) -> Any:
         try:
@@ -314,7 +317,7 @@ class CallableProcessor:
                     result = await run_sync(self.function, task.args)
                 else:
                     result = await _run_sync_watched(self.function, task.args, watch)
-        except (asyncio.CancelledError, TaskFailed):
+        except (asyncio.CancelledError, TaskFailed, NotStarted):
             raise
         except BaseException as exc:
             # A task's own error -- even sys.exit(), KeyboardInterrupt, GeneratorExit --
@@ -414,6 +417,10 @@ class InstanceProcessor:
         instance, self._instance, self._call = self._instance, None, None
         if instance is not None:
             await call_hook(instance, "teardown")
+
+    @property
+    def reports_start(self) -> bool:
+        return self._call is not None and self._call.reports_start
 
     async def __call__(self, task: Task) -> Any:
         call = self._call

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..backends.base import ReceivedMessage
 from .context import TaskContext
+from .hooks import TaskRun
 
 
 @dataclass(eq=False)
@@ -31,6 +32,8 @@ class Running:
     context: TaskContext | None = None
     settling: bool = False  # the task is over; its message is being settled
     keeper: asyncio.Task[None] | None = None  # renews the lock once the task runs long
+    run: TaskRun | None = None  # the attempt, once it began (a looked-ahead one may not)
+    began: float = 0.0  # time.monotonic() when it began
     handler: asyncio.Task[None] = field(init=False)
 
     def stop(self) -> bool:

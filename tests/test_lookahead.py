@@ -1,0 +1,165 @@
+"""Looking ahead for short sync tasks (``ai4s_jobq/worker/lookahead.py``): a slot
+holds more messages than it runs, yet runs one task at a time, reports each task's
+true start, and gives back -- unchanged -- what it holds when a long task blocks the
+slot or the worker stops.  Real local queues, real worker, real threads."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+
+from ai4s_jobq import JobQ, Worker, WorkerPolicy
+from ai4s_jobq.worker import loop as loop_module
+from ai4s_jobq.worker.context import current_task
+from ai4s_jobq.worker.hooks import TaskRun, WorkerHook
+from ai4s_jobq.worker.processors import CallableProcessor
+
+
+async def wait_until(predicate, timeout: float = 10.0) -> None:
+    """Give the loop turns until ``predicate()`` holds (fails after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+class Starts(WorkerHook):
+    def __init__(self) -> None:
+        self.at: dict[str, float] = {}
+
+    def task_started(self, run: TaskRun) -> None:
+        self.at[run.task.id] = run.started_at
+
+
+async def test_one_slot_looks_ahead_yet_runs_one_task_at_a_time_from_its_true_start(local_dir):
+    spans: list[tuple[str, float, float]] = []  # task id, entered, left (wall clock)
+    inside = [0, 0]  # running now, most at once
+    lock = threading.Lock()
+
+    def work(n: int) -> None:
+        entered = time.time()
+        with lock:
+            inside[0] += 1
+            inside[1] = max(inside)
+        with lock:
+            inside[0] -= 1
+        context = current_task()
+        assert context is not None
+        spans.append((context.task_id, entered, time.time()))
+
+    starts = Starts()
+    async with JobQ.open("local://ahead") as q:
+        await q.push_many({"n": n} for n in range(300))
+        worker = Worker(
+            q.backend,
+            CallableProcessor(work),
+            WorkerPolicy(slots=1, idle_timeout=0.3),
+            hooks=[starts],
+        )
+        stats = await worker.run()
+    assert stats.succeeded == 300
+    lane = worker._look_ahead.lane
+    assert lane is not None and lane.waited > 0  # messages did wait in the slot's lane
+    assert inside[1] == 1
+    spans.sort(key=lambda span: span[1])
+    for (_, _, previous_left), (task_id, entered, _) in zip(spans, spans[1:]):
+        # Reported as started when its thread began it: after the previous task
+        # ended, not when its message arrived.
+        assert previous_left <= starts.at[task_id] <= entered
+
+
+def pushed_long_after_short(
+    ran: dict[str, list[tuple[str, int, int]]], started: threading.Event, release: threading.Event
+):
+    def work(name: str, block: bool = False) -> None:
+        context = current_task()
+        assert context is not None
+        ran.setdefault(name, []).append(("A", context.attempt, context.interruptions))
+        if block:
+            started.set()
+            release.wait(10)
+
+    return work
+
+
+async def test_a_message_behind_a_long_task_goes_back_unchanged_to_another_worker(
+    local_dir, monkeypatch, caplog
+):
+    monkeypatch.setattr(loop_module, "WAIT_LIMIT_SECONDS", 0.2)
+    caplog.set_level(logging.DEBUG, logger="ai4s_jobq.worker")
+    ran: dict[str, list[tuple[str, int, int]]] = {}
+    started, release = threading.Event(), threading.Event()
+
+    async def on_b(name: str, block: bool = False) -> None:
+        context = current_task()
+        assert context is not None
+        ran.setdefault(name, []).append(("B", context.attempt, context.interruptions))
+
+    def put_back() -> int:
+        return sum("never started here" in r.getMessage() for r in caplog.records)
+
+    async with JobQ.open("local://hostage") as q:
+        await q.push_many([{"name": f"s{i}"} for i in range(30)])
+        await q.push({"name": "long", "block": True})
+        await q.push_many([{"name": f"a{i}"} for i in range(3)])
+        worker_a = Worker(
+            q.backend,
+            CallableProcessor(pushed_long_after_short(ran, started, release)),
+            WorkerPolicy(slots=1, idle_timeout=0.3),
+        )
+        running_a = asyncio.ensure_future(worker_a.run())
+        try:
+            await wait_until(started.is_set)
+            await wait_until(lambda: put_back() == 3)  # the three held behind "long"
+            async with JobQ.open("local://hostage") as other_node:
+                stats_b = await Worker(
+                    other_node.backend,
+                    CallableProcessor(on_b),
+                    WorkerPolicy(slots=1, idle_timeout=0.3),
+                ).run()
+        finally:
+            release.set()
+        stats_a = await running_a
+    assert stats_b.succeeded == 3
+    assert stats_a.succeeded == 31 and stats_a.interrupted == 0
+    for name in ("a0", "a1", "a2"):
+        assert ran[name] == [("B", 1, 0)]  # once, elsewhere, no attempt or interruption used
+    assert ran["long"] == [("A", 1, 0)]
+
+
+async def test_stopping_gives_back_what_waits_and_interrupts_only_what_runs(local_dir, monkeypatch):
+    monkeypatch.setattr(loop_module, "WAIT_LIMIT_SECONDS", 60.0)
+    ran: dict[str, list[tuple[str, int, int]]] = {}
+    started, release = threading.Event(), threading.Event()
+    async with JobQ.open("local://stopping") as q:
+        await q.push_many([{"name": f"s{i}"} for i in range(30)])
+        await q.push({"name": "long", "block": True})
+        await q.push_many([{"name": f"a{i}"} for i in range(3)])
+        worker = Worker(
+            q.backend,
+            CallableProcessor(pushed_long_after_short(ran, started, release)),
+            WorkerPolicy(slots=1, idle_timeout=0.3, grace_period=60),
+        )
+        running = asyncio.ensure_future(worker.run())
+        await wait_until(started.is_set)
+        lane = worker._look_ahead.lane
+        assert lane is not None
+        await wait_until(lambda: len(lane.waiting) == 3)
+        worker._on_signal(signal.SIGTERM)  # as the signal handler does
+        await wait_until(lambda: len(lane.waiting) == 0)
+        release.set()  # "long" ends within its grace period
+        stats = await running
+        assert stats.succeeded == 31
+        assert stats.interrupted == 0
+        assert (await q.counts()).active == 3
+        again = await Worker(
+            q.backend,
+            CallableProcessor(pushed_long_after_short(ran, started, release)),
+            WorkerPolicy(slots=1, idle_timeout=0.3),
+        ).run()
+    assert again.succeeded == 3
+    for name in ("a0", "a1", "a2"):
+        assert ran[name] == [("A", 1, 0)]  # ran once, after the restart, counters unchanged
