@@ -62,7 +62,7 @@ from .processors import Processor, TaskFailed, install_signal_handlers
 from .running import Running
 from .settings import ExitCode, WorkerPolicy, WorkerStats  # noqa: F401 - re-exported
 from .stopping import Stopping
-from .sync_calls import Admission, NotStarted, admitted
+from .sync_calls import Admission, NotStarted, current_admission
 from .wakeup import Wakeup
 
 log = logging.getLogger("ai4s_jobq.worker")
@@ -287,14 +287,21 @@ class Worker(Stopping):
                 await self._run_processor(running, task, context)
             else:  # the call may wait in the lane; _begin runs when it really starts
                 begin = functools.partial(self._begin, running, task, counters)
-                with admitted(Admission(lane, begin, WAIT_LIMIT_SECONDS)):
+                token = current_admission.set(Admission(lane, begin, WAIT_LIMIT_SECONDS))
+                try:
                     await self._run_processor(running, task, context)
+                finally:
+                    current_admission.reset(token)
         finally:
             timer.cancel()
             if running.keeper is not None:
                 running.keeper.cancel()
         self._task_over(running)
         run = running.run
+        if run is None and not running.cancelled and not isinstance(running.error, NotStarted):
+            # A processor that said it reports its start but ran without doing so.
+            self._begin(running, task, counters, time.time())
+            run = running.run
         if run is None:
             if isinstance(running.error, NotStarted):
                 self._look_ahead.waited_too_long()

@@ -45,8 +45,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +72,7 @@ class _Call:
         "on_start",
         "state",
         "reported",
+        "since",
     )
 
     def __init__(
@@ -93,6 +93,7 @@ class _Call:
         self.on_start = on_start
         self.state = ADMITTED
         self.reported = False  # on_start was called
+        self.since = 0.0  # time.monotonic() when it began to wait in its lane
 
     def report_start(self, at: float) -> None:
         """On the loop's thread: tell the caller (once) that the call began."""
@@ -163,6 +164,7 @@ class Lane:
         # (``resume``): it may want to stop (``--max-consecutive-failures``).
         self.held = False
         self.waited = 0  # calls that had to wait (for the tests and benchmarks)
+        self.watchdog: asyncio.TimerHandle | None = None  # see watch()
 
     def submit(self, call: _Call) -> bool:
         """Admit ``call`` or queue it; True if it had to wait."""
@@ -172,6 +174,7 @@ class Lane:
                 call.state = ADMITTED
             else:
                 call.state = WAITING
+                call.since = time.monotonic()
                 self.waiting.append(call)
                 self.waited += 1
                 return True
@@ -215,6 +218,29 @@ class Lane:
             self.admitted -= 1
             return None
 
+    def watch(self, loop: asyncio.AbstractEventLoop, limit: float) -> None:
+        """Withdraw calls that waited ``limit`` seconds (``NotStarted``).  One timer
+        per lane, for its oldest waiting call, rather than one per call: a timer per
+        task was a measurable share of a no-op task."""
+        if self.watchdog is None:
+            self.watchdog = loop.call_later(limit, self._expire, loop, limit)
+
+    def _expire(self, loop: asyncio.AbstractEventLoop, limit: float) -> None:
+        self.watchdog = None
+        now = time.monotonic()
+        expired = []
+        with self.lock:
+            while self.waiting and now - self.waiting[0].since >= limit:
+                call = self.waiting.popleft()
+                call.state = WITHDRAWN
+                expired.append(call)
+            oldest = self.waiting[0].since if self.waiting else None
+        for call in expired:
+            if not call.future.done():
+                call.future.set_result((None, NotStarted("waited too long for a free slot")))
+        if oldest is not None:
+            self.watchdog = loop.call_later(oldest + limit - now, self._expire, loop, limit)
+
     def withdraw(self, call: _Call) -> bool:
         """Take a waiting call back (it will never run); False if it was admitted."""
         with self.lock:
@@ -255,19 +281,11 @@ class Admission:
     wait_limit: float  # withdraw the call (NotStarted) if it waited this long
 
 
-_admission: contextvars.ContextVar[Admission | None] = contextvars.ContextVar(
+#: Set by the worker around a processor call: the first :func:`run_sync` within goes
+#: through the admission's lane.
+current_admission: contextvars.ContextVar[Admission | None] = contextvars.ContextVar(
     "ai4s_jobq_sync_admission", default=None
 )
-
-
-@contextmanager
-def admitted(admission: Admission) -> Iterator[None]:
-    """Within the block, the first :func:`run_sync` goes through the admission's lane."""
-    token = _admission.set(admission)
-    try:
-        yield
-    finally:
-        _admission.reset(token)
 
 
 class _Pool:
@@ -333,19 +351,19 @@ _inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox] = weakref
 
 async def run_sync(function: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
     """Call ``function(**kwargs)`` in a pool thread, in a copy of the current context,
-    and return its result (or raise its exception).  Inside :func:`admitted`, through
-    the admission's lane (raises :class:`NotStarted` if withdrawn before it began)."""
+    and return its result (or raise its exception).  With a ``current_admission``,
+    through its lane (raises :class:`NotStarted` if withdrawn before it began)."""
     loop = asyncio.get_running_loop()
     inbox = _inboxes.get(loop)
     if inbox is None:
         inbox = _inboxes[loop] = _Inbox(loop)
     future: asyncio.Future[Any] = loop.create_future()
-    admission = _admission.get()
+    admission = current_admission.get()
     if admission is None:
         _pool.submit(_Call(function, kwargs, future, inbox))
         result, error = await future
     else:
-        _admission.set(None)  # one call per admission
+        current_admission.set(None)  # one call per admission
         result, error = await _through_lane(
             admission,
             _Call(function, kwargs, future, inbox, admission.lane, admission.on_start),
@@ -364,9 +382,8 @@ async def _through_lane(
     admission: Admission, call: _Call, loop: asyncio.AbstractEventLoop
 ) -> tuple[Any, BaseException | None]:
     lane = admission.lane
-    timer = None
     if lane.submit(call):  # it waits: do not let it wait behind a long task for ever
-        timer = loop.call_later(admission.wait_limit, _withdraw_late, call)
+        lane.watch(loop, admission.wait_limit)
     try:
         return await call.future  # type: ignore[no-any-return]
     except asyncio.CancelledError:
@@ -375,12 +392,3 @@ async def _through_lane(
             # (its start may not have reached the loop yet).
             call.report_start(time.time())
         raise
-    finally:
-        if timer is not None:
-            timer.cancel()
-
-
-def _withdraw_late(call: _Call) -> None:
-    lane = call.lane
-    if lane is not None and lane.withdraw(call) and not call.future.done():
-        call.future.set_result((None, NotStarted("waited too long for a free slot")))
