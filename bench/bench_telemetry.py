@@ -23,8 +23,8 @@ interleaved rounds in one process so that load from elsewhere hits all alike:
 Goals (from the issue): off within 3 % of baseline; OTLP at least 80 % of off.
 Rounds alternate the order of the variants; a goal is judged on the median of the
 rounds' ratios (each round's pair ran close together), and the rates printed are the
-medians over the rounds, with the CPU-time rate beside them.  ``push_many`` with and without telemetry is printed
-for information.  Exit status 0 always; goals are printed as PASS/MISS.
+medians over the rounds, with the CPU-time rate beside them.  ``push_many`` with and
+without telemetry is printed for information.  Exit status 0 always; goals are printed as PASS/MISS.
 """
 
 from __future__ import annotations

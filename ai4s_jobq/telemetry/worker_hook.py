@@ -16,7 +16,8 @@ a synchronous counter ``add`` through the SDK costs several microseconds (attrib
 hashing, locks, exemplars), times six per task; incrementing an ``int`` costs
 nothing, and the reader collects the totals at export time.  Only the duration
 histogram is recorded per task.  Measured in ``bench/bench_telemetry.py``; what is
-left is the span itself (SDK creation and OTLP encoding), see docs/monitoring.md.
+left is the span itself (its creation in the SDK; its OTLP encoding is ours, in
+:mod:`.otlp_spans`) and the histogram point, see docs/monitoring.md.
 
 The queue depth (active, dead-letter, scheduled) is read with ``backend.counts()``
 by a background task every ``depth_interval`` seconds (30 by default; each worker of
