@@ -11,6 +11,8 @@ import signal
 import threading
 import time
 
+import pytest
+
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
 from ai4s_jobq.worker import loop as loop_module
 from ai4s_jobq.worker.context import current_task
@@ -163,3 +165,25 @@ async def test_stopping_gives_back_what_waits_and_interrupts_only_what_runs(loca
     assert again.succeeded == 3
     for name in ("a0", "a1", "a2"):
         assert ran[name] == [("A", 1, 0)]  # ran once, after the restart, counters unchanged
+
+
+@pytest.mark.parametrize("limit", [None, 1000])
+async def test_failures_among_looked_ahead_tasks_neither_stall_nor_stop_the_lane(local_dir, limit):
+    """Every third task fails.  With ``--max-consecutive-failures`` set the lane holds
+    after each failure until the worker has counted it, then goes on."""
+
+    def work(n: int) -> None:
+        if n % 3 == 0:
+            raise ValueError(n)
+
+    async with JobQ.open("local://failing") as q:
+        await q.push_many(({"n": n} for n in range(120)), num_retries=0)
+        worker = Worker(
+            q.backend,
+            CallableProcessor(work),
+            WorkerPolicy(slots=2, idle_timeout=0.3, max_consecutive_failures=limit),
+        )
+        stats = await worker.run()
+    assert (stats.succeeded, stats.dead_lettered) == (80, 40)
+    lane = worker._look_ahead.lane
+    assert lane is not None and lane.waited > 0 and not lane.held

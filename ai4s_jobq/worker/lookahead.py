@@ -52,8 +52,11 @@ class LookAhead:
     """The worker's look-ahead state: the lane (made on first use) and the moving
     average of its tasks' run times."""
 
-    def __init__(self, slots: int):
+    def __init__(self, slots: int, *, stop_after_failures: bool = False):
         self.slots = slots
+        # A worker that stops after N failures in a row must not start a waiting task
+        # before it has counted the failure just seen: the lane then holds on failure.
+        self.stop_after_failures = stop_after_failures
         self.lane: Lane | None = None
         self.average: float | None = None  # seconds; None until a task ran
 
@@ -64,7 +67,7 @@ class LookAhead:
         if not getattr(processor, "reports_start", False) or hooks.need_task_context:
             return None
         if self.lane is None:
-            self.lane = Lane(self.slots)
+            self.lane = Lane(self.slots, hold_on_failure=self.stop_after_failures)
         return self.lane
 
     def extra_slots(self) -> int:

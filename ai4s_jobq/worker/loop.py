@@ -104,7 +104,9 @@ class Worker(Stopping):
         self._notice: EvictionNotice | None = None
         self._delayed_until = 0.0  # monotonic time the last retry delayed here comes due
         self._taken = 0
-        self._look_ahead = LookAhead(self.policy.slots)
+        self._look_ahead = LookAhead(
+            self.policy.slots, stop_after_failures=bool(self.policy.max_consecutive_failures)
+        )
 
     # ------------------------------------------------------------------ main loop
 

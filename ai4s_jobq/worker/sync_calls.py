@@ -155,13 +155,15 @@ class Lane:
     """At most ``width`` calls at once, the rest waiting in order (see the module
     docstring).  Calls come from one event loop; pool threads take the next."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, *, hold_on_failure: bool = False):
         self.width = max(1, width)
+        self.hold_on_failure = hold_on_failure
         self.lock = threading.Lock()
         self.admitted = 0  # calls given to a thread and not yet ended (or abandoned)
         self.waiting: deque[_Call] = deque()
-        # After a call fails, nothing more is admitted until the caller says so
-        # (``resume``): it may want to stop (``--max-consecutive-failures``).
+        # With ``hold_on_failure``, after a call fails nothing more is admitted until
+        # the caller says so (``resume``): it may want to stop
+        # (``--max-consecutive-failures``).
         self.held = False
         self.waited = 0  # calls that had to wait (for the tests and benchmarks)
         self.watchdog: asyncio.TimerHandle | None = None  # see watch()
@@ -209,7 +211,7 @@ class Lane:
             if call.state == ABANDONED:  # its admission was handed on already
                 return None
             call.state = DONE
-            if failed:
+            if failed and self.hold_on_failure:
                 self.held = True
             if self.waiting and not self.held:
                 following = self.waiting.popleft()
