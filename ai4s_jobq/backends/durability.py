@@ -13,8 +13,10 @@ depends on SQLite's ``synchronous`` setting, which this module chooses:
       scheduler) loses nothing: a commit is in the operating system's page cache as soon
       as it returns, and the next process reads it from there;
     * a power loss or operating-system crash may roll back the transactions committed
-      since the last checkpoint (SQLite checkpoints when the WAL reaches about 1,000
-      pages, i.e. ~4 MB) that the OS had not yet written out on its own.  The file is
+      since the last checkpoint (jobq checkpoints when the WAL reaches 10,000 pages,
+      ~40 MiB, see ``broker_store.size_for_large_queues``; SQLite's default is 1,000)
+      that the OS had not yet written out on its own (Linux writes dirty pages out
+      within about 30 s by default).  The file is
       never corrupted: it opens in the state of an earlier commit.  For a queue this
       means a recent push may be missing (push it again: its ID makes that safe), a
       completed task may come back (it runs again: tasks should be idempotent anyway,
