@@ -26,6 +26,9 @@ async def test_default_is_normal(local_dir, monkeypatch):
         await q.push("echo hi")
         assert q.backend.durability == "normal"
         assert synchronous_of(q.backend) == NORMAL
+        assert q.ledger is not None
+        await q.ledger.open()
+        assert q.ledger._conn.execute("PRAGMA synchronous").fetchone()[0] == NORMAL
 
 
 @pytest.mark.parametrize("value", ["full", "FULL", " Full "])
@@ -41,6 +44,10 @@ async def test_full_flushes_every_commit(local_dir, monkeypatch, value):
         thread.join()
         assert other == [FULL]
         assert (await q.counts()).active == 1
+        # The outcome ledger in the same file is flushed as hard as the queue.
+        assert q.ledger is not None
+        await q.ledger.open()
+        assert q.ledger._conn.execute("PRAGMA synchronous").fetchone()[0] == FULL
 
 
 async def test_explicit_argument_wins_over_the_environment(local_dir, tmp_path, monkeypatch):

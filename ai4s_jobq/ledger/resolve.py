@@ -44,11 +44,12 @@ def ledger_for(backend: Backend, ledger: str | None = None) -> LedgerStore | Non
         return None
     connection_string = os.environ.get(LEDGER_CONNECTION_STRING_ENV, "").strip() or None
     if backend.kind == "local" and spec is None:
+        from ..backends.durability import SYNCHRONOUS
         from ..backends.local import LocalBackend
         from .sqlite_store import SqliteLedger
 
         assert isinstance(backend, LocalBackend)
-        return SqliteLedger(backend.path)
+        return SqliteLedger(backend.path, synchronous=SYNCHRONOUS[backend.durability])
     if backend.kind == "storage" and spec is None and connection_string is None:
         from .table_store import TableLedger
 

@@ -133,9 +133,20 @@ _IN_CHUNK = 500  # ids per IN (...) list: well under SQLite's variable limit
 class SqliteLedger(LedgerStore):
     """The ledger tables in ``path`` (the local queue's SQLite file)."""
 
-    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        synchronous: str = "NORMAL",
+    ):
+        """``synchronous``: the queue's durability (``NORMAL`` or ``FULL``), so the
+        ledger's records are flushed as hard as the queue's own commits."""
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
         self.path = Path(path)
         self.clock = clock
+        self.synchronous = synchronous
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
 
@@ -157,7 +168,7 @@ class SqliteLedger(LedgerStore):
             )
             conn.execute("PRAGMA busy_timeout = 60000")
             conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
             size_for_large_queues(conn)  # random (MD5) keys: see there
             for statement in SCHEMA.split(";"):
                 if statement.strip():
