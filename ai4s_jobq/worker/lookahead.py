@@ -52,19 +52,24 @@ class LookAhead:
     """The worker's look-ahead state: the lane (made on first use) and the moving
     average of its tasks' run times."""
 
-    def __init__(self, slots: int, *, stop_after_failures: bool = False):
+    def __init__(
+        self, slots: int, *, stop_after_failures: bool = False, hooks_need_context: bool = False
+    ):
         self.slots = slots
+        # A hook that must start each task in the task's own context rules look-ahead
+        # out for the whole worker (the hooks are fixed when the worker is made).
+        self.allowed = not hooks_need_context
         # A worker that stops after N failures in a row must not start a waiting task
         # before it has counted the failure just seen: the lane then holds on failure.
         self.stop_after_failures = stop_after_failures
         self.lane: Lane | None = None
         self.average: float | None = None  # seconds; None until a task ran
 
-    def lane_for(self, processor: Any, hooks: Any) -> Lane | None:
-        """The lane if ``processor`` reports its calls' start (checked per task: an
-        ``InstanceProcessor`` knows only once started whether its call is sync) and
-        no hook needs the task's start in the task's own context."""
-        if not getattr(processor, "reports_start", False) or hooks.need_task_context:
+    def lane_for(self, processor: Any) -> Lane | None:
+        """The lane if look-ahead is allowed and ``processor`` reports its calls' start
+        (checked per task: an ``InstanceProcessor`` knows only once started whether its
+        call is sync)."""
+        if not self.allowed or not getattr(processor, "reports_start", False):
             return None
         if self.lane is None:
             self.lane = Lane(self.slots, hold_on_failure=self.stop_after_failures)

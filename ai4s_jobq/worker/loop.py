@@ -105,7 +105,9 @@ class Worker(Stopping):
         self._delayed_until = 0.0  # monotonic time the last retry delayed here comes due
         self._taken = 0
         self._look_ahead = LookAhead(
-            self.policy.slots, stop_after_failures=bool(self.policy.max_consecutive_failures)
+            self.policy.slots,
+            stop_after_failures=bool(self.policy.max_consecutive_failures),
+            hooks_need_context=self.hooks.need_task_context,
         )
 
     # ------------------------------------------------------------------ main loop
@@ -282,7 +284,7 @@ class Worker(Stopping):
         timer = asyncio.get_running_loop().call_later(
             self.backend.lock_renew_interval(message), self._start_keeper, running
         )
-        lane = self._look_ahead.lane_for(self.processor, self.hooks)
+        lane = self._look_ahead.lane_for(self.processor)
         try:
             if lane is None:
                 self._begin(running, task, counters, time.time())

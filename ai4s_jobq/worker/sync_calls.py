@@ -113,7 +113,8 @@ class _Inbox:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.lock = threading.Lock()
-        # (call, result, error) for an outcome; (call, start wall time, None) for a start
+        # (call, result, error, False) for an outcome; (call, wall time, None, True)
+        # for a lane call's start
         self.events: list[tuple[_Call, Any, BaseException | None, bool]] = []
         self.wakeup_pending = False
 
