@@ -73,18 +73,37 @@ async def test_one_slot_looks_ahead_yet_runs_one_task_at_a_time_from_its_true_st
         assert previous_left <= starts.at[task_id] <= entered
 
 
-def pushed_long_after_short(
-    ran: dict[str, list[tuple[str, int, int]]], started: threading.Event, release: threading.Event
-):
-    def work(name: str, block: bool = False) -> None:
+class LongAfterShort:
+    """A queue of 30 short tasks, then ``long`` (blocks until ``release``), then
+    ``a0``-``a2``, which a one-slot worker looks ahead for and holds behind ``long``.
+    ``ran[name]`` records who ran each task and with which counters."""
+
+    def __init__(self) -> None:
+        self.ran: dict[str, list[tuple[str, int, int]]] = {}
+        self.started, self.release = threading.Event(), threading.Event()
+
+    async def push(self, q: JobQ) -> None:
+        await q.push_many([{"name": f"s{i}"} for i in range(30)])
+        await q.push({"name": "long", "block": True})
+        await q.push_many([{"name": f"a{i}"} for i in range(3)])
+
+    def work(self, name: str, block: bool = False) -> None:
+        self.record("A", name)
+        if block:
+            self.started.set()
+            self.release.wait(10)
+
+    def record(self, who: str, name: str) -> None:
         context = current_task()
         assert context is not None
-        ran.setdefault(name, []).append(("A", context.attempt, context.interruptions))
-        if block:
-            started.set()
-            release.wait(10)
+        self.ran.setdefault(name, []).append((who, context.attempt, context.interruptions))
 
-    return work
+    def worker(self, q: JobQ, grace_period: float = 30.0) -> Worker:
+        return Worker(
+            q.backend,
+            CallableProcessor(self.work),
+            WorkerPolicy(slots=1, idle_timeout=0.3, grace_period=grace_period),
+        )
 
 
 async def test_a_message_behind_a_long_task_goes_back_unchanged_to_another_worker(
@@ -92,29 +111,19 @@ async def test_a_message_behind_a_long_task_goes_back_unchanged_to_another_worke
 ):
     monkeypatch.setattr(loop_module, "WAIT_LIMIT_SECONDS", 0.2)
     caplog.set_level(logging.DEBUG, logger="ai4s_jobq.worker")
-    ran: dict[str, list[tuple[str, int, int]]] = {}
-    started, release = threading.Event(), threading.Event()
+    tasks = LongAfterShort()
 
     async def on_b(name: str, block: bool = False) -> None:
-        context = current_task()
-        assert context is not None
-        ran.setdefault(name, []).append(("B", context.attempt, context.interruptions))
+        tasks.record("B", name)
 
     def put_back() -> int:
         return sum("never started here" in r.getMessage() for r in caplog.records)
 
     async with JobQ.open("local://hostage") as q:
-        await q.push_many([{"name": f"s{i}"} for i in range(30)])
-        await q.push({"name": "long", "block": True})
-        await q.push_many([{"name": f"a{i}"} for i in range(3)])
-        worker_a = Worker(
-            q.backend,
-            CallableProcessor(pushed_long_after_short(ran, started, release)),
-            WorkerPolicy(slots=1, idle_timeout=0.3),
-        )
-        running_a = asyncio.ensure_future(worker_a.run())
+        await tasks.push(q)
+        running_a = asyncio.ensure_future(tasks.worker(q).run())
         try:
-            await wait_until(started.is_set)
+            await wait_until(tasks.started.is_set)
             await wait_until(lambda: put_back() == 3)  # the three held behind "long"
             async with JobQ.open("local://hostage") as other_node:
                 stats_b = await Worker(
@@ -123,48 +132,37 @@ async def test_a_message_behind_a_long_task_goes_back_unchanged_to_another_worke
                     WorkerPolicy(slots=1, idle_timeout=0.3),
                 ).run()
         finally:
-            release.set()
+            tasks.release.set()
         stats_a = await running_a
     assert stats_b.succeeded == 3
     assert stats_a.succeeded == 31 and stats_a.interrupted == 0
     for name in ("a0", "a1", "a2"):
-        assert ran[name] == [("B", 1, 0)]  # once, elsewhere, no attempt or interruption used
-    assert ran["long"] == [("A", 1, 0)]
+        assert tasks.ran[name] == [("B", 1, 0)]  # once, elsewhere, no attempt or interruption
+    assert tasks.ran["long"] == [("A", 1, 0)]
 
 
 async def test_stopping_gives_back_what_waits_and_interrupts_only_what_runs(local_dir, monkeypatch):
     monkeypatch.setattr(loop_module, "WAIT_LIMIT_SECONDS", 60.0)
-    ran: dict[str, list[tuple[str, int, int]]] = {}
-    started, release = threading.Event(), threading.Event()
+    tasks = LongAfterShort()
     async with JobQ.open("local://stopping") as q:
-        await q.push_many([{"name": f"s{i}"} for i in range(30)])
-        await q.push({"name": "long", "block": True})
-        await q.push_many([{"name": f"a{i}"} for i in range(3)])
-        worker = Worker(
-            q.backend,
-            CallableProcessor(pushed_long_after_short(ran, started, release)),
-            WorkerPolicy(slots=1, idle_timeout=0.3, grace_period=60),
-        )
+        await tasks.push(q)
+        worker = tasks.worker(q, grace_period=60)
         running = asyncio.ensure_future(worker.run())
-        await wait_until(started.is_set)
+        await wait_until(tasks.started.is_set)
         lane = worker._look_ahead.lane
         assert lane is not None
         await wait_until(lambda: len(lane.waiting) == 3)
         worker._on_signal(signal.SIGTERM)  # as the signal handler does
         await wait_until(lambda: len(lane.waiting) == 0)
-        release.set()  # "long" ends within its grace period
+        tasks.release.set()  # "long" ends within its grace period
         stats = await running
         assert stats.succeeded == 31
         assert stats.interrupted == 0
         assert (await q.counts()).active == 3
-        again = await Worker(
-            q.backend,
-            CallableProcessor(pushed_long_after_short(ran, started, release)),
-            WorkerPolicy(slots=1, idle_timeout=0.3),
-        ).run()
+        again = await tasks.worker(q).run()
     assert again.succeeded == 3
     for name in ("a0", "a1", "a2"):
-        assert ran[name] == [("A", 1, 0)]  # ran once, after the restart, counters unchanged
+        assert tasks.ran[name] == [("A", 1, 0)]  # ran once, after the restart, counters unchanged
 
 
 @pytest.mark.parametrize("limit", [None, 1000])
