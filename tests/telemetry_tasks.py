@@ -1,5 +1,6 @@
-"""A Python task for the telemetry tests (``--proc telemetry_tasks:traced``): it makes
-its own span and a log record, as instrumented user code would."""
+"""A Python task for the telemetry tests (``--proc telemetry_tasks:traced``): it adds
+an attribute to the task's span, makes its own span and a log record, as
+instrumented user code would."""
 
 from __future__ import annotations
 
@@ -11,5 +12,6 @@ log = logging.getLogger("ai4s_jobq.user")
 
 
 def traced(name: str) -> None:
+    trace.get_current_span().set_attribute("user.step", 3)
     with trace.get_tracer("user-code").start_as_current_span(name):
         log.warning("inside %s", name)

@@ -198,7 +198,8 @@ def test_pipeline_traceparent_is_the_push_span_parent(local_dir, receiver):
 
 def test_python_task_spans_nest_under_the_task_span(local_dir, receiver, tmp_path):
     """A ``--proc`` function that makes its own span gets the task span as parent,
-    and ``current_task()`` fallback tags its log records."""
+    can set attributes on the task span, and ``current_task()`` fallback tags its
+    log records."""
     env = otel_env(local_dir, receiver)
     result = jobq_cli(
         "push", "--num-retries", "0", "--format", "json", input='{"name": "inner"}\n', env=env
@@ -209,6 +210,7 @@ def test_python_task_spans_nest_under_the_task_span(local_dir, receiver, tmp_pat
     (task,) = receiver.wait_for(lambda: receiver.spans("process tel"))
     (inner,) = receiver.wait_for(lambda: receiver.spans("inner"))
     assert (inner.trace_id, inner.parent_span_id) == (task.trace_id, task.span_id)
+    assert task.attributes["user.step"] == 3  # the task's code wrote on its span
     logged = receiver.wait_for(lambda: [r for r in receiver.logs() if r.body == "inside inner"])
     assert logged[0].attributes[names.TASK_ID] == task.attributes[names.TASK_ID]
 

@@ -16,15 +16,18 @@ from opentelemetry import _logs, metrics, trace
 from opentelemetry import context as otel_context
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
-from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import HOST_NAME, SERVICE_NAME, SERVICE_VERSION, Resource
-from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ..redact import redact
+from . import names
+from .durations import TaskDurations, TaskMeterProvider, WithTaskDurations
 from .logs import TaskLogFilter
+from .task_span import TaskTracerProvider
 
 if TYPE_CHECKING:
     from .setup import TelemetrySession
@@ -57,18 +60,23 @@ def install(
                 exporters.setdefault(signal, []).append(exporter)
                 session.exporters.setdefault(signal, []).append(destination)
     if "traces" in exporters:
-        tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-        for exporter in exporters["traces"]:
-            tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+        tracer_provider = make_tracer_provider(resource, exporters["traces"], environ)
         trace.set_tracer_provider(tracer_provider)
         session.providers.append(tracer_provider)
     if "metrics" in exporters:
-        readers = [PeriodicExportingMetricReader(e) for e in exporters["metrics"]]
-        meter_provider = MeterProvider(
+        durations = _task_durations(environ)
+        readers = [
+            PeriodicExportingMetricReader(
+                e if durations is None else WithTaskDurations(e, durations)
+            )
+            for e in exporters["metrics"]
+        ]
+        meter_provider = TaskMeterProvider(
             resource=resource,
             metric_readers=readers,
             shutdown_on_exit=False,
             exemplar_filter=_exemplar_filter(environ),
+            task_durations=durations,
         )
         metrics.set_meter_provider(meter_provider)
         session.providers.append(meter_provider)
@@ -88,6 +96,21 @@ def install(
         handler.addFilter(TaskLogFilter())
         logging.getLogger("ai4s_jobq").addHandler(handler)
         session.log_handler = handler
+
+
+def make_tracer_provider(
+    resource: Resource, exporters: list[Any], environ: Mapping[str, str], **kwargs: Any
+) -> TaskTracerProvider:
+    """A tracer provider sending to ``exporters`` in batches; ``kwargs`` go to the
+    SDK's provider (a sampler, say)."""
+    provider = TaskTracerProvider(resource=resource, shutdown_on_exit=False, **kwargs)
+    for exporter in exporters:
+        # Ours (.otlp_spans) reads task spans' bytes, made as each span ends.
+        encoder = getattr(exporter, "task_span_encoder", None)
+        if encoder is not None:
+            provider.task_span_encoder = encoder
+        provider.add_span_processor(_batch_span_processor(exporter, environ))
+    return provider
 
 
 def attach_env_context(traceparent: str, tracestate: str | None) -> Any:
@@ -124,6 +147,42 @@ def _exemplar_filter(environ: Mapping[str, str]) -> Any:
     from every measurement made inside a sampled span -- each task's duration is --
     and that tripled the cost of recording it (measured in bench_telemetry.py)."""
     return None if environ.get(EXEMPLAR_FILTER_ENV) else AlwaysOffExemplarFilter()
+
+
+# Span batching where the standard variables say nothing: 2,048 spans per export
+# and a queue of 8,192, not the SDK's 512 and 2,048.  A worker of short tasks ends
+# thousands of spans a second; each export request costs about 2 ms of the worker's
+# CPU whatever its size (the HTTP client), so 512-span batches cost 4 us per task
+# (bench/bench_telemetry.py).  The queue must hold several batches, or spans ended
+# while one is sent are dropped.
+SPAN_BATCH_DEFAULTS = {"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": 2048, "OTEL_BSP_MAX_QUEUE_SIZE": 8192}
+
+
+def _batch_span_processor(exporter: Any, environ: Mapping[str, str]) -> BatchSpanProcessor:
+    """The SDK's batch processor; ours are only defaults, each variable wins (when
+    one is set the SDK reads both, so that a batch never outgrows its queue)."""
+    if any(environ.get(name) for name in SPAN_BATCH_DEFAULTS):
+        return BatchSpanProcessor(exporter)
+    return BatchSpanProcessor(
+        exporter,
+        max_export_batch_size=SPAN_BATCH_DEFAULTS["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"],
+        max_queue_size=SPAN_BATCH_DEFAULTS["OTEL_BSP_MAX_QUEUE_SIZE"],
+    )
+
+
+def _task_durations(environ: Mapping[str, str]) -> TaskDurations | None:
+    """The worker's own duration histogram (see .durations), unless exemplars are
+    asked for: only the SDK's histogram samples them."""
+    if environ.get(EXEMPLAR_FILTER_ENV):
+        return None
+    from .. import __version__
+
+    return TaskDurations(
+        names.TASK_DURATION,
+        "s",
+        names.TASK_DURATION_DESCRIPTION,
+        InstrumentationScope(names.INSTRUMENTATION_SCOPE, __version__),
+    )
 
 
 def _protocol(signal: str, environ: Mapping[str, str]) -> str:

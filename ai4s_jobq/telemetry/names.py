@@ -47,6 +47,7 @@ TASKS_DEAD_LETTERED = "jobq.tasks.dead_lettered"  # last attempt failed, or not 
 TASKS_INTERRUPTED = "jobq.tasks.interrupted"  # shutdown, preemption, time limit
 TASKS_LOCK_LOST = "jobq.tasks.lock_lost"
 TASK_DURATION = "jobq.task.duration"
+TASK_DURATION_DESCRIPTION = "How long task attempts ran"
 SLOTS_BUSY = "jobq.worker.slots.busy"
 SLOTS_TOTAL = "jobq.worker.slots.total"
 QUEUE_DEPTH = "jobq.queue.depth"

@@ -14,10 +14,13 @@ the loop it always ran.  Per attempt it
 Why the counts are plain integers behind observable (asynchronous) instruments:
 a synchronous counter ``add`` through the SDK costs several microseconds (attribute
 hashing, locks, exemplars), times six per task; incrementing an ``int`` costs
-nothing, and the reader collects the totals at export time.  Only the duration
-histogram is recorded per task.  Measured in ``bench/bench_telemetry.py``; what is
-left is the span itself (its creation in the SDK; its OTLP encoding is ours, in
-:mod:`.otlp_spans`) and the histogram point, see docs/monitoring.md.
+nothing, and the reader collects the totals at export time.  For the same reason,
+when the providers are the ones ``jobq`` installed (:mod:`._sdk`), the span is a
+:class:`~.task_span.TaskSpan` and the duration goes to a
+:class:`~.durations.TaskDurations` series instead of the SDK's span and histogram,
+which cost more than a no-op task between them; with providers a program
+configured itself, the hook uses the SDK's.  Measured in
+``bench/bench_telemetry.py``, see docs/monitoring.md.
 
 The queue depth (active, dead-letter, scheduled) is read with ``backend.counts()``
 by a background task every ``depth_interval`` seconds (30 by default; each worker of
@@ -139,6 +142,13 @@ class TelemetryHook(WorkerHook):
         self.tracer = trace.get_tracer(
             names.INSTRUMENTATION_SCOPE, __version__, tracer_provider=self.tracer_provider
         )
+        # jobq's own provider makes light task spans (see .task_span); others, SDK ones.
+        task_spans = getattr(
+            self.tracer_provider or trace.get_tracer_provider(), "task_spans", None
+        )
+        self._task_spans = (
+            task_spans(names.INSTRUMENTATION_SCOPE, __version__) if callable(task_spans) else None
+        )
         meter = metrics.get_meter(
             names.INSTRUMENTATION_SCOPE, __version__, meter_provider=self.meter_provider
         )
@@ -172,9 +182,7 @@ class TelemetryHook(WorkerHook):
             meter.create_observable_counter(
                 name, callbacks=[self._observer(kind)], unit="{task}", description=text
             )
-        self.duration = meter.create_histogram(
-            names.TASK_DURATION, unit="s", description="How long task attempts ran"
-        )
+        self._record_duration = self._duration_recorder(meter)
         meter.create_observable_gauge(
             names.SLOTS_BUSY,
             callbacks=[lambda _: [self._observation(self.busy, self.attributes)]],
@@ -199,6 +207,38 @@ class TelemetryHook(WorkerHook):
             except asyncio.TimeoutError:
                 log.warning("telemetry: reading the queue depth took over %.0fs", 5)
             self._sampler = asyncio.ensure_future(self._sample_depth_forever())
+
+    def _duration_recorder(self, meter: Any) -> Any:
+        """``record(seconds, outcome)``: into jobq's own histogram series when the
+        meter provider has them (see .durations), else into an SDK histogram."""
+        from opentelemetry import metrics
+
+        provider = self.meter_provider or metrics.get_meter_provider()
+        durations = getattr(provider, "task_durations", None)
+        by_kind = self._duration_attributes
+        if durations is not None:
+            series = {kind: durations.series(attributes) for kind, attributes in by_kind.items()}
+
+            def record(value: float, kind: str) -> None:
+                found = series.get(kind)
+                if found is None:
+                    found = series[kind] = durations.series(
+                        {**self.attributes, names.TASK_OUTCOME: kind}
+                    )
+                found.record(value)
+
+            return record
+        histogram = meter.create_histogram(
+            names.TASK_DURATION, unit="s", description=names.TASK_DURATION_DESCRIPTION
+        )
+
+        def record_in_sdk(value: float, kind: str) -> None:
+            attributes = by_kind.get(kind)
+            if attributes is None:
+                attributes = {**self.attributes, names.TASK_OUTCOME: kind}
+            histogram.record(value, attributes)
+
+        return record_in_sdk
 
     def _observation(self, value: float, attributes: dict[str, Any]) -> Any:
         from opentelemetry.metrics import Observation
@@ -230,21 +270,33 @@ class TelemetryHook(WorkerHook):
     def task_started(self, run: TaskRun) -> None:
         task = run.task
         parent = extract_context(task.extra) if task.extra else None
-        attributes = {
-            **self.span_attributes,
+        attributes: dict[str, Any] = {
             names.MESSAGING_MESSAGE_ID: run.message.message_id,  # differs once requeued
             names.TASK_ID: task.id,
             names.TASK_ATTEMPT: run.attempt,
         }
-        span = self.tracer.start_span(
-            self.span_name,
-            # An explicit empty context: a task pushed without one is a root span,
-            # never a child of whatever the worker process happens to be inside.
-            context=parent if parent is not None else self._empty_context,
-            kind=self._consumer,
-            attributes=attributes,
-            start_time=int(run.started_at * 1e9),
-        )
+        # An explicit empty context: a task pushed without one is a root span,
+        # never a child of whatever the worker process happens to be inside.
+        parent_context = parent if parent is not None else self._empty_context
+        start_time = int(run.started_at * 1e9)
+        span = None
+        if self._task_spans is not None:
+            span = self._task_spans.start(
+                self.span_name,
+                parent_context,
+                self._consumer,
+                self.span_attributes,
+                attributes,
+                start_time,
+            )
+        if span is None:
+            span = self.tracer.start_span(
+                self.span_name,
+                context=parent_context,
+                kind=self._consumer,
+                attributes={**self.span_attributes, **attributes},
+                start_time=start_time,
+            )
         token = self._attach(self._set_span_in_context(span))
         log_token = log_task(task.id, run.attempt)
         run.context[_RUN_KEY] = (span, token, log_token, asyncio.current_task())
@@ -257,11 +309,12 @@ class TelemetryHook(WorkerHook):
             return
         span, token, log_token, started_in = state
         kind = outcome.kind
-        span.set_attribute(names.TASK_OUTCOME, kind)
+        set_attribute = getattr(span, "set_known_attribute", None) or span.set_attribute
+        set_attribute(names.TASK_OUTCOME, kind)
         if outcome.exit_code is not None:
-            span.set_attribute(names.EXIT_CODE, outcome.exit_code)
+            set_attribute(names.EXIT_CODE, outcome.exit_code)
         if outcome.reason is not None:
-            span.set_attribute(names.ERROR_TYPE, outcome.reason)
+            set_attribute(names.ERROR_TYPE, outcome.reason)
         if kind == FAILED or kind == DEAD_LETTERED:
             span.set_status(self._status(self._error, outcome.reason or kind))
         span.end()
@@ -271,10 +324,7 @@ class TelemetryHook(WorkerHook):
         if kind in self.counts:
             self.counts[kind] += 1
         self.busy -= 1
-        attributes = self._duration_attributes.get(kind)
-        if attributes is None:
-            attributes = {**self.attributes, names.TASK_OUTCOME: kind}
-        self.duration.record(outcome.duration, attributes)
+        self._record_duration(outcome.duration, kind)
 
     def malformed(self, message: ReceivedMessage, reason: str) -> None:
         self.counts[_MALFORMED] += 1

@@ -1,0 +1,322 @@
+"""The worker's per-attempt span, made without the SDK's per-span machinery.
+
+Why: creating and ending an SDK span costs 29 us in a tight loop and 60-120 us in a
+worker (opentelemetry-sdk 1.45, the development VM) -- most of it validating each
+attribute through ``BoundedAttributes``, a lock per span and the span-processor
+fan-out -- which is more than a whole no-op task.  The worker makes one span per
+task, with attributes it knows to be valid, so :class:`TaskSpan` takes the fast way:
+
+* it is an SDK ``ReadableSpan`` (what exporters read) and an API ``Span`` (what a
+  task's own code gets from ``trace.get_current_span()``) in one object;
+* it is made by :class:`TaskSpans` from the provider's own sampler, ID generator,
+  span limits and resource, exactly as the SDK's tracer would, and handed to the
+  provider's processors when it ends;
+* a task's code can use it as any recording span: ``set_attribute`` (validated by the
+  API's ``BoundedAttributes`` from the first such call), ``add_event``,
+  ``record_exception``, ``add_link``, ``set_status``, ``update_name``; its own spans
+  nest under it.
+
+Only one provider hands these out: :class:`TaskTracerProvider`, the SDK's provider
+that :mod:`._sdk` installs, and only while every span processor on it is one of the
+SDK's exporting processors, whose ``on_start`` does nothing (so skipping it loses
+nothing).  Add any other processor and it goes back to SDK spans.  A program that
+configures OpenTelemetry itself always gets SDK spans.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable, Mapping
+from time import time_ns
+from types import MappingProxyType
+from typing import Any
+
+from opentelemetry import trace as trace_api
+from opentelemetry.attributes import BoundedAttributes
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace.sampling import DEFAULT_ON
+from opentelemetry.sdk.util import BoundedList
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+log = logging.getLogger("ai4s_jobq.telemetry")
+
+_UNSET = Status(StatusCode.UNSET)
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_EXPORTING_ONLY = (BatchSpanProcessor, SimpleSpanProcessor)
+
+
+class TaskTracerProvider(TracerProvider):
+    """The SDK's tracer provider, which also says whether :class:`TaskSpan` may stand
+    in for its spans (``task_span_processors``: the processors, or None)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.span_limits: SpanLimits = kwargs.setdefault("span_limits", SpanLimits())
+        super().__init__(*args, **kwargs)
+        self.task_span_processors: tuple[Any, ...] | None = ()
+        # Set by ._sdk when an exporter reads TaskSpan.encoded: (span) -> bytes, run
+        # as a span ends (on the worker's thread, while the span is in the cache).
+        self.task_span_encoder: Callable[[TaskSpan], bytes] | None = None
+        self._task_spans: dict[tuple[str, str], TaskSpans] = {}
+
+    def add_span_processor(self, span_processor: Any) -> None:
+        super().add_span_processor(span_processor)
+        if self.task_span_processors is not None and type(span_processor) in _EXPORTING_ONLY:
+            self.task_span_processors = (*self.task_span_processors, span_processor)
+        else:  # its on_start may matter: SDK spans from now on
+            self.task_span_processors = None
+
+    def task_spans(self, name: str, version: str) -> TaskSpans:
+        """One :class:`TaskSpans` per scope, so that the spans of every worker in the
+        process share one scope object (exporters group spans by it)."""
+        found = self._task_spans.get((name, version))
+        if found is None:
+            found = self._task_spans[(name, version)] = TaskSpans(
+                self, InstrumentationScope(name, version)
+            )
+        return found
+
+
+class TaskSpans:
+    """Starts :class:`TaskSpan` objects for one instrumentation scope."""
+
+    def __init__(self, provider: TaskTracerProvider, scope: InstrumentationScope):
+        self.provider = provider
+        self.scope = scope
+        self.limits = provider.span_limits
+
+    def start(
+        self,
+        name: str,
+        parent_context: Context,
+        kind: SpanKind,
+        fixed: Mapping[str, Any],
+        attributes: dict[str, Any],
+        start_time: int,
+    ) -> trace_api.Span | None:
+        """The span (a non-recording one when the sampler drops it), or None when
+        this provider's spans must come from the SDK now.  Its attributes are
+        ``fixed`` (the same for every task of a worker, never changed: it is shared
+        and encoded once) and ``attributes`` (the task's, a dict the caller gives
+        away).  An empty ``parent_context`` is a root."""
+        provider = self.provider
+        processors = provider.task_span_processors
+        if processors is None:
+            return None
+        parent: SpanContext | None = None
+        if parent_context:
+            parent = trace_api.get_current_span(parent_context).get_span_context()
+        if parent is not None and parent.is_valid:
+            trace_id = parent.trace_id
+        else:
+            parent = None
+            trace_id = provider.id_generator.generate_trace_id()
+        span_id = provider.id_generator.generate_span_id()
+        sampler = provider.sampler
+        if sampler is DEFAULT_ON:
+            # The SDK's default, ParentBased(ALWAYS_ON), decided here as it decides:
+            # a root is sampled, a child follows its parent, attributes unchanged.
+            if parent is None:
+                context = SpanContext(trace_id, span_id, False, _SAMPLED)
+            elif parent.trace_flags.sampled:
+                context = SpanContext(trace_id, span_id, False, _SAMPLED, parent.trace_state)
+            else:
+                context = SpanContext(trace_id, span_id, False, _NOT_SAMPLED, parent.trace_state)
+                return trace_api.NonRecordingSpan(context)
+            return TaskSpan(
+                name, context, parent, kind, fixed, attributes, start_time, self, processors
+            )
+        attributes = {**fixed, **attributes}
+        sampling = sampler.should_sample(parent_context, trace_id, name, kind, attributes, None)
+        decision = sampling.decision
+        context = SpanContext(
+            trace_id,
+            span_id,
+            is_remote=False,
+            trace_flags=_SAMPLED if decision.is_sampled() else _NOT_SAMPLED,
+            trace_state=sampling.trace_state,
+        )
+        if not decision.is_recording():
+            return trace_api.NonRecordingSpan(context)
+        own = dict(sampling.attributes)  # the sampler may have changed them
+        return TaskSpan(name, context, parent, kind, None, own, start_time, self, processors)
+
+
+class TaskSpan(trace_api.Span, ReadableSpan):
+    """A recording span for one task attempt (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        context: SpanContext,
+        parent: SpanContext | None,
+        kind: SpanKind,
+        fixed: Mapping[str, Any] | None,
+        attributes: dict[str, Any],
+        start_time: int,
+        spans: TaskSpans,
+        processors: tuple[Any, ...],
+    ):
+        # ReadableSpan's fields, set directly: its constructor would build a Resource.
+        self._name = name
+        self._context = context
+        self._parent = parent
+        self._kind = kind
+        # The span's attributes are ``_fixed`` (shared by a worker's spans; read-only)
+        # plus ``_attributes``; a task's first own attribute merges them.
+        self._fixed = fixed
+        self._attributes: dict[str, Any] | BoundedAttributes = attributes
+        self._events: tuple[()] | BoundedList = ()
+        self._links: tuple[()] | BoundedList = ()
+        self._resource = spans.provider.resource
+        self._instrumentation_scope = spans.scope
+        self._instrumentation_info = None
+        self._status = _UNSET
+        self._start_time = start_time
+        self._end_time: int | None = None
+        self._limits = spans.limits
+        self._processors = processors
+        self._encoder = spans.provider.task_span_encoder
+        self.encoded: bytes | None = None  # the span's OTLP bytes, once it has ended
+
+    # ------------------------------------------------------------------ the API
+
+    @property
+    def attributes(self) -> Mapping[str, Any]:
+        fixed = self._fixed
+        if fixed is None:
+            return MappingProxyType(self._attributes)
+        return MappingProxyType({**fixed, **self._attributes})
+
+    def get_span_context(self) -> SpanContext:
+        return self._context  # type: ignore[return-value]  # always set, here
+
+    def is_recording(self) -> bool:
+        return self._end_time is None
+
+    def set_known_attribute(self, key: str, value: str | int) -> None:
+        """The worker's own attributes (a str or an int), without validation."""
+        if self._end_time is None:
+            self._attributes[key] = value
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        if self._ended("set_attribute"):
+            return
+        self._bounded()[key] = value
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        if self._ended("set_attributes"):
+            return
+        bounded = self._bounded()
+        for key, value in attributes.items():
+            bounded[key] = value
+
+    def add_event(
+        self, name: str, attributes: Mapping[str, Any] | None = None, timestamp: int | None = None
+    ) -> None:
+        if self._ended("add_event"):
+            return
+        limits = self._limits
+        if not isinstance(self._events, BoundedList):
+            self._events = BoundedList(limits.max_events)
+        event_attributes = BoundedAttributes(
+            limits.max_event_attributes,
+            attributes,
+            immutable=True,
+            max_value_len=limits.max_attribute_length,
+        )
+        self._events.append(Event(name, event_attributes, timestamp or time_ns()))
+
+    def add_link(self, context: SpanContext, attributes: Mapping[str, Any] | None = None) -> None:
+        if self._ended("add_link") or context is None or not context.is_valid:
+            return
+        limits = self._limits
+        if not isinstance(self._links, BoundedList):
+            self._links = BoundedList(limits.max_links)
+        link_attributes = BoundedAttributes(
+            limits.max_link_attributes,
+            attributes,
+            immutable=True,
+            max_value_len=limits.max_attribute_length,
+        )
+        self._links.append(Link(context, link_attributes))
+
+    def update_name(self, name: str) -> None:
+        if not self._ended("update_name"):
+            self._name = name
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        # As the SDK: OK is final, and UNSET is never set.
+        if self._ended("set_status") or self._status.status_code is StatusCode.OK:
+            return
+        if isinstance(status, Status):
+            if status.status_code is not StatusCode.UNSET:
+                self._status = status
+        elif status is not StatusCode.UNSET:
+            self._status = Status(status, description)
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: Mapping[str, Any] | None = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        kind = type(exception)
+        module = kind.__module__
+        exception_attributes: dict[str, Any] = {
+            "exception.type": (
+                f"{module}.{kind.__qualname__}"
+                if module and module != "builtins"
+                else kind.__qualname__
+            ),
+            "exception.message": str(exception),
+            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+            "exception.escaped": str(escaped),
+        }
+        if attributes:
+            exception_attributes.update(attributes)
+        self.add_event("exception", exception_attributes, timestamp)
+
+    def end(self, end_time: int | None = None) -> None:
+        if self._end_time is not None:
+            log.debug("telemetry: span %s ended twice", self._name)
+            return
+        self._end_time = end_time if end_time is not None else time_ns()
+        if self._encoder is not None:
+            try:
+                self.encoded = self._encoder(self)
+            except Exception as exc:  # noqa: BLE001 -- the exporter encodes it then
+                log.debug("telemetry: encoding span %s failed: %s", self._name, exc)
+        for processor in self._processors:
+            processor.on_end(self)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _bounded(self) -> BoundedAttributes:
+        """The attributes as the SDK keeps them, from a task's first own attribute."""
+        attributes = self._attributes
+        if isinstance(attributes, BoundedAttributes):
+            return attributes
+        limits = self._limits
+        if self._fixed is not None:
+            attributes = {**self._fixed, **attributes}
+        bounded = BoundedAttributes(
+            limits.max_span_attributes,
+            attributes,
+            immutable=False,
+            max_value_len=limits.max_span_attribute_length,
+        )
+        self._attributes = bounded
+        self._fixed = None
+        return bounded
+
+    def _ended(self, method: str) -> bool:
+        if self._end_time is None:
+            return False
+        log.warning("telemetry: %s on a span that has ended", method)
+        return True
