@@ -255,15 +255,15 @@ def main() -> None:
 def _sampled_tracer_provider(endpoint: str, ratio: float) -> Any:
     """A second tracer provider exporting the same way but keeping ``ratio`` of the
     traces (what ``OTEL_TRACES_SAMPLER=parentbased_traceidratio`` gives a worker)."""
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
 
+    from ai4s_jobq.telemetry._sdk import make_tracer_provider
     from ai4s_jobq.telemetry.otlp_spans import SpanExporter  # what the worker uses
 
-    provider = TracerProvider(sampler=ParentBasedTraceIdRatio(ratio), shutdown_on_exit=False)
-    provider.add_span_processor(BatchSpanProcessor(SpanExporter(f"{endpoint}/v1/traces")))
-    return provider
+    exporter = SpanExporter(f"{endpoint}/v1/traces")
+    sampler = ParentBasedTraceIdRatio(ratio)
+    return make_tracer_provider(Resource.create({}), [exporter], {}, sampler=sampler)
 
 
 class _telemetry_visible:
