@@ -105,10 +105,6 @@ def make_tracer_provider(
     SDK's provider (a sampler, say)."""
     provider = TaskTracerProvider(resource=resource, shutdown_on_exit=False, **kwargs)
     for exporter in exporters:
-        # Ours (.otlp_spans) reads task spans' bytes, made as each span ends.
-        encoder = getattr(exporter, "task_span_encoder", None)
-        if encoder is not None:
-            provider.task_span_encoder = encoder
         provider.add_span_processor(_batch_span_processor(exporter, environ))
     return provider
 

@@ -58,7 +58,7 @@ _IS_REMOTE = 0x200
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _SMALL = [bytes((n,)) for n in range(128)]
 _KV_CACHE_LIMIT = 4096
-_FIXED_CACHE_LIMIT = 64  # one per worker (hook) in the process
+_FIXED_CACHE_LIMIT = 64  # an entry per worker (hook) in the process
 
 
 def _varint(value: int) -> bytes:
@@ -125,21 +125,17 @@ def _flags(parent: Any) -> bytes:
 
 
 _UNSET_STATUS = _status(_UNSET)
+_FLAGS = b"\x85\x01" + _pack_fixed32(_HAS_IS_REMOTE)
+_REMOTE_PARENT_FLAGS = b"\x85\x01" + _pack_fixed32(_HAS_IS_REMOTE | _IS_REMOTE)
 
 
 class _Encoder:
     """One batch's encoder; holds the cache of repeated key/value pairs (and of the
     task spans' name and kind fields)."""
 
-    def __init__(
-        self,
-        cache: dict[tuple[str, type, Any], bytes],
-        names: dict[tuple[str, SpanKind], bytes],
-        fixed: dict[int, tuple[Mapping[str, Any], bytes]],
-    ):
-        self.cache = cache
-        self.names = names
-        self.fixed = fixed
+    def __init__(self) -> None:
+        self.cache = _shared_cache
+        self.fixed = _unchanging
         self.keys = _keys
 
     def text_attribute(self, tag: bytes, key: str, value: str) -> bytes:
@@ -149,7 +145,7 @@ class _Encoder:
         if prefix is None:
             if len(self.keys) >= _KV_CACHE_LIMIT:
                 self.keys.clear()
-            prefix = self.keys[key] = _field(b"\x0a", _text(key))
+            prefix = self.keys[key] = _field(b"\x0a", _text(key))  # tag, length, key
         text = _text(value)
         size = len(text)
         if size < 126:  # then every length below fits one byte
@@ -159,32 +155,14 @@ class _Encoder:
                 return tag + _SMALL[len(pair)] + pair
         return _field(tag, _key_value(key, value))
 
-    def fixed_attributes(self, fixed: Mapping[str, Any]) -> bytes:
-        """A task span's worker-wide attributes, encoded once per worker: the
-        mapping is shared by the worker's spans and never changed (see .task_span)."""
-        entry = self.fixed.get(id(fixed))
-        if entry is None or entry[0] is not fixed:
-            if len(self.fixed) >= _FIXED_CACHE_LIMIT:
-                self.fixed.clear()
-            entry = self.fixed[id(fixed)] = (fixed, b"".join(self.attributes(b"\x4a", fixed)))
-        return entry[1]
-
-    def attributes(
-        self, tag: bytes, attributes: Mapping[str, Any] | None, cache_long_text: bool = True
-    ) -> list[bytes]:
-        """Encoded attributes; a pair seen before comes from the cache.
-        ``cache_long_text=False``: a text value over 16 characters (a task ID, a
-        message ID: unique per span) is not cached, where it would only push the
-        values that do repeat out."""
+    def attributes(self, tag: bytes, attributes: Mapping[str, Any] | None) -> list[bytes]:
+        """Encoded attributes; a pair seen before comes from the cache."""
         if not attributes:
             return []
         cache = self.cache
         out = []
         for key, value in attributes.items():
             kind = type(value)
-            if kind is str and not cache_long_text and len(value) > 16:
-                out.append(self.text_attribute(tag, key, value))
-                continue
             if kind is str or kind is int or kind is bool or kind is float:
                 cache_key = (key, kind, value)
                 encoded = cache.get(cache_key)
@@ -242,42 +220,82 @@ class _Encoder:
         return b"".join(parts)
 
     def task_span(self, span: TaskSpan) -> bytes:
-        """What :meth:`span` writes for a :class:`~.task_span.TaskSpan`, read from
-        its fields (the class is ours) rather than through ``ReadableSpan``'s dozen
-        properties: the worker makes one per task, so this is the common case."""
+        """The ``spans`` field (tag and length included) that ``_field(b"\\x12",
+        self.span(span))`` writes for a :class:`~.task_span.TaskSpan`, read from its
+        fields (the class is ours) rather than through ``ReadableSpan``'s dozen
+        properties, its unchanging part (name, kind, the worker's fixed attributes)
+        encoded once per worker: the worker makes one per task, so this is the
+        common case.  Fields are written in another order than :meth:`span` writes
+        them, which protobuf allows (the attributes keep theirs)."""
         attributes = span._attributes
         if span._events or span._links or type(attributes) is not dict or not span._end_time:
-            return self.span(span)  # a task's code added to it: the general way
+            return _field(b"\x12", self.span(span))  # a task's code added to it
         context: Any = span._context
-        parts = [
-            b"\x0a\x10"
-            + context.trace_id.to_bytes(16, "big")
-            + b"\x12\x08"
-            + context.span_id.to_bytes(8, "big")
-        ]
-        trace_state = context.trace_state
-        if trace_state:
-            header = ",".join(f"{k}={v}" for k, v in trace_state.items())
-            parts.append(_field(b"\x1a", _text(header)))
         parent: Any = span._parent
+        parts = [
+            b"\x0a\x10",
+            context.trace_id.to_bytes(16, "big"),
+            b"\x12\x08",
+            context.span_id.to_bytes(8, "big"),
+            self.unchanging(span),
+            b"\x39",
+            _pack_fixed64(span._start_time),
+            b"\x41",
+            _pack_fixed64(span._end_time),
+        ]
+        if context.trace_state:
+            header = ",".join(f"{k}={v}" for k, v in context.trace_state.items())
+            parts.append(_field(b"\x1a", _text(header)))
         if parent is not None:
             parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
-        name_and_kind = self.names.get((span._name, span._kind))
-        if name_and_kind is None:
-            name_and_kind = _field(b"\x2a", _text(span._name)) + b"\x30" + _SMALL[_KIND[span._kind]]
-            self.names[(span._name, span._kind)] = name_and_kind
-        parts.append(name_and_kind)
-        if span._start_time:
-            parts.append(b"\x39" + _pack_fixed64(span._start_time))
-        parts.append(b"\x41" + _pack_fixed64(span._end_time))
-        fixed = span._fixed
-        if fixed is not None:
-            parts.append(self.fixed_attributes(fixed))
-        parts += self.attributes(b"\x4a", attributes, cache_long_text=False)
+        cache, keys = self.cache, self.keys
+        for key, value in attributes.items():
+            kind = type(value)
+            if kind is str and len(value) > 16:  # an ID: unique to the span, not cached
+                prefix = keys.get(key)
+                text = value.encode("utf-8", "replace")
+                size = len(text)
+                if prefix is not None and len(prefix) + size + 4 < 128:  # one-byte lengths
+                    parts += (
+                        b"\x4a",
+                        _SMALL[len(prefix) + size + 4],
+                        prefix,
+                        b"\x12",
+                        _SMALL[size + 2],
+                        b"\x0a",
+                        _SMALL[size],
+                        text,
+                    )
+                else:
+                    parts.append(self.text_attribute(b"\x4a", key, value))
+                continue
+            encoded = cache.get((key, kind, value))
+            if encoded is None:
+                parts += self.attributes(b"\x4a", {key: value})
+            else:
+                parts.append(encoded)
         status = span._status
         parts.append(_UNSET_STATUS if status is _UNSET else _status(status))
-        parts.append(_flags(parent))
-        return b"".join(parts)
+        parts.append(_REMOTE_PARENT_FLAGS if parent is not None and parent.is_remote else _FLAGS)
+        body = b"".join(parts)
+        size = len(body)
+        if 127 < size < 16384:  # a two-byte length, as a task span's mostly is
+            return bytes((0x12, (size & 0x7F) | 0x80, size >> 7)) + body
+        return _field(b"\x12", body)
+
+    def unchanging(self, span: TaskSpan) -> bytes:
+        """Name, kind and fixed attributes of a worker's task spans, encoded once."""
+        fixed = span._fixed
+        key = (id(fixed), span._name, id(span._kind))
+        entry = self.fixed.get(key)
+        if entry is None or entry[0] is not fixed or entry[1] is not span._kind:
+            if len(self.fixed) >= _FIXED_CACHE_LIMIT:
+                self.fixed.clear()
+            encoded = _field(b"\x2a", _text(span._name)) + b"\x30" + _SMALL[_KIND[span._kind]]
+            if fixed:
+                encoded += b"".join(self.attributes(b"\x4a", fixed))
+            entry = self.fixed[key] = (fixed, span._kind, encoded)
+        return entry[2]
 
     def event(self, event: Any) -> bytes:
         parts = [b"\x09" + _pack_fixed64(event.timestamp), _field(b"\x12", _text(event.name))]
@@ -312,39 +330,38 @@ class _Encoder:
 
 
 _shared_cache: dict[tuple[str, type, Any], bytes] = {}
-_span_names: dict[tuple[str, SpanKind], bytes] = {}
-_fixed_attributes: dict[int, tuple[Mapping[str, Any], bytes]] = {}
-_keys: dict[str, bytes] = {}
-
-
-def encode_task_span(span: TaskSpan) -> bytes:
-    """A task span's ``Span`` field of a ``ScopeSpans``, as :func:`encode_spans`
-    writes it: made when the span ends (``TaskTracerProvider.task_span_encoder``),
-    on the worker's thread while the span's data is fresh in the CPU's cache; the
-    export thread then only joins bytes.  Measured: bench/bench_telemetry.py."""
-    return _field(b"\x12", _Encoder(_shared_cache, _span_names, _fixed_attributes).task_span(span))
+# (id of fixed attributes, name, id of kind) -> (fixed, kind, their encoding)
+_unchanging: dict[tuple[int, str, int], tuple[Any, SpanKind, bytes]] = {}
+_keys: dict[str, bytes] = {}  # attribute key -> its encoded key field
 
 
 def encode_spans(spans: Sequence[Any]) -> bytes:
     """The serialized ``ExportTraceServiceRequest`` for ``spans`` (SDK ``ReadableSpan``)."""
-    encoder = _Encoder(_shared_cache, _span_names, _fixed_attributes)
-    if len(_span_names) >= _KV_CACHE_LIMIT:
-        _span_names.clear()
+    encoder = _Encoder()
     # resource -> scope -> encoded spans, grouped by identity: the spans of one
     # tracer share its resource and scope objects.
     groups: dict[int, tuple[Any, dict[int, tuple[Any, list[bytes]]]]] = {}
+    last_key: Any = None
+    last: list[bytes] = []
     for span in spans:
-        resource, scope = span.resource, span.instrumentation_scope
-        by_scope = groups.get(id(resource))
-        if by_scope is None:
-            by_scope = groups[id(resource)] = (resource, {})
-        entry = by_scope[1].get(id(scope))
-        if entry is None:
-            entry = by_scope[1][id(scope)] = (scope, [])
         if type(span) is TaskSpan:
-            entry[1].append(span.encoded or _field(b"\x12", encoder.task_span(span)))
+            encoded = encoder.task_span(span)
+            key: Any = span._spans  # all its spans share one resource and one scope
+            if key is not last_key:
+                resource, scope = span._resource, span._instrumentation_scope
         else:
-            entry[1].append(_field(b"\x12", encoder.span(span)))
+            encoded = _field(b"\x12", encoder.span(span))
+            resource, scope = span.resource, span.instrumentation_scope
+            key = (id(resource), id(scope))
+        if key is not last_key and key != last_key:  # look up only on a change
+            by_scope = groups.get(id(resource))
+            if by_scope is None:
+                by_scope = groups[id(resource)] = (resource, {})
+            entry = by_scope[1].get(id(scope))
+            if entry is None:
+                entry = by_scope[1][id(scope)] = (scope, [])
+            last_key, last = key, entry[1]
+        last.append(encoded)
     out = []
     for resource, scopes in groups.values():
         resource_attributes = encoder.attributes(b"\x0a", resource.attributes)
@@ -362,8 +379,6 @@ def encode_spans(spans: Sequence[Any]) -> bytes:
 
 class SpanExporter(OTLPSpanExporter):
     """``OTLPSpanExporter`` with :func:`encode_spans` (see the module docstring)."""
-
-    task_span_encoder = staticmethod(encode_task_span)  # see TaskTracerProvider
 
     def export(self, spans: Sequence[Any]) -> SpanExportResult:
         client = getattr(self, "_client", None)

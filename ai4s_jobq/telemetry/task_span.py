@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from random import getrandbits
 from time import time_ns
 from types import MappingProxyType
 from typing import Any
@@ -37,6 +38,7 @@ from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import DEFAULT_ON
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -58,9 +60,6 @@ class TaskTracerProvider(TracerProvider):
         self.span_limits: SpanLimits = kwargs.setdefault("span_limits", SpanLimits())
         super().__init__(*args, **kwargs)
         self.task_span_processors: tuple[Any, ...] | None = ()
-        # Set by ._sdk when an exporter reads TaskSpan.encoded: (span) -> bytes, run
-        # as a span ends (on the worker's thread, while the span is in the cache).
-        self.task_span_encoder: Callable[[TaskSpan], bytes] | None = None
         self._task_spans: dict[tuple[str, str], TaskSpans] = {}
 
     def add_span_processor(self, span_processor: Any) -> None:
@@ -114,8 +113,17 @@ class TaskSpans:
             trace_id = parent.trace_id
         else:
             parent = None
-            trace_id = provider.id_generator.generate_trace_id()
-        span_id = provider.id_generator.generate_span_id()
+            trace_id = 0
+        ids = provider.id_generator
+        if type(ids) is RandomIdGenerator:  # the default: its two calls, inline
+            while not trace_id:
+                trace_id = getrandbits(128)
+            span_id = getrandbits(64)
+            while not span_id:
+                span_id = getrandbits(64)
+        else:
+            trace_id = trace_id or ids.generate_trace_id()
+            span_id = ids.generate_span_id()
         sampler = provider.sampler
         if sampler is DEFAULT_ON:
             # The SDK's default, ParentBased(ALWAYS_ON), decided here as it decides:
@@ -147,7 +155,19 @@ class TaskSpans:
 
 
 class TaskSpan(trace_api.Span, ReadableSpan):
-    """A recording span for one task attempt (see the module docstring)."""
+    """A recording span for one task attempt (see the module docstring).
+
+    It has ``ReadableSpan``'s fields, so that class's properties read it; what is
+    the same for every span starts out on the class (made once per task, each field
+    set in ``__init__`` costs), and the resource and scope are its :class:`TaskSpans`'.
+    """
+
+    _fixed: Mapping[str, Any] | None = None
+    _events: tuple[()] | BoundedList = ()
+    _links: tuple[()] | BoundedList = ()
+    _status = _UNSET
+    _end_time: int | None = None
+    _instrumentation_info = None
 
     def __init__(
         self,
@@ -159,7 +179,7 @@ class TaskSpan(trace_api.Span, ReadableSpan):
         attributes: dict[str, Any],
         start_time: int,
         spans: TaskSpans,
-        processors: tuple[Any, ...],
+        processors: tuple[Any, ...],  # the provider's when the span started
     ):
         # ReadableSpan's fields, set directly: its constructor would build a Resource.
         self._name = name
@@ -168,20 +188,20 @@ class TaskSpan(trace_api.Span, ReadableSpan):
         self._kind = kind
         # The span's attributes are ``_fixed`` (shared by a worker's spans; read-only)
         # plus ``_attributes``; a task's first own attribute merges them.
-        self._fixed = fixed
+        if fixed:
+            self._fixed = fixed
         self._attributes: dict[str, Any] | BoundedAttributes = attributes
-        self._events: tuple[()] | BoundedList = ()
-        self._links: tuple[()] | BoundedList = ()
-        self._resource = spans.provider.resource
-        self._instrumentation_scope = spans.scope
-        self._instrumentation_info = None
-        self._status = _UNSET
         self._start_time = start_time
-        self._end_time: int | None = None
-        self._limits = spans.limits
+        self._spans = spans
         self._processors = processors
-        self._encoder = spans.provider.task_span_encoder
-        self.encoded: bytes | None = None  # the span's OTLP bytes, once it has ended
+
+    @property
+    def _resource(self) -> Any:  # type: ignore[override]
+        return self._spans.provider.resource
+
+    @property
+    def _instrumentation_scope(self) -> InstrumentationScope:  # type: ignore[override]
+        return self._spans.scope
 
     # ------------------------------------------------------------------ the API
 
@@ -220,7 +240,7 @@ class TaskSpan(trace_api.Span, ReadableSpan):
     ) -> None:
         if self._ended("add_event"):
             return
-        limits = self._limits
+        limits = self._spans.limits
         if not isinstance(self._events, BoundedList):
             self._events = BoundedList(limits.max_events)
         event_attributes = BoundedAttributes(
@@ -234,7 +254,7 @@ class TaskSpan(trace_api.Span, ReadableSpan):
     def add_link(self, context: SpanContext, attributes: Mapping[str, Any] | None = None) -> None:
         if self._ended("add_link") or context is None or not context.is_valid:
             return
-        limits = self._limits
+        limits = self._spans.limits
         if not isinstance(self._links, BoundedList):
             self._links = BoundedList(limits.max_links)
         link_attributes = BoundedAttributes(
@@ -287,11 +307,6 @@ class TaskSpan(trace_api.Span, ReadableSpan):
             log.debug("telemetry: span %s ended twice", self._name)
             return
         self._end_time = end_time if end_time is not None else time_ns()
-        if self._encoder is not None:
-            try:
-                self.encoded = self._encoder(self)
-            except Exception as exc:  # noqa: BLE001 -- the exporter encodes it then
-                log.debug("telemetry: encoding span %s failed: %s", self._name, exc)
         for processor in self._processors:
             processor.on_end(self)
 
@@ -302,7 +317,7 @@ class TaskSpan(trace_api.Span, ReadableSpan):
         attributes = self._attributes
         if isinstance(attributes, BoundedAttributes):
             return attributes
-        limits = self._limits
+        limits = self._spans.limits
         if self._fixed is not None:
             attributes = {**self._fixed, **attributes}
         bounded = BoundedAttributes(
