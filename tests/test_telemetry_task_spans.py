@@ -187,3 +187,34 @@ def test_a_processor_that_watches_starts_turns_task_spans_off(recorded):
     (span,) = [s for s in memory.get_finished_spans() if s.name == "process q"]
     assert not isinstance(span, TaskSpan)
     assert span.attributes["jobq.task.outcome"] == "succeeded"
+
+
+class BatchSizes(InMemorySpanExporter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def export(self, spans):
+        self.batches.append(len(spans))
+        return super().export(spans)
+
+
+@pytest.mark.parametrize(
+    "environ, batches",
+    [({}, [1000]), ({"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "512"}, [512, 488])],
+)
+def test_spans_go_in_batches_of_2048_unless_the_variables_say(monkeypatch, environ, batches):
+    from ai4s_jobq.telemetry._sdk import make_tracer_provider
+
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)  # the SDK's processor reads os.environ
+    exporter = BatchSizes()
+    provider = make_tracer_provider(Resource.create({}), [exporter], environ)
+    try:
+        spans = provider.task_spans("x", "1")
+        for _ in range(1000):
+            spans.start("s", Context(), SpanKind.CONSUMER, FIXED, {}, 1).end()
+        assert provider.force_flush()
+        assert exporter.batches == batches
+    finally:
+        provider.shutdown()
