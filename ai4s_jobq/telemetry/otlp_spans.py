@@ -35,6 +35,7 @@ from typing import Any
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanKind
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE as _NO_TRACE_STATE
 
 from .task_span import _UNSET, TaskSpan
 
@@ -43,6 +44,12 @@ log = logging.getLogger("ai4s_jobq.telemetry")
 _pack_double = struct.Struct("<d").pack
 _pack_fixed64 = struct.Struct("<Q").pack
 _pack_fixed32 = struct.Struct("<I").pack
+# A task span's head: trace_id and span_id fields (tags 0x0a, 0x12; IDs big-endian),
+# its start and end times (tags 0x39, 0x41; fixed64, little-endian), a parent's ID.
+_IDS = struct.Struct(">HQQHQ")
+_TIMES = struct.Struct("<BQBQ")
+_PARENT = struct.Struct(">HQ")
+_LOW64 = 2**64 - 1
 
 # OTLP's SpanKind numbers (0 is "unspecified").
 _KIND = {
@@ -136,24 +143,20 @@ class _Encoder:
     def __init__(self) -> None:
         self.cache = _shared_cache
         self.fixed = _unchanging
-        self.keys = _keys
+        self.text_headers = _text_headers
 
-    def text_attribute(self, tag: bytes, key: str, value: str) -> bytes:
-        """``_field(tag, _key_value(key, value))`` for a text value, the key's part
-        cached: the encoding of a span's unique IDs."""
-        prefix = self.keys.get(key)
-        if prefix is None:
-            if len(self.keys) >= _KV_CACHE_LIMIT:
-                self.keys.clear()
-            prefix = self.keys[key] = _field(b"\x0a", _text(key))  # tag, length, key
-        text = _text(value)
-        size = len(text)
-        if size < 126:  # then every length below fits one byte
-            any_value = b"\x0a" + _SMALL[size] + text
-            pair = prefix + b"\x12" + _SMALL[size + 2] + any_value
-            if len(pair) < 128:
-                return tag + _SMALL[len(pair)] + pair
-        return _field(tag, _key_value(key, value))
+    def text_header(self, key: str, size: int) -> bytes:
+        """What precedes a text value of ``size`` bytes in an attribute of a span
+        (``_field(b"\\x4a", _key_value(key, value))`` less the value's bytes): the
+        same for every task ID of one length, so it is made once."""
+        if len(self.text_headers) >= _KV_CACHE_LIMIT:
+            self.text_headers.clear()
+        key_field = _field(b"\x0a", _text(key))
+        any_value = b"\x0a" + _varint(size)  # AnyValue.string_value, its length
+        pair = key_field + b"\x12" + _varint(len(any_value) + size) + any_value
+        header = b"\x4a" + _varint(len(pair) + size) + pair
+        self.text_headers[(key, size)] = header
+        return header
 
     def attributes(self, tag: bytes, attributes: Mapping[str, Any] | None) -> list[bytes]:
         """Encoded attributes; a pair seen before comes from the cache."""
@@ -230,44 +233,32 @@ class _Encoder:
         attributes = span._attributes
         if span._events or span._links or type(attributes) is not dict or not span._end_time:
             return _field(b"\x12", self.span(span))  # a task's code added to it
+        # A SpanContext is a tuple: (trace_id, span_id, is_remote, flags, state, valid);
+        # indexing it skips a Python-level property per field.
         context: Any = span._context
         parent: Any = span._parent
+        trace_id = context[0]
         parts = [
-            b"\x0a\x10",
-            context.trace_id.to_bytes(16, "big"),
-            b"\x12\x08",
-            context.span_id.to_bytes(8, "big"),
+            _IDS.pack(0x0A10, trace_id >> 64, trace_id & _LOW64, 0x1208, context[1]),
             self.unchanging(span),
-            b"\x39",
-            _pack_fixed64(span._start_time),
-            b"\x41",
-            _pack_fixed64(span._end_time),
+            _TIMES.pack(0x39, span._start_time, 0x41, span._end_time),
         ]
-        if context.trace_state:
-            header = ",".join(f"{k}={v}" for k, v in context.trace_state.items())
-            parts.append(_field(b"\x1a", _text(header)))
+        trace_state = context[4]
+        if trace_state is not _NO_TRACE_STATE and trace_state:
+            state_text = ",".join(f"{k}={v}" for k, v in trace_state.items())
+            parts.append(_field(b"\x1a", _text(state_text)))
         if parent is not None:
-            parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
-        cache, keys = self.cache, self.keys
+            parts.append(_PARENT.pack(0x2208, parent[1]))
+        cache, headers = self.cache, self.text_headers
         for key, value in attributes.items():
             kind = type(value)
             if kind is str and len(value) > 16:  # an ID: unique to the span, not cached
-                prefix = keys.get(key)
                 text = value.encode("utf-8", "replace")
-                size = len(text)
-                if prefix is not None and len(prefix) + size + 4 < 128:  # one-byte lengths
-                    parts += (
-                        b"\x4a",
-                        _SMALL[len(prefix) + size + 4],
-                        prefix,
-                        b"\x12",
-                        _SMALL[size + 2],
-                        b"\x0a",
-                        _SMALL[size],
-                        text,
-                    )
-                else:
-                    parts.append(self.text_attribute(b"\x4a", key, value))
+                header = headers.get((key, len(text)))
+                if header is None:
+                    header = self.text_header(key, len(text))
+                parts.append(header)
+                parts.append(text)
                 continue
             encoded = cache.get((key, kind, value))
             if encoded is None:
@@ -276,7 +267,7 @@ class _Encoder:
                 parts.append(encoded)
         status = span._status
         parts.append(_UNSET_STATUS if status is _UNSET else _status(status))
-        parts.append(_REMOTE_PARENT_FLAGS if parent is not None and parent.is_remote else _FLAGS)
+        parts.append(_REMOTE_PARENT_FLAGS if parent is not None and parent[2] else _FLAGS)
         body = b"".join(parts)
         size = len(body)
         if 127 < size < 16384:  # a two-byte length, as a task span's mostly is
@@ -332,7 +323,7 @@ class _Encoder:
 _shared_cache: dict[tuple[str, type, Any], bytes] = {}
 # (id of fixed attributes, name, id of kind) -> (fixed, kind, their encoding)
 _unchanging: dict[tuple[int, str, int], tuple[Any, SpanKind, bytes]] = {}
-_keys: dict[str, bytes] = {}  # attribute key -> its encoded key field
+_text_headers: dict[tuple[str, int], bytes] = {}  # see _Encoder.text_header
 
 
 def encode_spans(spans: Sequence[Any]) -> bytes:
