@@ -243,12 +243,7 @@ class TaskSpan(trace_api.Span, ReadableSpan):
         limits = self._spans.limits
         if not isinstance(self._events, BoundedList):
             self._events = BoundedList(limits.max_events)
-        event_attributes = BoundedAttributes(
-            limits.max_event_attributes,
-            attributes,
-            immutable=True,
-            max_value_len=limits.max_attribute_length,
-        )
+        event_attributes = self._limited(limits.max_event_attributes, attributes)
         self._events.append(Event(name, event_attributes, timestamp or time_ns()))
 
     def add_link(self, context: SpanContext, attributes: Mapping[str, Any] | None = None) -> None:
@@ -257,13 +252,7 @@ class TaskSpan(trace_api.Span, ReadableSpan):
         limits = self._spans.limits
         if not isinstance(self._links, BoundedList):
             self._links = BoundedList(limits.max_links)
-        link_attributes = BoundedAttributes(
-            limits.max_link_attributes,
-            attributes,
-            immutable=True,
-            max_value_len=limits.max_attribute_length,
-        )
-        self._links.append(Link(context, link_attributes))
+        self._links.append(Link(context, self._limited(limits.max_link_attributes, attributes)))
 
     def update_name(self, name: str) -> None:
         if not self._ended("update_name"):
@@ -329,6 +318,13 @@ class TaskSpan(trace_api.Span, ReadableSpan):
         self._attributes = bounded
         self._fixed = None
         return bounded
+
+    def _limited(
+        self, count: int | None, attributes: Mapping[str, Any] | None
+    ) -> BoundedAttributes:
+        """An event's or a link's attributes, checked and cut to the span limits."""
+        limit = self._spans.limits.max_attribute_length
+        return BoundedAttributes(count, attributes, immutable=True, max_value_len=limit)
 
     def _ended(self, method: str) -> bool:
         if self._end_time is None:
