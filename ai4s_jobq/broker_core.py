@@ -59,10 +59,12 @@ from .broker_model import (  # noqa: F401 - re-exported: the core's public names
     QueueProperties,
     SendResult,
     StoredMessage,
+    insert_plain,
     max_delivery_count_description,
     merge_props,
     message_row,
     props_from_json,
+    remember_ids,
     row_to_message,
     validate_properties,
 )
@@ -192,23 +194,15 @@ class BrokerCore(SqliteStore):
         now = self.clock()
         with self._write() as conn:
             fresh = self._new_messages(conn, props, messages, now)
+            accepted = [m for m, new in zip(messages, fresh) if new]
             if props.requires_duplicate_detection:
-                conn.executemany(
-                    "INSERT OR REPLACE INTO dedup(queue, message_id, accepted_at) VALUES (?, ?, ?)",
-                    [(queue, m.message_id, now) for m, new in zip(messages, fresh) if new],
-                )
-            accepted = sum(fresh)
-            first_seq = allocate(conn, queue, accepted) if accepted else 0
-            numbers = iter(range(first_seq, first_seq + accepted))
-            self._insert_messages(
-                conn,
-                [
-                    (*message_row(queue, props, m, now), next(numbers))
-                    for m, new in zip(messages, fresh)
-                    if new
-                ],
-            )
-        seqs = iter(range(first_seq, first_seq + accepted))
+                remember_ids(conn, queue, [m.message_id for m in accepted], now)
+            first_seq = allocate(conn, queue, len(accepted)) if accepted else 0
+            if not insert_plain(conn, props, accepted, now, first_seq):
+                numbers = iter(range(first_seq, first_seq + len(accepted)))
+                rows = [(*message_row(queue, props, m, now), next(numbers)) for m in accepted]
+                self._insert_messages(conn, rows)
+        seqs = iter(range(first_seq, first_seq + len(accepted)))
         results = [
             SendResult(duplicate=False, sequence_number=next(seqs))
             if new

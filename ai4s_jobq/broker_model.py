@@ -1,12 +1,16 @@
 """The broker core's vocabulary: errors, queue and message records, the SQLite
-schema, and the row conversions.  Split from :mod:`ai4s_jobq.broker_core` so the
-operations there read on their own; import these names from either module."""
+schema, the row conversions and the two statements that write a sent batch.  Split
+from :mod:`ai4s_jobq.broker_core` so the operations there read on their own; import
+these names from either module."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
+
+from .sqlite_bulk import json_rows, json_rows_supported, text_bodies
 
 ACTIVE = ""
 DEAD_LETTER = "deadletter"
@@ -210,6 +214,59 @@ def message_row(queue: str, props: QueueProperties, message: NewMessage, now: fl
         visible_at,
         visible_at + ttl if ttl else None,
     )
+
+
+_REMEMBER_IDS = (
+    "INSERT OR REPLACE INTO dedup(queue, message_id, accepted_at)"
+    " SELECT ?, value, ? FROM json_each(?)"
+)
+_INSERT_PLAIN = (
+    "INSERT INTO messages(queue, sub, state, message_id, body, props,"
+    " enqueued_at, visible_at, expires_at, qseq)"
+    " SELECT ?1, ?2, ?3, json_extract(value, '$[0]'), CAST(json_extract(value, '$[1]') AS BLOB),"
+    " NULL, ?4, ?4, ?5, ?6 + key FROM json_each(?7)"
+)
+
+
+def remember_ids(conn: sqlite3.Connection, queue: str, ids: list[str], now: float) -> None:
+    """Record accepted message IDs for duplicate detection (see :mod:`ai4s_jobq.sqlite_bulk`)."""
+    encoded = json_rows(ids) if json_rows_supported() else None
+    if encoded is not None:
+        conn.execute(_REMEMBER_IDS, (queue, now, encoded))
+    else:
+        conn.executemany(
+            "INSERT OR REPLACE INTO dedup(queue, message_id, accepted_at) VALUES (?, ?, ?)",
+            [(queue, message_id, now) for message_id in ids],
+        )
+
+
+def insert_plain(
+    conn: sqlite3.Connection,
+    props: QueueProperties,
+    messages: list[NewMessage],
+    now: float,
+    first_seq: int,
+) -> bool:
+    """Insert ``messages`` in one statement if they are plain -- no properties, time to
+    live or schedule of their own, text bodies -- as every task ``jobq`` pushes is;
+    False (nothing written) otherwise.  Their columns then match :func:`message_row`'s."""
+    if not messages or not json_rows_supported():
+        return False
+    for message in messages:
+        if message.properties or message.time_to_live or message.scheduled_enqueue_time:
+            return False
+    bodies = text_bodies([m.body for m in messages])
+    if bodies is None:
+        return False
+    encoded = json_rows([[m.message_id, body] for m, body in zip(messages, bodies)])
+    if encoded is None:
+        return False
+    ttl = props.default_message_ttl
+    expires_at = now + ttl if ttl else None
+    conn.execute(
+        _INSERT_PLAIN, (props.name, ACTIVE, READY_STATE, now, expires_at, first_seq, encoded)
+    )
+    return True
 
 
 def validate_properties(props: QueueProperties) -> None:

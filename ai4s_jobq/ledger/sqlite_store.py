@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..broker_store import size_for_large_queues
+from ..sqlite_bulk import json_rows, json_rows_supported
 from .base import (
     FailureGroup,
     LedgerError,
@@ -92,9 +93,14 @@ _COLUMNS = (
 _TASK_COLUMNS = ", ".join(f"t.{c.strip()}" for c in _COLUMNS.split(","))
 _FINAL_SQL = "(" + ", ".join(f"'{state}'" for state in FINAL) + ")"
 
+# The push statements take the batch's time as ?1, its IDs where ``{id}`` is and the
+# tag as ?3 (see _for_each_id).  ``WHERE true`` ends a SELECT before an upsert clause,
+# as SQLite's grammar requires.
+#
 # A push accepted as new: create, or start a new generation of a final record.
 _PUSH_NEW = f"""
-INSERT INTO ledger_tasks (id, state, attempt, pushed_at, updated_at) VALUES (?, 'queued', 0, ?, ?)
+INSERT INTO ledger_tasks (id, state, attempt, pushed_at, updated_at)
+SELECT {{id}}, 'queued', 0, ?1, ?1 {{source}} WHERE true
 ON CONFLICT (id) DO UPDATE SET
     state = 'queued', attempt = 0, interruptions = 0, pushed_at = excluded.pushed_at,
     started_at = NULL, finished_at = NULL, worker_id = NULL, host = NULL, duration = NULL,
@@ -104,9 +110,10 @@ WHERE state IN {_FINAL_SQL}
 """
 # A duplicate (or a push the backend cannot classify): only create a missing record.
 _PUSH_KNOWN = (
-    "INSERT OR IGNORE INTO ledger_tasks (id, state, attempt, pushed_at, updated_at) "
-    "VALUES (?, 'queued', 0, ?, ?)"
+    "INSERT OR IGNORE INTO ledger_tasks (id, state, attempt, pushed_at, updated_at)"
+    " SELECT {id}, 'queued', 0, ?1, ?1 {source}"
 )
+_PUSH_TAG = "INSERT OR IGNORE INTO ledger_tags (tag, id, added_at) SELECT ?3, {id}, ?1 {source}"
 # An attempt event, applied only if it moves the record forward (events.moves_forward).
 _ATTEMPT = f"""
 INSERT INTO ledger_tasks (id, state, attempt, interruptions, started_at, finished_at,
@@ -209,19 +216,14 @@ class SqliteLedger(LedgerStore):
         if not entries:
             return
         now = self.clock()
-        new = [(e.id, now, now) for e in entries if e.duplicate is False]
-        known = [(e.id, now, now) for e in entries if e.duplicate is not False]
+        new = [e.id for e in entries if e.duplicate is False]
+        known = [e.id for e in entries if e.duplicate is not False]
 
         def write(conn: sqlite3.Connection) -> None:
-            if new:
-                conn.executemany(_PUSH_NEW, new)
-            if known:
-                conn.executemany(_PUSH_KNOWN, known)
+            _for_each_id(conn, _PUSH_NEW, new, now)
+            _for_each_id(conn, _PUSH_KNOWN, known, now)
             if tag is not None:
-                conn.executemany(
-                    "INSERT OR IGNORE INTO ledger_tags (tag, id, added_at) VALUES (?, ?, ?)",
-                    [(tag, e.id, now) for e in entries],
-                )
+                _for_each_id(conn, _PUSH_TAG, [e.id for e in entries], now, tag)
                 conn.execute(
                     "INSERT INTO ledger_tag_names VALUES (?, ?, ?) ON CONFLICT (tag) "
                     "DO UPDATE SET last_pushed_at = excluded.last_pushed_at",
@@ -479,6 +481,22 @@ class SqliteLedger(LedgerStore):
             return found
 
         return await self._run(read)
+
+
+def _for_each_id(
+    conn: sqlite3.Connection, statement: str, ids: list[str], now: float, *tag: str
+) -> None:
+    """Run a push statement (see ``_PUSH_NEW``) for every ID: in one step with the IDs
+    as a JSON array (:mod:`ai4s_jobq.sqlite_bulk`), else one row at a time."""
+    if not ids:
+        return
+    encoded = json_rows(ids) if json_rows_supported() else None
+    if encoded is not None:
+        sql = statement.format(id="value", source="FROM json_each(?2)")
+        conn.execute(sql, (now, encoded, *tag))
+    else:
+        sql = statement.format(id="?2", source="")
+        conn.executemany(sql, [(now, task_id, *tag) for task_id in ids])
 
 
 def _source(tag: str | None) -> str:
