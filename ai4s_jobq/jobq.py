@@ -202,7 +202,9 @@ class JobQ:
         tag: str | None = None,
         skip_succeeded: bool = False,
     ) -> PushSummary:
-        """Push tasks from an iterable in batches, holding only a few batches in memory.
+        """Push tasks from an iterable in batches, holding only a few batches in memory
+        (a batch ends at the backend's ``push_batch_size`` tasks or ``push_batch_bytes``
+        of bodies, whichever comes first).
 
         A task that cannot be built or sent is recorded in ``summary.failures`` with
         its index; the others are still pushed.  An ``Exception`` instance among
@@ -227,12 +229,16 @@ class JobQ:
 
         telemetry = push_telemetry(self.backend)  # checked once: None when telemetry is off
 
-        async def send(batch: list[Entry]) -> list[PushOutcome]:
-            if telemetry is not None:
-                tasks = [t for _, t in batch if isinstance(t, Task)]
-                return await telemetry.push(lambda m: self._send(m, ledger), tasks) if tasks else []
-            messages = [OutgoingMessage(t.id, t.to_body()) for _, t in batch if isinstance(t, Task)]
-            return await self._send(messages, ledger) if messages else []
+        async def send(batch: list[Entry], bodies: list[bytes]) -> list[PushOutcome]:
+            """``bodies``: those of the batch's tasks, in order (built as the tasks were,
+            to size the batch)."""
+            tasks = [t for _, t in batch if isinstance(t, Task)]
+            if not tasks:
+                return []
+            if telemetry is not None:  # it writes the trace context into each body
+                return await telemetry.push(lambda m: self._send(m, ledger), tasks)
+            messages = [OutgoingMessage(t.id, body) for t, body in zip(tasks, bodies)]
+            return await self._send(messages, ledger)
 
         def record(batch: list[Entry], outcomes: Sequence[PushOutcome]) -> None:
             sent = iter(outcomes)
@@ -282,6 +288,8 @@ class JobQ:
                 record(batch, outcomes)
 
         batch: list[Entry] = []
+        bodies: list[bytes] = []
+        batch_bytes = 0
         for index, item in enumerate(tasks):
             built: Task | Exception
             if isinstance(item, Exception):  # an input the caller could not read
@@ -291,15 +299,18 @@ class JobQ:
                     built = make_task(
                         item, num_retries=num_retries, dedup_keys=keys, deterministic=det, env=env
                     )
+                    body = built.to_body()
+                    bodies.append(body)
+                    batch_bytes += len(body)
                 except (TaskEncodingError, ValueError, TypeError) as exc:
                     built = exc
             batch.append((index, built))
-            if len(batch) >= size:
-                pending.append((batch, asyncio.ensure_future(send(batch))))
-                batch = []
+            if len(batch) >= size or batch_bytes >= self.backend.push_batch_bytes:
+                pending.append((batch, asyncio.ensure_future(send(batch, bodies))))
+                batch, bodies, batch_bytes = [], [], 0
                 await drain(self.backend.push_concurrency - 1)
         if batch:
-            pending.append((batch, asyncio.ensure_future(send(batch))))
+            pending.append((batch, asyncio.ensure_future(send(batch, bodies))))
         await drain(0)
         return summary
 

@@ -90,6 +90,26 @@ def test_push_many_is_lazy(local_dir):
     assert seen_when_first_result[0] <= 1000
 
 
+async def test_push_many_ends_a_batch_at_the_byte_limit(local_dir):
+    """Large tasks make smaller batches: memory is bounded by bytes, not only by count."""
+    async with JobQ.open("local://bytes") as q:
+        sizes: list[int] = []
+        push = q.backend.push
+
+        async def counting_push(messages):  # a spy: the real push still runs
+            sizes.append(len(messages))
+            return await push(messages)
+
+        q.backend.push = counting_push  # type: ignore[method-assign]
+        q.backend.push_batch_bytes = 3_000
+        tasks = [{"i": i, "pad": "x" * 1_000} for i in range(10)] + [{"small": i} for i in range(4)]
+        summary = await q.push_many(tasks)
+        assert summary.pushed == 14
+        # three ~1 KB bodies reach 3,000 bytes; the small ones then share one batch
+        assert sizes == [3, 3, 3, 5]
+        assert (await q.counts()).active == 14
+
+
 def test_oversize_task_is_a_clear_error_and_others_still_pushed(local_dir):
     summary = ai4s_jobq.push_many(
         [{"x": "a"}, {"x": "y" * 300_000}, {"x": "b"}], queue="local://big"

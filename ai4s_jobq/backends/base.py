@@ -131,6 +131,9 @@ class Backend(abc.ABC):
     max_message_size: int = 256 * 1024
     #: how many messages ``JobQ.push_many`` hands to one ``push`` call
     push_batch_size: int = 500
+    #: ... or fewer, once their bodies add up to this many bytes: what bounds
+    #: ``push_many``'s memory when tasks are large
+    push_batch_bytes: int = 16 * 1024 * 1024
     #: how many ``push`` calls ``JobQ.push_many`` keeps in flight
     push_concurrency: int = 1
 
