@@ -70,12 +70,15 @@ class LocalBackend(Backend):
     #: Larger than the default: each batch is one transaction, and the commit
     #: rewrites every page of the dedup and ledger indexes the batch touched (random
     #: MD5 keys touch most of them), so fewer, larger commits cost less per task.
-    #: Measured (session 8, push_many of 100,000 with the ledger): 26,600-34,100/s at
-    #: 2,000 per batch, 37,800-42,700/s at 10,000.  A batch then holds the file's write
-    #: lock for about 150 ms; a write transaction probing the file every 10 ms during
-    #: such a push waited at most 180 ms at 10,000 and 104-180 ms at 2,000 (SQLite's
-    #: busy handler sleeps in steps of up to 100 ms either way).
-    push_batch_size = 10_000
+    #: Measured (session 8, push_many of 100,000 small tasks with the ledger, three
+    #: alternating rounds): 24,700-27,500/s at 2,000 per batch, 30,000-34,800/s at
+    #: 5,000, 29,600-37,900/s at 10,000.  Memory decided against 10,000: ``jobq push``
+    #: of 1,000,000 lines peaked at 57.7 MB RSS at 2,000, 92.1 MB at 5,000 and
+    #: 134.6 MB at 10,000 (larger transactions hold more SQLite pages and tasks).  A
+    #: batch holds the file's write lock for about 100 ms; a writer probing the file
+    #: every 10 ms during a push waited at most 104-180 ms at 2,000 and 180 ms at
+    #: 10,000 (SQLite's busy handler sleeps in steps of up to 100 ms either way).
+    push_batch_size = 5_000
 
     def __init__(
         self, path: str | Path, queue_name: str = "default", *, durability: str | None = None
