@@ -113,9 +113,10 @@ def push_many(
     skip_succeeded: bool = False,
     ledger: str | None = None,
 ) -> PushManyResult:
-    """Push many tasks, streaming from ``tasks`` in batches (constant memory without a
-    tag, see the module docstring).  ``tag`` records them as members of a run;
-    ``skip_succeeded`` leaves out tasks the ledger records as succeeded."""
+    """Push many tasks, streaming from ``tasks`` in batches.  Memory is constant only
+    with a tag: without one, every accepted ID is kept for ``.wait()`` (see the module
+    docstring).  ``tag`` records the tasks as members of a run; ``skip_succeeded``
+    leaves out tasks the ledger records as succeeded."""
     ids: list[str] | None = None if tag is not None else []
 
     def collect(index: int, task_id: str | None, outcome: PushOutcome | PushFailure) -> None:
