@@ -127,13 +127,17 @@ class Task:
 
 def task_args(
     task: str | Mapping[str, Any], env: Mapping[str, str] | None = None
-) -> dict[str, Any]:
-    """A shell command string becomes ``{"cmd": ...}``; a mapping is used as is."""
+) -> Mapping[str, Any]:
+    """A shell command string becomes ``{"cmd": ...}``; a mapping is used as is -- not
+    copied unless ``env`` is merged in, since :func:`~ai4s_jobq.ids.identify` builds a
+    normalized copy anyway."""
     if isinstance(task, str):
         if not task.strip():
             raise ValueError("a shell task needs a non-empty command")
         args: dict[str, Any] = {"cmd": task}
-    elif isinstance(task, Mapping):
+    elif type(task) is dict or isinstance(task, Mapping):
+        if not env:
+            return task
         args = dict(task)
     else:
         raise TypeError(

@@ -61,9 +61,12 @@ def test_values_that_are_not_plain_json_take_the_general_walk():
 
 def test_the_fast_path_copies_the_callers_containers():
     inner = [1, 2]
-    task = make_task({"xs": inner, "d": {"k": inner}}, deterministic=True)
+    outer = {"xs": inner, "d": {"k": inner}}
+    task = make_task(outer, deterministic=True)
     inner.append(3)
+    outer["later"] = 1
     assert task.args == {"xs": [1, 2], "d": {"k": [1, 2]}}
+    assert task.args is not outer
 
 
 def test_tasks_with_extra_envelope_fields_or_other_ids_use_the_encoder():
