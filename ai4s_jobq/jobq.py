@@ -289,7 +289,7 @@ class JobQ:
 
         batch: list[Entry] = []
         bodies: list[bytes] = []
-        batch_bytes = 0
+        batch_bytes, max_bytes = 0, self.backend.push_batch_bytes
         for index, item in enumerate(tasks):
             built: Task | Exception
             if isinstance(item, Exception):  # an input the caller could not read
@@ -305,7 +305,7 @@ class JobQ:
                 except (TaskEncodingError, ValueError, TypeError) as exc:
                     built = exc
             batch.append((index, built))
-            if len(batch) >= size or batch_bytes >= self.backend.push_batch_bytes:
+            if len(batch) >= size or batch_bytes >= max_bytes:
                 pending.append((batch, asyncio.ensure_future(send(batch, bodies))))
                 batch, bodies, batch_bytes = [], [], 0
                 await drain(self.backend.push_concurrency - 1)

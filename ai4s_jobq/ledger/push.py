@@ -56,15 +56,19 @@ class PushLedger:
         if self._broken:
             return list(await push(messages))
         skipped = await self._succeeded(messages) if self.skip_succeeded else set()
-        to_send = [m for m in messages if m.message_id not in skipped] if skipped else messages
-        sent = iter(await push(to_send) if to_send else [])
-        outcomes: list[PushOutcome] = [
-            SkippedOutcome(m.message_id, True) if m.message_id in skipped else next(sent)
-            for m in messages
-        ]
+        outcomes: list[PushOutcome]
+        if skipped:
+            to_send = [m for m in messages if m.message_id not in skipped]
+            sent = iter(await push(to_send) if to_send else [])
+            outcomes = [
+                SkippedOutcome(m.message_id, True) if m.message_id in skipped else next(sent)
+                for m in messages
+            ]
+        else:  # the usual case: everything is sent
+            outcomes = list(await push(messages))
         await self.record(
             [
-                PushEntry(o.message_id, True if isinstance(o, SkippedOutcome) else o.duplicate)
+                PushEntry(o.message_id, True if o.message_id in skipped else o.duplicate)
                 for o in outcomes
                 if o.error is None
             ]
