@@ -44,6 +44,7 @@ from .broker_model import (  # noqa: F401 - re-exported: the core's public names
     LOCK_LOST_TEXT,
     MAX_DELIVERY_COUNT_REASON,
     READY_STATE,
+    REMEMBER_IDS,
     SCHEMA,
     SEQUENCE_INDEXES,
     TTL_EXPIRED_DESCRIPTION,
@@ -64,11 +65,11 @@ from .broker_model import (  # noqa: F401 - re-exported: the core's public names
     merge_props,
     message_row,
     props_from_json,
-    remember_ids,
     row_to_message,
     validate_properties,
 )
 from .broker_store import SqliteStore
+from .sqlite_bulk import for_each_id
 
 #: Delete a message if ``lock_token`` (first parameter) still locks it at the
 #: time given as the second.
@@ -196,7 +197,7 @@ class BrokerCore(SqliteStore):
             fresh = self._new_messages(conn, props, messages, now)
             accepted = [m for m, new in zip(messages, fresh) if new]
             if props.requires_duplicate_detection:
-                remember_ids(conn, queue, [m.message_id for m in accepted], now)
+                for_each_id(conn, REMEMBER_IDS, [m.message_id for m in accepted], now, queue)
             first_seq = allocate(conn, queue, len(accepted)) if accepted else 0
             if not insert_plain(conn, props, accepted, now, first_seq):
                 numbers = iter(range(first_seq, first_seq + len(accepted)))

@@ -216,9 +216,10 @@ def message_row(queue: str, props: QueueProperties, message: NewMessage, now: fl
     )
 
 
-_REMEMBER_IDS = (
-    "INSERT OR REPLACE INTO dedup(queue, message_id, accepted_at)"
-    " SELECT ?, value, ? FROM json_each(?)"
+# Accepted message IDs, for duplicate detection: ?3 is the queue (see
+# ai4s_jobq.sqlite_bulk.for_each_id).
+REMEMBER_IDS = (
+    "INSERT OR REPLACE INTO dedup(queue, message_id, accepted_at) SELECT ?3, {id}, ?1 {source}"
 )
 _INSERT_PLAIN = (
     "INSERT INTO messages(queue, sub, state, message_id, body, props,"
@@ -226,18 +227,6 @@ _INSERT_PLAIN = (
     " SELECT ?1, ?2, ?3, json_extract(value, '$[0]'), CAST(json_extract(value, '$[1]') AS BLOB),"
     " NULL, ?4, ?4, ?5, ?6 + key FROM json_each(?7)"
 )
-
-
-def remember_ids(conn: sqlite3.Connection, queue: str, ids: list[str], now: float) -> None:
-    """Record accepted message IDs for duplicate detection (see :mod:`ai4s_jobq.sqlite_bulk`)."""
-    encoded = json_rows(ids) if json_rows_supported() else None
-    if encoded is not None:
-        conn.execute(_REMEMBER_IDS, (queue, now, encoded))
-    else:
-        conn.executemany(
-            "INSERT OR REPLACE INTO dedup(queue, message_id, accepted_at) VALUES (?, ?, ?)",
-            [(queue, message_id, now) for message_id in ids],
-        )
 
 
 def insert_plain(

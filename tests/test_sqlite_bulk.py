@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ai4s_jobq import broker_model
+from ai4s_jobq import broker_model, sqlite_bulk
 from ai4s_jobq.broker_core import BrokerCore, NewMessage, QueueProperties
-from ai4s_jobq.ledger import sqlite_store
 from ai4s_jobq.ledger.events import AttemptEvent, PushEntry
 from ai4s_jobq.ledger.sqlite_store import SqliteLedger
 from ai4s_jobq.sqlite_bulk import json_rows, json_rows_supported, text_bodies
@@ -73,6 +72,7 @@ def test_bulk_and_row_by_row_store_the_same(tmp_path, monkeypatch, ttl):
     bulk = new_core(tmp_path / "bulk.sqlite3", ttl=ttl)
     bulk_results = [bulk.send("q", batch) for batch in batches()]
     monkeypatch.setattr(broker_model, "json_rows_supported", lambda: False)
+    monkeypatch.setattr(sqlite_bulk, "json_rows_supported", lambda: False)
     rows = new_core(tmp_path / "rows.sqlite3", ttl=ttl)
     row_results = [rows.send("q", batch) for batch in batches()]
     assert bulk_results == row_results
@@ -127,7 +127,7 @@ async def ledger_rows(path: Path) -> list[tuple]:
 
 async def test_ledger_pushes_bulk_and_row_by_row_record_the_same(tmp_path, monkeypatch):
     bulk = await ledger_rows(tmp_path / "bulk.sqlite3")
-    monkeypatch.setattr(sqlite_store, "json_rows_supported", lambda: False)
+    monkeypatch.setattr(sqlite_bulk, "json_rows_supported", lambda: False)
     rows = await ledger_rows(tmp_path / "rows.sqlite3")
     assert bulk == rows
     states = {row[0]: row[1] for row in bulk if len(row) > 3}

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..broker_store import size_for_large_queues
-from ..sqlite_bulk import json_rows, json_rows_supported
+from ..sqlite_bulk import for_each_id
 from .base import (
     FailureGroup,
     LedgerError,
@@ -94,8 +94,8 @@ _TASK_COLUMNS = ", ".join(f"t.{c.strip()}" for c in _COLUMNS.split(","))
 _FINAL_SQL = "(" + ", ".join(f"'{state}'" for state in FINAL) + ")"
 
 # The push statements take the batch's time as ?1, its IDs where ``{id}`` is and the
-# tag as ?3 (see _for_each_id).  ``WHERE true`` ends a SELECT before an upsert clause,
-# as SQLite's grammar requires.
+# tag as ?3 (see ai4s_jobq.sqlite_bulk.for_each_id).  ``WHERE true`` ends a SELECT
+# before an upsert clause, as SQLite's grammar requires.
 #
 # A push accepted as new: create, or start a new generation of a final record.
 _PUSH_NEW = f"""
@@ -220,10 +220,10 @@ class SqliteLedger(LedgerStore):
         known = [e.id for e in entries if e.duplicate is not False]
 
         def write(conn: sqlite3.Connection) -> None:
-            _for_each_id(conn, _PUSH_NEW, new, now)
-            _for_each_id(conn, _PUSH_KNOWN, known, now)
+            for_each_id(conn, _PUSH_NEW, new, now)
+            for_each_id(conn, _PUSH_KNOWN, known, now)
             if tag is not None:
-                _for_each_id(conn, _PUSH_TAG, [e.id for e in entries], now, tag)
+                for_each_id(conn, _PUSH_TAG, [e.id for e in entries], now, tag)
                 conn.execute(
                     "INSERT INTO ledger_tag_names VALUES (?, ?, ?) ON CONFLICT (tag) "
                     "DO UPDATE SET last_pushed_at = excluded.last_pushed_at",
@@ -481,22 +481,6 @@ class SqliteLedger(LedgerStore):
             return found
 
         return await self._run(read)
-
-
-def _for_each_id(
-    conn: sqlite3.Connection, statement: str, ids: list[str], now: float, *tag: str
-) -> None:
-    """Run a push statement (see ``_PUSH_NEW``) for every ID: in one step with the IDs
-    as a JSON array (:mod:`ai4s_jobq.sqlite_bulk`), else one row at a time."""
-    if not ids:
-        return
-    encoded = json_rows(ids) if json_rows_supported() else None
-    if encoded is not None:
-        sql = statement.format(id="value", source="FROM json_each(?2)")
-        conn.execute(sql, (now, encoded, *tag))
-    else:
-        sql = statement.format(id="?2", source="")
-        conn.executemany(sql, [(now, task_id, *tag) for task_id in ids])
 
 
 def _source(tag: str | None) -> str:
