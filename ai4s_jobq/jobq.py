@@ -8,10 +8,11 @@ backend shares: counts, peek, clear, the dead-letter tools and the startup check
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -36,6 +37,7 @@ from .ledger.events import PushEntry
 from .ledger.push import PushLedger
 from .ledger.resolve import ledger_for, require
 from .ledger.wait import ProgressCallback, WaitReport, wait_for_tasks
+from .push_writer import OFFER_GIL_EVERY, offer_gil, run_in_writer
 from .spec import CONNECTION_STRING_ENV, make_backend, parse_spec
 from .task import MalformedTaskError, Task, make_task
 from .telemetry.push import push_telemetry
@@ -228,6 +230,12 @@ class JobQ:
         pending: list[tuple[list[Entry], asyncio.Future[list[PushOutcome]]]] = []
 
         telemetry = push_telemetry(self.backend)  # checked once: None when telemetry is off
+        # A batch is written in the backend's writer thread while the next is built
+        # (see ai4s_jobq.push_writer), when the backend and the ledger allow it.
+        writer = self.backend.push_writer()
+        if ledger is not None and not ledger.store.never_suspends:
+            writer = None
+        in_flight = 2 if writer is not None else self.backend.push_concurrency
 
         async def send(batch: list[Entry], bodies: list[bytes]) -> list[PushOutcome]:
             """``bodies``: those of the batch's tasks, in order (built as the tasks were,
@@ -235,10 +243,15 @@ class JobQ:
             tasks = [t for _, t in batch if isinstance(t, Task)]
             if not tasks:
                 return []
+            start: Callable[[], Coroutine[Any, Any, list[PushOutcome]]]
             if telemetry is not None:  # it writes the trace context into each body
-                return await telemetry.push(lambda m: self._send(m, ledger), tasks)
-            messages = [OutgoingMessage(t.id, body) for t, body in zip(tasks, bodies)]
-            return await self._send(messages, ledger)
+                start = functools.partial(telemetry.push, lambda m: self._send(m, ledger), tasks)
+            else:
+                messages = [OutgoingMessage(t.id, body) for t, body in zip(tasks, bodies)]
+                start = functools.partial(self._send, messages, ledger)
+            if writer is not None:
+                return await run_in_writer(writer, start)
+            return await start()
 
         def record(batch: list[Entry], outcomes: Sequence[PushOutcome]) -> None:
             sent = iter(outcomes)
@@ -291,6 +304,8 @@ class JobQ:
         bodies: list[bytes] = []
         batch_bytes, max_bytes = 0, self.backend.push_batch_bytes
         for index, item in enumerate(tasks):
+            if writer is not None and pending and not index % OFFER_GIL_EVERY:
+                offer_gil()  # to the writer, back from an SQLite statement
             built: Task | Exception
             if isinstance(item, Exception):  # an input the caller could not read
                 built = item
@@ -308,7 +323,7 @@ class JobQ:
             if len(batch) >= size or batch_bytes >= max_bytes:
                 pending.append((batch, asyncio.ensure_future(send(batch, bodies))))
                 batch, bodies, batch_bytes = [], [], 0
-                await drain(self.backend.push_concurrency - 1)
+                await drain(in_flight - 1)
         if batch:
             pending.append((batch, asyncio.ensure_future(send(batch, bodies))))
         await drain(0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -136,6 +137,13 @@ class Backend(abc.ABC):
     push_batch_bytes: int = 16 * 1024 * 1024
     #: how many ``push`` calls ``JobQ.push_many`` keeps in flight
     push_concurrency: int = 1
+
+    def push_writer(self) -> Executor | None:
+        """A thread in which ``push`` may run to its end without the event loop, so
+        that ``push_many`` writes one batch while it builds the next (see
+        :mod:`ai4s_jobq.push_writer`); None (the default): pushes run on the loop.
+        Only a backend whose ``push`` does blocking I/O and never suspends offers one."""
+        return None
 
     def __init__(self, queue_name: str):
         self.queue_name = queue_name

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -97,6 +98,7 @@ class LocalBackend(Backend):
         self._flush_handle: asyncio.Handle | None = None
         self._read_ahead = ReadAhead(READ_AHEAD_LIMIT, horizon=READ_AHEAD_HORIZON)
         self._lock_duration = 60.0  # the queue's, as seen at the last receive
+        self._writer: ThreadPoolExecutor | None = None  # see push_writer
 
     @property
     def description(self) -> str:
@@ -134,10 +136,23 @@ class LocalBackend(Backend):
             self._flush_completions()
         if self._core is not None and len(self._read_ahead):
             self._release_unstarted(self._read_ahead.drain())
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            if self._core is not None:  # the writer thread's own connection
+                await asyncio.get_running_loop().run_in_executor(writer, self._core.close)
+            writer.shutdown()
         if self._core is not None:
             self._core.remove_listener(self._on_available)
             self._core.close()
             self._core = None
+
+    def push_writer(self) -> ThreadPoolExecutor:
+        """One thread per backend, kept until ``close``: batches are written in order,
+        and its SQLite connection (the broker core has one per thread) keeps its page
+        cache from one ``push_many`` to the next."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="jobq-push")
+        return self._writer
 
     def _on_available(self, queue: str) -> None:
         if self._loop is not None and self._wakeup is not None and not self._loop.is_closed():

@@ -151,6 +151,11 @@ class LedgerStore(abc.ABC):
     """One queue's ledger.  Writes are batched by the caller (see the worker hook);
     reads are what wait/status/tasks/result/workers/top/dashboard need."""
 
+    #: True when every method does its I/O on the calling thread and never suspends
+    #: (SQLite): ``push_many`` may then record a batch from the backend's push writer
+    #: thread (see :mod:`ai4s_jobq.push_writer`).
+    never_suspends: bool = False
+
     async def open(self) -> None:  # noqa: B027 - optional
         pass
 

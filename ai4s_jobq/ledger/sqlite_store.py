@@ -140,6 +140,8 @@ _IN_CHUNK = 500  # ids per IN (...) list: well under SQLite's variable limit
 class SqliteLedger(LedgerStore):
     """The ledger tables in ``path`` (the local queue's SQLite file)."""
 
+    never_suspends = True  # one connection, used under a lock from any thread
+
     def __init__(
         self,
         path: str | Path,
