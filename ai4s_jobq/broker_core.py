@@ -69,8 +69,13 @@ from .broker_model import (  # noqa: F401 - re-exported: the core's public names
     validate_properties,
 )
 from .broker_store import SqliteStore
-from .sqlite_bulk import for_each_id
+from .sqlite_bulk import for_each_id, ids_found
 
+#: Which of the IDs in ``?1`` (a JSON array) queue ``?2`` accepted after time ``?3``.
+_RECENTLY_ACCEPTED = (
+    "SELECT value FROM json_each(?1) WHERE EXISTS (SELECT 1 FROM dedup"
+    " WHERE queue = ?2 AND message_id = value AND accepted_at > ?3)"
+)
 #: Delete a message if ``lock_token`` (first parameter) still locks it at the
 #: time given as the second.
 _DELETE_LOCKED = "DELETE FROM messages WHERE lock_token = ? AND locked_until > ?"
@@ -250,7 +255,10 @@ class BrokerCore(SqliteStore):
         if not props.requires_duplicate_detection or not ids:
             return set()
         cutoff = now - props.duplicate_detection_window
-        found: set[str] = set()
+        found = ids_found(conn, _RECENTLY_ACCEPTED, sorted(set(ids)), props.name, cutoff)
+        if found is not None:
+            return found
+        found = set()
         unique = list(dict.fromkeys(ids))
         for start in range(0, len(unique), 500):
             chunk = unique[start : start + 500]

@@ -89,11 +89,15 @@ def test_a_plain_batch_is_one_insert_statement(tmp_path):
     core = new_core(tmp_path / "q.sqlite3")
     statements: list[str] = []
     core._conn().set_trace_callback(statements.append)
-    core.send("q", [NewMessage(f"m{i}", b'{"i": %d}' % i) for i in range(50)])
+    # 1,200 IDs: the row-by-row duplicate check takes them 500 at a time
+    core.send("q", [NewMessage(f"m{i}", b'{"i": %d}' % i) for i in range(1_200)])
     inserts = [s for s in statements if s.lstrip().upper().startswith("INSERT")]
     assert len([s for s in inserts if "INTO messages" in s]) == 1
     assert len([s for s in inserts if "INTO dedup" in s]) == 1
-    assert core.counts("q").active == 50
+    # the duplicate check is one statement too, read back as one row
+    checks = [s for s in statements if s.lstrip().upper().startswith("SELECT") and "dedup" in s]
+    assert len(checks) == 1 and "json_group_array" in checks[0]
+    assert core.counts("q").active == 1_200
 
 
 def test_json_rows_refuses_what_utf8_cannot_encode():
