@@ -61,6 +61,7 @@ from .broker_model import (  # noqa: F401 - re-exported: the core's public names
     SendResult,
     StoredMessage,
     insert_plain,
+    is_plain,
     max_delivery_count_description,
     merge_props,
     message_row,
@@ -193,48 +194,71 @@ class BrokerCore(SqliteStore):
         """Enqueue ``messages`` atomically; duplicates (by ``message_id``, within the
         queue's window) are dropped and reported as such.  Raises
         :class:`MessageTooLarge` before writing anything if any body is over the limit."""
-        props = self.get_queue(queue)
-        for index, message in enumerate(messages):
-            if len(message.body) > props.max_message_size:
-                raise MessageTooLarge(index, len(message.body), props.max_message_size)
-        now = self.clock()
-        with self._write() as conn:
-            fresh = self._new_messages(conn, props, messages, now)
-            accepted = [m for m, new in zip(messages, fresh) if new]
-            if props.requires_duplicate_detection:
-                for_each_id(conn, REMEMBER_IDS, [m.message_id for m in accepted], now, queue)
-            first_seq = allocate(conn, queue, len(accepted)) if accepted else 0
-            if not insert_plain(conn, props, accepted, now, first_seq):
-                numbers = iter(range(first_seq, first_seq + len(accepted)))
-                rows = [(*message_row(queue, props, m, now), next(numbers)) for m in accepted]
-                self._insert_messages(conn, rows)
-        seqs = iter(range(first_seq, first_seq + len(accepted)))
-        results = [
+        ids = [m.message_id for m in messages]
+        fresh, first_seq = self._send(queue, ids, [m.body for m in messages], messages)
+        seqs = iter(range(first_seq, first_seq + sum(fresh)))
+        return [
             SendResult(duplicate=False, sequence_number=next(seqs))
             if new
             else SendResult(duplicate=True, sequence_number=None)
             for new in fresh
         ]
-        if any(fresh):
-            self._notify(queue)
-        return results
 
-    def _new_messages(
+    def send_plain(self, queue: str, ids: Sequence[str], bodies: Sequence[bytes]) -> list[bool]:
+        """:meth:`send` of messages that are an ID and a body and nothing else (as every
+        task pushed to ``local://``), given as two lists, answering only which were
+        accepted (False: dropped as a duplicate).  Why: the local push path then makes
+        no object per message on the way in or out of the core."""
+        return self._send(queue, ids, bodies, None)[0]
+
+    def _send(
         self,
-        conn: sqlite3.Connection,
-        props: QueueProperties,
-        messages: Sequence[NewMessage],
-        now: float,
+        queue: str,
+        ids: Sequence[str],
+        bodies: Sequence[bytes],
+        messages: Sequence[NewMessage] | None,
+    ) -> tuple[list[bool], int]:
+        """Which of the messages were accepted, and the first accepted one's sequence
+        number.  ``messages``: the full messages, or None when they are plain."""
+        props = self.get_queue(queue)
+        for index, body in enumerate(bodies):
+            if len(body) > props.max_message_size:
+                raise MessageTooLarge(index, len(body), props.max_message_size)
+        now = self.clock()
+        with self._write() as conn:
+            fresh = self._fresh(conn, props, ids, now)
+            if all(fresh):
+                kept_ids, kept_bodies, kept = ids, bodies, messages
+            else:
+                kept_ids = [i for i, new in zip(ids, fresh) if new]
+                kept_bodies = [b for b, new in zip(bodies, fresh) if new]
+                kept = None if messages is None else [m for m, new in zip(messages, fresh) if new]
+            if props.requires_duplicate_detection:
+                for_each_id(conn, REMEMBER_IDS, kept_ids, now, queue)
+            first_seq = allocate(conn, queue, len(kept_ids)) if kept_ids else 0
+            plain = kept is None or all(is_plain(m) for m in kept)
+            if not (plain and insert_plain(conn, props, kept_ids, kept_bodies, now, first_seq)):
+                if kept is None:
+                    kept = [NewMessage(i, b) for i, b in zip(kept_ids, kept_bodies)]
+                numbers = iter(range(first_seq, first_seq + len(kept)))
+                rows = [(*message_row(queue, props, m, now), next(numbers)) for m in kept]
+                self._insert_messages(conn, rows)
+        if kept_ids:
+            self._notify(queue)
+        return fresh, first_seq
+
+    def _fresh(
+        self, conn: sqlite3.Connection, props: QueueProperties, ids: Sequence[str], now: float
     ) -> list[bool]:
-        """For each message, whether it is accepted (False: a duplicate of one accepted
-        within the window, or of an earlier one in this batch)."""
+        """For each ID, whether its message is accepted (False: a duplicate of one
+        accepted within the window, or of an earlier one in this batch)."""
         if not props.requires_duplicate_detection:
-            return [True] * len(messages)
-        seen = self._recently_accepted(conn, props, [m.message_id for m in messages], now)
+            return [True] * len(ids)
+        seen = self._recently_accepted(conn, props, ids, now)
         fresh = []
-        for message in messages:
-            fresh.append(message.message_id not in seen)
-            seen.add(message.message_id)
+        for message_id in ids:
+            fresh.append(message_id not in seen)
+            seen.add(message_id)
         return fresh
 
     @staticmethod
@@ -250,7 +274,7 @@ class BrokerCore(SqliteStore):
             )
 
     def _recently_accepted(
-        self, conn: sqlite3.Connection, props: QueueProperties, ids: list[str], now: float
+        self, conn: sqlite3.Connection, props: QueueProperties, ids: Sequence[str], now: float
     ) -> set[str]:
         if not props.requires_duplicate_detection or not ids:
             return set()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,25 +230,29 @@ _INSERT_PLAIN = (
 )
 
 
+def is_plain(message: NewMessage) -> bool:
+    """No properties, time to live or schedule of its own: an ID and a body, as every
+    task ``jobq`` pushes."""
+    return not (message.properties or message.time_to_live or message.scheduled_enqueue_time)
+
+
 def insert_plain(
     conn: sqlite3.Connection,
     props: QueueProperties,
-    messages: list[NewMessage],
+    ids: Sequence[str],
+    bodies: Sequence[bytes],
     now: float,
     first_seq: int,
 ) -> bool:
-    """Insert ``messages`` in one statement if they are plain -- no properties, time to
-    live or schedule of their own, text bodies -- as every task ``jobq`` pushes is;
-    False (nothing written) otherwise.  Their columns then match :func:`message_row`'s."""
-    if not messages or not json_rows_supported():
+    """Insert plain messages (see :func:`is_plain`), given as their IDs and bodies, in
+    one statement if every body is text; False (nothing written) otherwise.  Their
+    columns then match :func:`message_row`'s."""
+    if not ids or not json_rows_supported():
         return False
-    for message in messages:
-        if message.properties or message.time_to_live or message.scheduled_enqueue_time:
-            return False
-    bodies = text_bodies([m.body for m in messages])
-    if bodies is None:
+    texts = text_bodies(bodies)
+    if texts is None:
         return False
-    encoded = json_rows([[m.message_id, body] for m, body in zip(messages, bodies)])
+    encoded = json_rows(list(zip(ids, texts)))
     if encoded is None:
         return False
     ttl = props.default_message_ttl

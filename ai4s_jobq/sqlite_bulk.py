@@ -87,7 +87,7 @@ def text_bodies(bodies: Sequence[bytes]) -> list[str] | None:
 
 
 def for_each_id(
-    conn: sqlite3.Connection, statement: str, ids: list[str], now: float, *extra: Any
+    conn: sqlite3.Connection, statement: str, ids: Sequence[str], now: float, *extra: Any
 ) -> None:
     """Run ``statement`` for every ID (in sorted order, see the module docstring): in
     one step with the IDs as a JSON array, else one row at a time.  ``statement``
@@ -97,14 +97,14 @@ def for_each_id(
     before an upsert clause)."""
     if not ids:
         return
-    ids = sorted(ids)
-    encoded = json_rows(ids) if json_rows_supported() else None
+    in_order = sorted(ids)
+    encoded = json_rows(in_order) if json_rows_supported() else None
     if encoded is not None:
         sql = statement.format(id="value", source="FROM json_each(?2)")
         conn.execute(sql, (now, encoded, *extra))
     else:
         sql = statement.format(id="?2", source="")
-        conn.executemany(sql, [(now, one_id, *extra) for one_id in ids])
+        conn.executemany(sql, [(now, one_id, *extra) for one_id in in_order])
 
 
 def ids_found(conn: sqlite3.Connection, query: str, ids: list[str], *extra: Any) -> set[str] | None:

@@ -189,28 +189,31 @@ class LocalBackend(Backend):
         )
 
     async def push(self, messages: Sequence[OutgoingMessage]) -> list[PushOutcome]:
+        """Messages go to the core as ID and body only (``properties``, headers for
+        brokers that have them, are not kept here)."""
         limit = self._props().max_message_size
         if all(len(message.body) <= limit for message in messages):  # the usual case
-            to_send = [broker_core.NewMessage(m.message_id, m.body) for m in messages]
-            with translate_sqlite_errors(self.path):
-                results = self.core.send(self.queue_name, to_send)
-            return [PushOutcome(m.message_id, r.duplicate) for m, r in zip(messages, results)]
+            ids = [m.message_id for m in messages]
+            accepted = self._send_plain(ids, [m.body for m in messages])
+            return [PushOutcome(i, not new) for i, new in zip(ids, accepted)]
         outcomes: list[PushOutcome | None] = [None] * len(messages)
-        to_send = []
         positions: list[int] = []
         for i, message in enumerate(messages):
             if len(message.body) > limit:
                 error = MessageTooLargeError(message.message_id, len(message.body), limit)
                 outcomes[i] = PushOutcome(message.message_id, None, error)
             else:
-                to_send.append(broker_core.NewMessage(message.message_id, message.body))
                 positions.append(i)
-        if to_send:
-            with translate_sqlite_errors(self.path):
-                results = self.core.send(self.queue_name, to_send)
-            for i, result in zip(positions, results):
-                outcomes[i] = PushOutcome(messages[i].message_id, result.duplicate)
+        if positions:
+            ids = [messages[i].message_id for i in positions]
+            accepted = self._send_plain(ids, [messages[i].body for i in positions])
+            for i, message_id, new in zip(positions, ids, accepted):
+                outcomes[i] = PushOutcome(message_id, not new)
         return [o for o in outcomes if o is not None]
+
+    def _send_plain(self, ids: list[str], bodies: list[bytes]) -> list[bool]:
+        with translate_sqlite_errors(self.path):
+            return self.core.send_plain(self.queue_name, ids, bodies)
 
     async def receive(
         self, max_count: int, max_wait: float, *, dead_letter: bool = False
