@@ -85,6 +85,21 @@ def test_bulk_and_row_by_row_store_the_same(tmp_path, monkeypatch, ttl):
     assert all(type(body) is bytes for body in received.values())
 
 
+def test_send_plain_stores_and_answers_what_send_does(tmp_path):
+    """The local push path (IDs and bodies in, accepted flags out) against send()."""
+    plain_batches = [[m for m in batch if broker_model.is_plain(m)] for batch in batches()]
+    full = new_core(tmp_path / "send.sqlite3")
+    lean = new_core(tmp_path / "plain.sqlite3")
+    answers = []
+    for batch in plain_batches:
+        results = full.send("q", batch)
+        accepted = lean.send_plain("q", [m.message_id for m in batch], [m.body for m in batch])
+        assert accepted == [not r.duplicate for r in results]
+        answers += accepted
+    assert stored(lean) == stored(full)
+    assert True in answers and False in answers  # new ones and duplicates both answered
+
+
 def test_a_plain_batch_is_one_insert_statement(tmp_path):
     core = new_core(tmp_path / "q.sqlite3")
     statements: list[str] = []
