@@ -218,3 +218,54 @@ def test_spans_go_in_batches_of_2048_unless_the_variables_say(monkeypatch, envir
         assert exporter.batches == batches
     finally:
         provider.shutdown()
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["inline", "through-the-api"])
+def test_the_task_span_is_current_for_the_task_and_keeps_the_rest_of_the_context(recorded, fast):
+    """The hook makes the span current inline (telemetry/fast_context.py) where the
+    API's runtime context allows, else through the API: the same either way."""
+    from opentelemetry import context as otel_context
+
+    provider, memory = recorded
+    seen: dict[str, object] = {}
+
+    async def one_task() -> None:
+        hook = TelemetryHook(depth_interval=0, tracer_provider=provider)
+        await hook.start(WorkerIdentity(queue="q"))
+        assert hook._span_setter is not None  # the default runtime context
+        if not fast:
+            hook._span_setter = None
+        message = ReceivedMessage("m-1", b"{}", 1, None, None)
+        run = TaskRun(make_task({"i": 1}), message, 1)
+
+        async def attempt() -> None:  # as the loop runs each message: a task of its own
+            otel_context.attach(otel_context.set_value("pipeline.key", "kept"))
+            hook.task_started(run)
+            seen["span"] = trace.get_current_span()
+            seen["kept"] = otel_context.get_value("pipeline.key")
+            with trace.get_tracer("t", tracer_provider=provider).start_as_current_span("own"):
+                pass
+            hook.task_finished(run, TaskOutcome("failed", 0.01, reason="ValueError"))
+
+        await asyncio.create_task(attempt())
+        seen["after"] = trace.get_current_span()
+
+    asyncio.run(one_task())
+    (task_span,) = [s for s in memory.get_finished_spans() if s.name == "process q"]
+    (own,) = [s for s in memory.get_finished_spans() if s.name == "own"]
+    assert seen["span"] is task_span and isinstance(task_span, TaskSpan)
+    assert seen["kept"] == "kept"
+    assert own.parent is not None and own.parent.span_id == task_span.context.span_id
+    assert task_span.attributes["jobq.task.outcome"] == "failed"
+    assert task_span.attributes["error.type"] == "ValueError"
+    assert seen["after"] is trace.INVALID_SPAN  # the attempt's task, not the worker's
+
+
+def test_another_runtime_context_makes_the_hook_use_the_api(monkeypatch):
+    from opentelemetry import context as otel_context
+
+    from ai4s_jobq.telemetry.fast_context import span_setter
+
+    assert span_setter() is not None
+    monkeypatch.setattr(otel_context, "_RUNTIME_CONTEXT", object())
+    assert span_setter() is None

@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import logging
 from contextvars import ContextVar, Token
-from typing import NamedTuple
 
 from ..worker.context import current_task
 from .names import TASK_ATTEMPT, TASK_ID, WORKER_ID
 
-
-class LoggedTask(NamedTuple):  # a tuple: made once per task, on the worker's hot path
-    task_id: str
-    attempt: int
+#: (task ID, attempt): a plain tuple, made once per task on the worker's hot path.
+LoggedTask = tuple[str, int]
 
 
 _task: ContextVar[LoggedTask | None] = ContextVar("ai4s_jobq_logged_task", default=None)
+#: The variable itself, for the telemetry hook to set without a call of its own.
+LOGGED_TASK = _task
 _worker_id: str | None = None
 
 
@@ -39,7 +38,7 @@ def set_worker_id(worker_id: str | None) -> None:
 
 def log_task(task_id: str, attempt: int) -> Token[LoggedTask | None]:
     """Tag this context's log records with the task (until ``reset_log_task``)."""
-    return _task.set(LoggedTask(task_id, attempt))
+    return _task.set((task_id, attempt))
 
 
 def reset_log_task(token: Token[LoggedTask | None]) -> None:
@@ -52,8 +51,8 @@ class TaskLogFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         logged = _task.get()
         if logged is not None:
-            setattr(record, TASK_ID, logged.task_id)
-            setattr(record, TASK_ATTEMPT, logged.attempt)
+            setattr(record, TASK_ID, logged[0])
+            setattr(record, TASK_ATTEMPT, logged[1])
         else:
             context = current_task()
             if context is not None:

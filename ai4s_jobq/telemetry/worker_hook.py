@@ -54,7 +54,8 @@ from ..worker.hooks import (
 )
 from . import names
 from .context import extract_context
-from .logs import log_task, reset_log_task, set_worker_id
+from .fast_context import span_setter
+from .logs import LOGGED_TASK, reset_log_task, set_worker_id
 from .push import messaging_attributes
 
 if TYPE_CHECKING:
@@ -134,6 +135,8 @@ class TelemetryHook(WorkerHook):
         # Bound once here: the per-task methods below run on the worker's hot path.
         self._attach, self._detach = otel_context.attach, otel_context.detach
         self._empty_context = otel_context.Context()
+        self._context_type = otel_context.Context
+        self._span_setter = span_setter()  # None: through the API (see .fast_context)
         self._set_span_in_context = trace.set_span_in_context
         self._consumer, self._status, self._error = SpanKind.CONSUMER, Status, StatusCode.ERROR
         self.identity = worker
@@ -149,6 +152,11 @@ class TelemetryHook(WorkerHook):
         self._task_spans = (
             task_spans(names.INSTRUMENTATION_SCOPE, __version__) if callable(task_spans) else None
         )
+        self._task_span_type: type | None = None
+        if self._task_spans is not None:  # (the SDK is there: jobq's provider is one)
+            from .task_span import TaskSpan
+
+            self._task_span_type = TaskSpan
         meter = metrics.get_meter(
             names.INSTRUMENTATION_SCOPE, __version__, meter_provider=self.meter_provider
         )
@@ -182,6 +190,7 @@ class TelemetryHook(WorkerHook):
             meter.create_observable_counter(
                 name, callbacks=[self._observer(kind)], unit="{task}", description=text
             )
+        self._duration_series: dict[str, Any] | None = None
         self._record_duration = self._duration_recorder(meter)
         meter.create_observable_gauge(
             names.SLOTS_BUSY,
@@ -218,6 +227,7 @@ class TelemetryHook(WorkerHook):
         by_kind = self._duration_attributes
         if durations is not None:
             series = {kind: durations.series(attributes) for kind, attributes in by_kind.items()}
+            self._duration_series = series  # task_finished records into these itself
 
             def record(value: float, kind: str) -> None:
                 found = series.get(kind)
@@ -297,8 +307,15 @@ class TelemetryHook(WorkerHook):
                 attributes={**self.span_attributes, **attributes},
                 start_time=start_time,
             )
-        token = self._attach(self._set_span_in_context(span))
-        log_token = log_task(task.id, run.attempt)
+        setter = self._span_setter
+        if setter is not None:  # what attach(set_span_in_context(span)) does, inline
+            variable, key = setter
+            current = variable.get()
+            values = {**current, key: span} if current else {key: span}
+            token = variable.set(self._context_type(values))
+        else:
+            token = self._attach(self._set_span_in_context(span))
+        log_token = LOGGED_TASK.set((task.id, run.attempt))
         run.context[_RUN_KEY] = (span, token, log_token, asyncio.current_task())
         self.counts[_STARTED] += 1
         self.busy += 1
@@ -309,12 +326,22 @@ class TelemetryHook(WorkerHook):
             return
         span, token, log_token, started_in = state
         kind = outcome.kind
-        set_attribute = getattr(span, "set_known_attribute", None) or span.set_attribute
-        set_attribute(names.TASK_OUTCOME, kind)
-        if outcome.exit_code is not None:
-            set_attribute(names.EXIT_CODE, outcome.exit_code)
-        if outcome.reason is not None:
-            set_attribute(names.ERROR_TYPE, outcome.reason)
+        # A task span whose attributes the task left alone takes the worker's own
+        # (valid) attributes directly; any other span through its API.
+        own = type(span) is self._task_span_type
+        if own and type(span._attributes) is dict and span._end_time is None:
+            attributes = span._attributes
+            attributes[names.TASK_OUTCOME] = kind
+            if outcome.exit_code is not None:
+                attributes[names.EXIT_CODE] = outcome.exit_code
+            if outcome.reason is not None:
+                attributes[names.ERROR_TYPE] = outcome.reason
+        else:
+            span.set_attribute(names.TASK_OUTCOME, kind)
+            if outcome.exit_code is not None:
+                span.set_attribute(names.EXIT_CODE, outcome.exit_code)
+            if outcome.reason is not None:
+                span.set_attribute(names.ERROR_TYPE, outcome.reason)
         if kind == FAILED or kind == DEAD_LETTERED:
             span.set_status(self._status(self._error, outcome.reason or kind))
         span.end()
@@ -324,7 +351,11 @@ class TelemetryHook(WorkerHook):
         if kind in self.counts:
             self.counts[kind] += 1
         self.busy -= 1
-        self._record_duration(outcome.duration, kind)
+        found = self._duration_series.get(kind) if self._duration_series is not None else None
+        if found is not None:
+            found.record(outcome.duration)
+        else:
+            self._record_duration(outcome.duration, kind)
 
     def malformed(self, message: ReceivedMessage, reason: str) -> None:
         self.counts[_MALFORMED] += 1
