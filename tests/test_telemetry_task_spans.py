@@ -269,3 +269,49 @@ def test_another_runtime_context_makes_the_hook_use_the_api(monkeypatch):
     assert span_setter() is not None
     monkeypatch.setattr(otel_context, "_RUNTIME_CONTEXT", object())
     assert span_setter() is None
+
+
+class KeptRequests(otlp_spans.SpanExporter):
+    """jobq's OTLP exporter with the HTTP request replaced by keeping its body."""
+
+    def __init__(self) -> None:
+        super().__init__(endpoint="http://127.0.0.1:9/v1/traces")
+        self.items: list[object] = []
+        self.requests: list[bytes] = []
+
+    def export(self, spans):
+        self.items += spans
+        self.requests.append(otlp_spans.encode_spans(spans))
+        return otlp_spans.SpanExportResult.SUCCESS
+
+
+def test_a_task_span_reaches_jobqs_exporter_encoded_and_others_as_a_span():
+    """Behind the SDK's batch processor and jobq's exporter, a task span is encoded
+    when it ends (telemetry/task_span.py): the request holds what the SDK's encoder
+    makes of the span.  Behind any other exporter it stays a span."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from ai4s_jobq.telemetry._sdk import make_tracer_provider
+
+    ours = KeptRequests()
+    provider = make_tracer_provider(Resource.create({"service.name": "enc"}), [ours], {})
+    memory = InMemorySpanExporter()
+    other = TaskTracerProvider(resource=Resource.create({}), shutdown_on_exit=False)
+    other.add_span_processor(BatchSpanProcessor(memory))
+    try:
+        span = provider.task_spans("x", "1").start(
+            "process q", parent(True), SpanKind.CONSUMER, FIXED, {"task.id": "b" * 32}, 7
+        )
+        span.set_known_attribute("outcome", "failed")
+        span.set_status(Status(StatusCode.ERROR, "ValueError"))
+        span.end(9)
+        plain = other.task_spans("x", "1").start("p", Context(), SpanKind.CONSUMER, FIXED, {}, 1)
+        plain.end()
+        assert provider.force_flush() and other.force_flush()
+        assert [type(item) for item in ours.items] == [tuple]
+        (request,) = ours.requests
+        assert parsed(request) == parsed(sdk_encode_spans([span]).SerializePartialToString())
+        assert memory.get_finished_spans() == (plain,)
+    finally:
+        provider.shutdown()
+        other.shutdown()

@@ -43,7 +43,7 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE as _NO_TRACE_STATE
 
-from .task_span import _UNSET, TaskSpan
+from .task_span import _UNSET, ENCODED_GROUPS, TaskSpan
 
 log = logging.getLogger("ai4s_jobq.telemetry")
 
@@ -341,9 +341,15 @@ def encode_spans(spans: Sequence[Any]) -> bytes:
     last_key: Any = None
     last: list[bytes] = []
     for span in spans:
-        if type(span) is TaskSpan:
+        key: Any
+        if type(span) is tuple:  # a task span encoded when it ended (see .task_span)
+            group, encoded = span
+            key = ENCODED_GROUPS[group]
+            if key is not last_key:
+                resource, scope = key.provider.resource, key.scope
+        elif type(span) is TaskSpan:
             encoded = encoder.task_span(span)
-            key: Any = span._spans  # all its spans share one resource and one scope
+            key = span._spans  # all its spans share one resource and one scope
             if key is not last_key:
                 resource, scope = span._resource, span._instrumentation_scope
         else:
@@ -375,19 +381,35 @@ def encode_spans(spans: Sequence[Any]) -> bytes:
 
 
 class SpanExporter(OTLPSpanExporter):
-    """``OTLPSpanExporter`` with :func:`encode_spans` (see the module docstring)."""
+    """``OTLPSpanExporter`` with :func:`encode_spans` (see the module docstring).  It
+    also takes task spans already encoded (``encode_task_span``: see
+    :mod:`.task_span`), which only it can send."""
+
+    #: The ``spans`` field of one task span, for :class:`~.task_span.TaskSpan` to
+    #: encode itself with when it ends.
+    encode_task_span = staticmethod(_Encoder().task_span)
 
     def export(self, spans: Sequence[Any]) -> SpanExportResult:
         client = getattr(self, "_client", None)
         if getattr(self, "_shutdown", True) or not callable(getattr(client, "export", None)):
-            return super().export(spans)
+            return self._sdk_export(spans)
         try:
             data = encode_spans(spans)
         except Exception as exc:  # noqa: BLE001 -- the SDK's encoder may do better
             log.debug("telemetry: fast span encoding failed (%s); using the SDK's", exc)
-            return super().export(spans)
+            return self._sdk_export(spans)
         limit = getattr(self, "_max_request_size", 0)
         if limit and len(data) > limit:
-            return super().export(spans)  # the SDK says why it drops the batch
+            return self._sdk_export(spans)  # the SDK says why it drops the batch
         result = client.export(data)  # type: ignore[union-attr]
         return SpanExportResult.SUCCESS if result.success else SpanExportResult.FAILURE
+
+    def _sdk_export(self, spans: Sequence[Any]) -> SpanExportResult:
+        """The SDK's own export, for span objects.  Encoded ones, which it cannot
+        read, are dropped with a warning: they reach here only when this exporter is
+        shut down or has no HTTP client, or the batch is over the request size limit
+        (which the SDK drops too)."""
+        objects = [s for s in spans if type(s) is not tuple]
+        if len(objects) < len(spans):
+            log.warning("telemetry: %d encoded span(s) not exported", len(spans) - len(objects))
+        return super().export(objects) if objects else SpanExportResult.FAILURE

@@ -21,6 +21,19 @@ that :mod:`._sdk` installs, and only while every span processor on it is one of 
 SDK's exporting processors, whose ``on_start`` does nothing (so skipping it loses
 nothing).  Add any other processor and it goes back to SDK spans.  A program that
 configures OpenTelemetry itself always gets SDK spans.
+
+**Encoded when it ends.**  When every processor is the SDK's ``BatchSpanProcessor``
+in front of jobq's OTLP exporter (:class:`~.otlp_spans.SpanExporter`, which says so
+with ``encode_task_span``), a task span that ends is encoded at once and its batch
+processor's queue gets ``(id of its TaskSpans, the encoded bytes)`` -- a tuple the
+garbage collector soon stops scanning -- instead of the span object, which waited
+there, with its dictionaries, for up to a few thousand tasks.  Measured by
+instructions (callgrind, a worker draining 3,000 against 1,000 no-op tasks, three
+runs each, session 9): 506,500 per task with OTLP export before, 493,000 after, the
+span's encoding (about 25,000) now on the worker's thread and the exporter's thread
+left with joining bytes and the HTTP request.  It reaches the queue through the batch
+processor's ``_batch_processor.emit`` (what ``on_end`` calls after checking that the
+span is sampled, as is done here); an SDK without it gets span objects, as before.
 """
 
 from __future__ import annotations
@@ -50,6 +63,10 @@ _UNSET = Status(StatusCode.UNSET)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _EXPORTING_ONLY = (BatchSpanProcessor, SimpleSpanProcessor)
+#: ``id(TaskSpans)`` -> the TaskSpans, for the exporter to find the resource and scope
+#: of an encoded task span (see the module docstring).  A TaskSpans lives as long as
+#: its provider: one per instrumentation scope.
+ENCODED_GROUPS: dict[int, TaskSpans] = {}
 _NO_STATE = trace_api.DEFAULT_TRACE_STATE
 
 #: ``_new_tuple(SpanContext, fields)`` makes a SpanContext without its Python-level
@@ -92,6 +109,30 @@ class TaskSpans:
         self.provider = provider
         self.scope = scope
         self.limits = provider.span_limits
+        ENCODED_GROUPS[id(self)] = self
+        self._encoded_for: tuple[Any, ...] | None = None
+        self._encoded_to: tuple[Any, tuple[Any, ...]] | None = None
+
+    def encoded_to(self, processors: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...]] | None:
+        """``(encode, queue appenders)`` when every one of ``processors`` is a batch
+        processor of an exporter that takes encoded task spans (see the module
+        docstring), else None; worked out again only when the processors change."""
+        if processors is self._encoded_for:
+            return self._encoded_to
+        encoders: set[Any] = set()
+        emits: list[Any] = []
+        for processor in processors:
+            exporter = getattr(processor, "span_exporter", None)
+            encode = getattr(exporter, "encode_task_span", None)
+            emit = getattr(getattr(processor, "_batch_processor", None), "emit", None)
+            if type(processor) is not BatchSpanProcessor or encode is None or emit is None:
+                emits = []
+                break
+            encoders.add(encode)
+            emits.append(emit)
+        found = (encoders.pop(), tuple(emits)) if emits and len(encoders) == 1 else None
+        self._encoded_for, self._encoded_to = processors, found
+        return found
 
     def start(
         self,
@@ -305,6 +346,15 @@ class TaskSpan(trace_api.Span, ReadableSpan):
             log.debug("telemetry: span %s ended twice", self._name)
             return
         self._end_time = end_time if end_time is not None else time_ns()
+        spans = self._spans
+        encoded_to = spans.encoded_to(self._processors)
+        context: Any = self._context  # (trace_id, span_id, is_remote, flags, ...)
+        if encoded_to is not None and context[3] & 1:  # sampled, as on_end checks
+            encode, emits = encoded_to
+            item = (id(spans), encode(self))
+            for emit in emits:
+                emit(item)
+            return
         for processor in self._processors:
             processor.on_end(self)
 
