@@ -232,9 +232,8 @@ class JobQ:
         telemetry = push_telemetry(self.backend)  # checked once: None when telemetry is off
         # A batch is written in the backend's writer thread while the next is built
         # (see ai4s_jobq.push_writer), when the backend and the ledger allow it.
-        writer = self.backend.push_writer()
-        if ledger is not None and not ledger.store.never_suspends:
-            writer = None
+        suspends = ledger is not None and not ledger.store.never_suspends
+        writer = None if suspends else self.backend.push_writer()
         in_flight = 2 if writer is not None else self.backend.push_concurrency
 
         async def send(batch: list[Entry], bodies: list[bytes]) -> list[PushOutcome]:
