@@ -190,26 +190,21 @@ class LocalBackend(Backend):
 
     async def push(self, messages: Sequence[OutgoingMessage]) -> list[PushOutcome]:
         """Messages go to the core as ID and body only (``properties``, headers for
-        brokers that have them, are not kept here)."""
+        brokers that have them, are not kept here); one over the size limit gets a
+        :class:`MessageTooLargeError` outcome and the others are sent."""
         limit = self._props().max_message_size
-        if all(len(message.body) <= limit for message in messages):  # the usual case
-            ids = [m.message_id for m in messages]
-            accepted = self._send_plain(ids, [m.body for m in messages])
-            return [PushOutcome(i, not new) for i, new in zip(ids, accepted)]
-        outcomes: list[PushOutcome | None] = [None] * len(messages)
-        positions: list[int] = []
-        for i, message in enumerate(messages):
-            if len(message.body) > limit:
-                error = MessageTooLargeError(message.message_id, len(message.body), limit)
-                outcomes[i] = PushOutcome(message.message_id, None, error)
-            else:
-                positions.append(i)
-        if positions:
-            ids = [messages[i].message_id for i in positions]
-            accepted = self._send_plain(ids, [messages[i].body for i in positions])
-            for i, message_id, new in zip(positions, ids, accepted):
-                outcomes[i] = PushOutcome(message_id, not new)
-        return [o for o in outcomes if o is not None]
+        sendable = [m for m in messages if len(m.body) <= limit]  # usually all of them
+        accepted = iter(
+            self._send_plain([m.message_id for m in sendable], [m.body for m in sendable])
+            if sendable
+            else ()
+        )
+        return [
+            PushOutcome(m.message_id, not next(accepted))
+            if len(m.body) <= limit
+            else PushOutcome(m.message_id, None, _too_large(m, limit))
+            for m in messages
+        ]
 
     def _send_plain(self, ids: list[str], bodies: list[bytes]) -> list[bool]:
         with translate_sqlite_errors(self.path):
@@ -373,6 +368,10 @@ class LocalBackend(Backend):
             window=timedelta(seconds=props.duplicate_detection_window),
             mechanism="broker" if props.requires_duplicate_detection else "none",
         )
+
+
+def _too_large(message: OutgoingMessage, limit: int) -> MessageTooLargeError:
+    return MessageTooLargeError(message.message_id, len(message.body), limit)
 
 
 def _resolve_completions(

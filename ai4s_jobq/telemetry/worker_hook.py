@@ -326,22 +326,14 @@ class TelemetryHook(WorkerHook):
             return
         span, token, log_token, started_in = state
         kind = outcome.kind
-        # A task span whose attributes the task left alone takes the worker's own
-        # (valid) attributes directly; any other span through its API.
+        # A task span takes the worker's own (valid) attributes without checks.
         own = type(span) is self._task_span_type
-        if own and type(span._attributes) is dict and span._end_time is None:
-            attributes = span._attributes
-            attributes[names.TASK_OUTCOME] = kind
-            if outcome.exit_code is not None:
-                attributes[names.EXIT_CODE] = outcome.exit_code
-            if outcome.reason is not None:
-                attributes[names.ERROR_TYPE] = outcome.reason
-        else:
-            span.set_attribute(names.TASK_OUTCOME, kind)
-            if outcome.exit_code is not None:
-                span.set_attribute(names.EXIT_CODE, outcome.exit_code)
-            if outcome.reason is not None:
-                span.set_attribute(names.ERROR_TYPE, outcome.reason)
+        set_attribute = span.set_known_attribute if own else span.set_attribute
+        set_attribute(names.TASK_OUTCOME, kind)
+        if outcome.exit_code is not None:
+            set_attribute(names.EXIT_CODE, outcome.exit_code)
+        if outcome.reason is not None:
+            set_attribute(names.ERROR_TYPE, outcome.reason)
         if kind == FAILED or kind == DEAD_LETTERED:
             span.set_status(self._status(self._error, outcome.reason or kind))
         span.end()
