@@ -65,6 +65,7 @@ from .endpoint import (
 )
 from .errors import _auth_failure, _reason, _short
 from .messages import _body, _outgoing, _timestamp
+from .senders import SenderPool
 
 log = logging.getLogger("ai4s_jobq.servicebus")
 
@@ -129,8 +130,7 @@ class ServiceBusBackend(Backend):
         self._owns_credential = False
         self._client: ServiceBusClient | None = None
         self._admin: AdminPlane | None = None
-        self._senders: asyncio.Queue[ServiceBusSender] | None = None
-        self._sender_count = 0
+        self._senders: SenderPool | None = None
         self._receivers: dict[bool, _ReceiverSlot] = {}
         self._retired: set[_ReceiverSlot] = set()
         self._closing: set[asyncio.Future[None]] = set()
@@ -170,7 +170,9 @@ class ServiceBusBackend(Backend):
         return f"sb://{self.namespace}/{self.queue_name}"
 
     async def open(self) -> None:
-        self._senders = asyncio.Queue()
+        self._senders = SenderPool(
+            lambda: self.client.get_queue_sender(self.queue_name), self.push_concurrency
+        )
         if self._connection_string is not None:
             cs = self._connection_string
             self._client = ServiceBusClient.from_connection_string(cs, **SDK_RETRY)
@@ -199,9 +201,7 @@ class ServiceBusBackend(Backend):
         slots = list(self._receivers.values()) + list(self._retired)
         self._receivers.clear()
         self._retired.clear()
-        senders = []
-        while self._senders is not None and not self._senders.empty():
-            senders.append(self._senders.get_nowait())
+        senders = await self._senders.drain() if self._senders is not None else []
         # Links first, then what they were made from (see closing.py for the grace).
         await close_all([slot.receiver for slot in slots] + senders)
         await close_all([self._client, self._admin])
@@ -254,10 +254,7 @@ class ServiceBusBackend(Backend):
 
     async def _take_sender(self) -> ServiceBusSender:
         assert self._senders is not None
-        if self._senders.empty() and self._sender_count < self.push_concurrency:
-            self._sender_count += 1
-            return self.client.get_queue_sender(self.queue_name)
-        return await self._senders.get()
+        return await self._senders.take()
 
     async def push(self, messages: Sequence[OutgoingMessage]) -> list[PushOutcome]:
         outcomes: list[PushOutcome | None] = [None] * len(messages)
@@ -266,7 +263,7 @@ class ServiceBusBackend(Backend):
             sender = await self._push_with(sender, messages, outcomes)
         finally:
             assert self._senders is not None
-            self._senders.put_nowait(sender)
+            self._senders.give_back(sender)
         return [o for o in outcomes if o is not None]
 
     async def _push_with(
@@ -539,7 +536,7 @@ class ServiceBusBackend(Backend):
             raise self._error("rescheduling a task", exc) from None
         finally:
             assert self._senders is not None
-            self._senders.put_nowait(sender)
+            self._senders.give_back(sender)
 
     # ------------------------------------------------------------------ inspect and clear
 
