@@ -123,10 +123,14 @@ class JobQ:
         check: bool = True,
         create: bool = True,
         ledger: str | None = None,
+        pushing: bool = False,
     ) -> AsyncIterator[JobQ]:
         """Connect to the queue named by ``spec`` (see :mod:`ai4s_jobq.spec`), create it
         on first use, and log the startup checker's warnings.  ``ledger`` names the
-        outcome ledger's Azure Table (``ACCOUNT[/TABLE]``, see :mod:`ai4s_jobq.ledger.resolve`)."""
+        outcome ledger's Azure Table (``ACCOUNT[/TABLE]``, see :mod:`ai4s_jobq.ledger.resolve`).
+        ``pushing``: the caller is about to push, so the backend may start opening its
+        push link at once, overlapping the queue's creation and checks
+        (:meth:`Backend.prepare_push`)."""
         connection_string = connection_string or os.environ.get(CONNECTION_STRING_ENV) or None
         window = configured_dedup_window(dedup_window)
         backend = make_backend(
@@ -140,6 +144,8 @@ class JobQ:
             ledger=ledger_for(backend, ledger),
         )
         await backend.open()
+        if pushing:
+            backend.prepare_push()
         try:
             if create:
                 await backend.ensure_queue(q.settings)
@@ -217,6 +223,7 @@ class JobQ:
         ``skip_succeeded`` a task the ledger records as succeeded is not sent again
         (its outcome is a ``SkippedOutcome``, counted as a duplicate).
         """
+        self.backend.prepare_push()
         size = batch_size or self.backend.push_batch_size
         keys = list(dedup_keys) if dedup_keys is not None else None
         det = self.deterministic if deterministic is None else deterministic

@@ -192,7 +192,9 @@ def push(
     show_progress = sys.stderr.isatty() if progress is None else progress
 
     async def main() -> int:
-        async with open_queue(ctx, dedup_window=dedup_window, lock_duration=lock_duration) as q:
+        async with open_queue(
+            ctx, dedup_window=dedup_window, lock_duration=lock_duration, pushing=True
+        ) as q:
             return await run_push(
                 q,
                 tasks,

@@ -57,3 +57,24 @@ async def test_drain_stops_a_background_open_and_returns_its_sender(sb_cs, sb_qu
         assert len(senders) == 1
         assert senders[0] is not first  # still taken: its holder closes it
         await close_all([first, *senders])
+
+
+async def test_warm_opens_the_first_link_before_the_first_take(sb_cs, sb_queue):
+    await create_queue(sb_cs, sb_queue)
+    async with ServiceBusClient.from_connection_string(sb_cs) as client:
+        made = []
+
+        def make_sender():
+            made.append(client.get_queue_sender(sb_queue))
+            return made[-1]
+
+        pool = SenderPool(make_sender, size=2)
+        pool.warm()
+        pool.warm()  # one link is enough for the first batch
+        assert len(made) == 1
+        sender = await pool.take()  # waits for the open under way, opens no other
+        assert made == [sender]
+        await sender.send_messages(ServiceBusMessage(b"one"))
+        pool.give_back(sender)
+        await close_all(await pool.drain())
+    assert await runtime_counts(sb_cs, sb_queue) == (1, 0)

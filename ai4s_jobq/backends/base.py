@@ -138,6 +138,11 @@ class Backend(abc.ABC):
     #: how many ``push`` calls ``JobQ.push_many`` keeps in flight
     push_concurrency: int = 1
 
+    def prepare_push(self) -> None:
+        """A push is about to start: a backend whose link is slow to open may start
+        opening it in the background now, so the wait overlaps building the first
+        batch.  The default does nothing."""
+
     def push_writer(self) -> Executor | None:
         """A thread in which ``push`` may run to its end without the event loop, so
         that ``push_many`` writes one batch while it builds the next (see

@@ -252,6 +252,10 @@ class ServiceBusBackend(Backend):
 
     # ------------------------------------------------------------------ push
 
+    def prepare_push(self) -> None:
+        if self._senders is not None:
+            self._senders.warm()
+
     async def _take_sender(self) -> ServiceBusSender:
         assert self._senders is not None
         return await self._senders.take()
