@@ -142,6 +142,7 @@ class Backend(abc.ABC):
         """A push is about to start: a backend whose link is slow to open may start
         opening it in the background now, so the wait overlaps building the first
         batch.  The default does nothing."""
+        return None
 
     def push_writer(self) -> Executor | None:
         """A thread in which ``push`` may run to its end without the event loop, so
