@@ -86,6 +86,11 @@ class PushOutcome:
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def id(self) -> str:
+        """The task ID, as the ledger reads an accepted push (``ledger.events.PushRecord``)."""
+        return self.message_id
+
 
 @dataclass
 class ReceivedMessage:

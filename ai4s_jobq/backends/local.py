@@ -194,13 +194,13 @@ class LocalBackend(Backend):
         :class:`MessageTooLargeError` outcome and the others are sent."""
         limit = self._props().max_message_size
         sendable = [m for m in messages if len(m.body) <= limit]  # usually all of them
-        accepted = iter(
-            self._send_plain([m.message_id for m in sendable], [m.body for m in sendable])
-            if sendable
-            else ()
-        )
+        ids = [m.message_id for m in sendable]
+        accepted = self._send_plain(ids, [m.body for m in sendable]) if sendable else []
+        if len(sendable) == len(messages):  # the usual case: one outcome per ID
+            return [PushOutcome(i, not new) for i, new in zip(ids, accepted)]
+        fresh = iter(accepted)
         return [
-            PushOutcome(m.message_id, not next(accepted))
+            PushOutcome(m.message_id, not next(fresh))
             if len(m.body) <= limit
             else PushOutcome(m.message_id, None, _too_large(m, limit))
             for m in messages

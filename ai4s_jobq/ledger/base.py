@@ -26,7 +26,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .events import AttemptEvent, PushEntry
+    from .events import AttemptEvent, PushRecord
 
 
 class TaskState(str, Enum):
@@ -217,7 +217,7 @@ class LedgerStore(abc.ABC):
     # :mod:`.events` for what each write means and the forward-only rule.
 
     @abc.abstractmethod
-    async def record_pushes(self, entries: Sequence[PushEntry], tag: str | None = None) -> None:
+    async def record_pushes(self, entries: Sequence[PushRecord], tag: str | None = None) -> None:
         """Record pushed task IDs (new ones become ``queued``; a final record pushed
         again as new starts a new generation) and their membership of ``tag``."""
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .base import MAX_RESULT_BYTES, TaskState
 
@@ -38,6 +38,19 @@ _OPEN_SAME_ATTEMPT = {
 
 SUMMARY_LINES = 6
 SUMMARY_CHARS = 1000
+
+
+class PushRecord(Protocol):
+    """What the ledger reads of one accepted push: a :class:`PushEntry`, or the push's
+    own outcome (``PushOutcome``, whose ``id`` is its message ID): ``push_many`` hands
+    the outcomes over as they are, not a copy of each (that copy was ~1 µs of a pushed
+    task's ~14 µs in the ``local://`` writer thread)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def duplicate(self) -> bool | None: ...
 
 
 @dataclass

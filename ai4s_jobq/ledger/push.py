@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from ..backends.base import OutgoingMessage, PushOutcome
 from ..redact import redact
 from .base import LedgerStore
-from .events import PushEntry
+from .events import PushRecord
 
 log = logging.getLogger("ai4s_jobq.ledger")
 
@@ -66,16 +66,11 @@ class PushLedger:
             ]
         else:  # the usual case: everything is sent
             outcomes = list(await push(messages))
-        await self.record(
-            [
-                PushEntry(o.message_id, True if o.message_id in skipped else o.duplicate)
-                for o in outcomes
-                if o.error is None
-            ]
-        )
+        # The outcomes are the records (a skipped task's says duplicate=True).
+        await self.record([o for o in outcomes if o.error is None])
         return outcomes
 
-    async def record(self, entries: list[PushEntry]) -> None:
+    async def record(self, entries: list[PushRecord]) -> None:
         """Record accepted IDs under this push's tag; a failure is logged, not raised."""
         try:
             await self.store.record_pushes(entries, self.tag)

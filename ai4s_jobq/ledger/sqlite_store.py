@@ -43,7 +43,7 @@ from .base import (
     TaskState,
     WorkerRecord,
 )
-from .events import FINAL, AttemptEvent, PushEntry, decode_result
+from .events import FINAL, AttemptEvent, PushRecord, decode_result
 
 T = TypeVar("T")
 
@@ -214,7 +214,7 @@ class SqliteLedger(LedgerStore):
 
     # ------------------------------------------------------------------ writes
 
-    async def record_pushes(self, entries: Sequence[PushEntry], tag: str | None = None) -> None:
+    async def record_pushes(self, entries: Sequence[PushRecord], tag: str | None = None) -> None:
         if not entries:
             return
         now = self.clock()

@@ -60,7 +60,7 @@ from .base import (
     TaskState,
     WorkerRecord,
 )
-from .events import FINAL, AttemptEvent, PushEntry, decode_result, moves_forward
+from .events import FINAL, AttemptEvent, PushRecord, decode_result, moves_forward
 from .table_access import (
     TRANSACTION_SIZE,
     TableAccess,
@@ -160,7 +160,7 @@ class TableLedger(LedgerStore):
             "updated_at": now,
         }
 
-    async def record_pushes(self, entries: Sequence[PushEntry], tag: str | None = None) -> None:
+    async def record_pushes(self, entries: Sequence[PushRecord], tag: str | None = None) -> None:
         if not entries:
             return
         now = self.clock()
@@ -187,7 +187,7 @@ class TableLedger(LedgerStore):
                 await self.access.transact("tag", members)
             await self._upsert_tag_name(tag, now)
 
-    async def _record_known_pushes(self, chunk: Sequence[PushEntry], now: float) -> None:
+    async def _record_known_pushes(self, chunk: Sequence[PushRecord], now: float) -> None:
         """Some IDs were pushed before: add the missing ``p~`` entities; an ID pushed as
         new whose record is final starts a new generation (its record is deleted)."""
         ids = [e.id for e in chunk]
