@@ -185,3 +185,53 @@ async def test_failures_among_looked_ahead_tasks_neither_stall_nor_stop_the_lane
     assert (stats.succeeded, stats.dead_lettered) == (80, 40)
     lane = worker._look_ahead.lane
     assert lane is not None and lane.waited > 0 and not lane.held
+
+
+async def test_with_telemetry_on_a_slot_still_looks_ahead_and_each_task_sees_its_span(local_dir):
+    """The telemetry hook makes the span current in ``task_entered`` (in the task's own
+    context, before the call waits in the lane), so it no longer turns look-ahead off
+    (a one-slot drain of no-op sync tasks ran at 44% with OTLP on); the span still
+    starts when the thread begins the call.  The SDK's in-memory exporter records."""
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from ai4s_jobq.telemetry.task_span import TaskTracerProvider
+    from ai4s_jobq.telemetry.worker_hook import TelemetryHook
+
+    memory = InMemorySpanExporter()
+    provider = TaskTracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    seen: dict[str, tuple[int, int, int]] = {}  # task id: current span id, entered, left (ns)
+
+    def work(n: int) -> None:
+        entered = time.time_ns()
+        span_id = trace.get_current_span().get_span_context().span_id
+        context = current_task()
+        assert context is not None
+        seen[context.task_id] = (span_id, entered, time.time_ns())
+
+    async with JobQ.open("local://ahead-telemetry") as q:
+        await q.push_many({"n": n} for n in range(200))
+        worker = Worker(
+            q.backend,
+            CallableProcessor(work),
+            WorkerPolicy(slots=1, idle_timeout=0.3),
+            hooks=[TelemetryHook(depth_interval=0, tracer_provider=provider)],
+        )
+        stats = await worker.run()
+    provider.shutdown()
+    assert stats.succeeded == 200
+    lane = worker._look_ahead.lane
+    assert lane is not None and lane.waited > 0  # looked ahead, telemetry on
+    spans = {s.attributes["jobq.task.id"]: s for s in memory.get_finished_spans()}
+    assert set(spans) == set(seen)
+    in_order = sorted(seen.items(), key=lambda item: item[1][1])
+    for (_, (_, _, previous_left)), (task_id, (span_id, entered, _)) in zip(
+        in_order, in_order[1:]
+    ):
+        span = spans[task_id]
+        assert span.context.span_id == span_id  # current for the task's own code
+        # Started when its thread began the call, not when it was looked ahead for.
+        assert previous_left <= span.start_time <= entered

@@ -102,8 +102,6 @@ class TelemetryHook(WorkerHook):
     metrics go to the global providers unless ``tracer_provider`` / ``meter_provider``
     are given (as OpenTelemetry instrumentations accept them)."""
 
-    needs_task_context = True  # the span is made current for the task's own code
-
     def __init__(
         self,
         backend: Backend | None = None,
@@ -277,7 +275,9 @@ class TelemetryHook(WorkerHook):
 
     # ------------------------------------------------------------------ per attempt
 
-    def task_started(self, run: TaskRun) -> None:
+    def task_entered(self, run: TaskRun) -> None:
+        """The span starts and becomes current in the attempt's own context, which
+        the task's code runs in (see ``WorkerHook.task_entered``)."""
         task = run.task
         parent = extract_context(task.extra) if task.extra else None
         attributes: dict[str, Any] = {
@@ -317,6 +317,16 @@ class TelemetryHook(WorkerHook):
             token = self._attach(self._set_span_in_context(span))
         log_token = LOGGED_TASK.set((task.id, run.attempt))
         run.context[_RUN_KEY] = (span, token, log_token, asyncio.current_task())
+
+    def task_started(self, run: TaskRun) -> None:
+        state = run.context.get(_RUN_KEY)
+        if state is None:  # a caller that does not enter the attempt first
+            self.task_entered(run)
+        else:
+            span: Any = state[0]
+            own = type(span) is self._task_span_type
+            if own:  # the true start: a looked-ahead sync call begins after it was entered
+                span._start_time = int(run.started_at * 1e9)
         self.counts[_STARTED] += 1
         self.busy += 1
 

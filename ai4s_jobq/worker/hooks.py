@@ -78,13 +78,16 @@ class TaskOutcome:
 class WorkerHook:
     """Base class: override what you need; every method is optional."""
 
-    #: True if ``task_started`` must run in the task's own context (e.g. it makes a
-    #: span current for the task's code).  Otherwise the worker may call it from its
-    #: own bookkeeping when a looked-ahead sync task begins (see :mod:`.lookahead`).
-    needs_task_context = False
-
     async def start(self, worker: WorkerIdentity) -> None:
         """Called once before the first receive."""
+
+    def task_entered(self, run: TaskRun) -> None:
+        """Called in the attempt's own context (the one its code runs in, a copy of
+        it for a sync function) just before the processor is called: the place to set
+        context variables the task's code should see (telemetry's current span).
+        ``task_started`` follows when the attempt really begins -- for a looked-ahead
+        sync task (see :mod:`.lookahead`) later, from the worker's own bookkeeping,
+        in another context -- or never, if it is put back before it began."""
 
     def task_started(self, run: TaskRun) -> None:
         """Called when an attempt starts running (after the message was decoded)."""
@@ -108,16 +111,19 @@ class HookChain:
     def __bool__(self) -> bool:
         return bool(self.hooks)
 
-    @property
-    def need_task_context(self) -> bool:
-        return any(hook.needs_task_context for hook in self.hooks)
-
     async def start(self, worker: WorkerIdentity) -> None:
         for hook in self.hooks:
             try:
                 await hook.start(worker)
             except Exception:
                 log.exception("worker hook %s failed to start", type(hook).__name__)
+
+    def task_entered(self, run: TaskRun) -> None:
+        for hook in self.hooks:
+            try:
+                hook.task_entered(run)
+            except Exception:
+                log.exception("worker hook %s failed", type(hook).__name__)
 
     def task_started(self, run: TaskRun) -> None:
         for hook in self.hooks:

@@ -23,10 +23,12 @@ What it must not change, and how it does not:
   preempted never runs and goes back unchanged; what already runs is interrupted as
   ever.  Its lock is kept while it waits.
 
-A hook that must act inside the task's own context when it starts (telemetry makes the
-task's span current there, so the task's own spans nest under it) says so with
-``needs_task_context``; then the loop starts every task itself, as before, and does
-not look ahead.
+A hook that must act inside the task's own context (telemetry makes the task's span
+current there, so the task's own spans nest under it) does so in ``task_entered``,
+which the loop calls in that context before the call is handed to the lane; its
+``task_started`` then only learns the true start.  (Until session 10 such a hook turned
+look-ahead off for the whole worker: with OTLP export on, a one-slot drain of no-op
+sync tasks ran at 44% of its rate with telemetry off.)
 
 Only a processor that reports its calls' start (``reports_start``: the in-process
 ``--proc`` processors with a sync function) is looked ahead for; wrappers (GPU slots,
@@ -52,13 +54,8 @@ class LookAhead:
     """The worker's look-ahead state: the lane (made on first use) and the moving
     average of its tasks' run times."""
 
-    def __init__(
-        self, slots: int, *, stop_after_failures: bool = False, hooks_need_context: bool = False
-    ):
+    def __init__(self, slots: int, *, stop_after_failures: bool = False):
         self.slots = slots
-        # A hook that must start each task in the task's own context rules look-ahead
-        # out for the whole worker (the hooks are fixed when the worker is made).
-        self.allowed = not hooks_need_context
         # A worker that stops after N failures in a row must not start a waiting task
         # before it has counted the failure just seen: the lane then holds on failure.
         self.stop_after_failures = stop_after_failures
@@ -66,10 +63,10 @@ class LookAhead:
         self.average: float | None = None  # seconds; None until a task ran
 
     def lane_for(self, processor: Any) -> Lane | None:
-        """The lane if look-ahead is allowed and ``processor`` reports its calls' start
+        """The lane if ``processor`` reports its calls' start
         (checked per task: an ``InstanceProcessor`` knows only once started whether its
         call is sync)."""
-        if not self.allowed or not getattr(processor, "reports_start", False):
+        if not getattr(processor, "reports_start", False):
             return None
         if self.lane is None:
             self.lane = Lane(self.slots, hold_on_failure=self.stop_after_failures)

@@ -105,9 +105,7 @@ class Worker(Stopping):
         self._delayed_until = 0.0  # monotonic time the last retry delayed here comes due
         self._taken = 0
         self._look_ahead = LookAhead(
-            self.policy.slots,
-            stop_after_failures=bool(self.policy.max_consecutive_failures),
-            hooks_need_context=self.hooks.need_task_context,
+            self.policy.slots, stop_after_failures=bool(self.policy.max_consecutive_failures)
         )
 
     # ------------------------------------------------------------------ main loop
@@ -285,12 +283,16 @@ class Worker(Stopping):
             self.backend.lock_renew_interval(message), self._start_keeper, running
         )
         lane = self._look_ahead.lane_for(self.processor)
+        attempt = TaskRun(task, message, counters.attempt)
+        # In this task's own context, which the processor's call copies: a hook's
+        # context variables (telemetry's current span) reach the task's code.
+        self.hooks.task_entered(attempt)
         try:
             if lane is None:
-                self._begin(running, task, counters, time.time())
+                self._begin(running, attempt, counters, time.time())
                 await self._run_processor(running, task, context)
             else:  # the call may wait in the lane; _begin runs when it really starts
-                begin = functools.partial(self._begin, running, task, counters)
+                begin = functools.partial(self._begin, running, attempt, counters)
                 token = current_admission.set(Admission(lane, begin, WAIT_LIMIT_SECONDS))
                 try:
                     await self._run_processor(running, task, context)
@@ -304,7 +306,7 @@ class Worker(Stopping):
         run = running.run
         if run is None and not running.cancelled and not isinstance(running.error, NotStarted):
             # A processor that said it reports its start but ran without doing so.
-            self._begin(running, task, counters, time.time())
+            self._begin(running, attempt, counters, time.time())
             run = running.run
         if run is None:
             if isinstance(running.error, NotStarted):
@@ -325,17 +327,18 @@ class Worker(Stopping):
         limit = self.policy.max_consecutive_failures
         return limit is not None and limit > 0 and self.stats.consecutive_failures >= limit
 
-    def _begin(self, running: Running, task: Task, counters: RunCounters, at: float) -> None:
-        """The attempt starts: tell the hooks (first: a hook may tag the attempt's log
-        records) and log it."""
+    def _begin(self, running: Running, run: TaskRun, counters: RunCounters, at: float) -> None:
+        """The attempt starts (``at``, wall clock): tell the hooks (first: a hook may
+        tag the attempt's log records) and log it."""
         running.began = time.monotonic()
-        run = running.run = TaskRun(task, running.message, counters.attempt, started_at=at)
+        run.started_at = at
+        running.run = run
         self.hooks.task_started(run)
         log.info(
             "task %s: attempt %d of %d%s",
-            task.id,
+            run.task.id,
             counters.attempt,
-            task.max_attempts,
+            run.task.max_attempts,
             f" ({counters.interruptions} interruptions)" if counters.interruptions else "",
         )
 
