@@ -4,8 +4,10 @@ Run from the repository root::
 
     python bench/bench_telemetry.py           # about a minute and a half
     python bench/bench_telemetry.py --quick   # smaller, for a quick look
+    python bench/bench_telemetry.py --sync --slots 1   # sync no-op tasks, one slot
 
-Ways to drain the same number of no-op Python tasks (8 slots), in
+Ways to drain the same number of no-op Python tasks (async, 8 slots; ``--sync`` and
+``--slots`` for sync ones, which a worker runs in threads and looks ahead for), in
 interleaved rounds in one process so that load from elsewhere hits all alike:
 
 * **baseline** — ``Worker(backend, processor)``: the loop as it was before telemetry;
@@ -78,6 +80,15 @@ async def noop(**_: object) -> None:
     return None
 
 
+def noop_sync(**_: object) -> None:
+    return None
+
+
+#: what the drains run (``--sync``: a plain function, run the way sync tasks are:
+#: in a thread, looked ahead for while tasks are short) and at how many slots
+TASK: dict[str, Any] = {"function": noop, "slots": SLOTS}
+
+
 class Rate:
     def __init__(self) -> None:
         self.wall: list[float] = []
@@ -125,8 +136,8 @@ async def drain(path: Path, name: str, n: int, hooks: list[WorkerHook]) -> tuple
     backend = LocalBackend(path, name)
     await backend.open()
     try:
-        policy = WorkerPolicy(slots=SLOTS, idle_timeout=30, max_tasks=n)
-        worker = Worker(backend, CallableProcessor(noop), policy, hooks=hooks)
+        policy = WorkerPolicy(slots=TASK["slots"], idle_timeout=30, max_tasks=n)
+        worker = Worker(backend, CallableProcessor(TASK["function"]), policy, hooks=hooks)
         wall, cpu = time.perf_counter(), time.process_time()
         stats = await worker.run()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -165,6 +176,8 @@ def main() -> None:
     ensure_bytecode()  # see bench/bytecode.py
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sync", action="store_true", help="sync no-op tasks (default: async)")
+    parser.add_argument("--slots", type=int, default=SLOTS, help=f"worker slots ({SLOTS})")
     parser.add_argument("--tasks", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--instructions", action="store_true", help="count them (valgrind)")
@@ -202,7 +215,12 @@ def main() -> None:
     sampled = _sampled_tracer_provider(endpoint, SAMPLED_RATIO)
     rates = {"baseline": Rate(), "off": Rate(), "otlp": Rate(), "sampled": Rate()}
     pushes = {"off": Rate(), "otlp": Rate()}
-    print(f"draining {n:,} no-op tasks, {SLOTS} slots, {rounds} interleaved rounds", flush=True)
+    TASK.update(function=noop_sync if args.sync else noop, slots=args.slots)
+    kind = "sync" if args.sync else "async"
+    print(
+        f"draining {n:,} no-op {kind} tasks, {args.slots} slots, {rounds} interleaved rounds",
+        flush=True,
+    )
     try:
         for round_no in range(rounds):
             order = list(rates)
