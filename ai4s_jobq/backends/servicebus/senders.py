@@ -12,7 +12,7 @@ begin, two CBS attaches, flow, put-token, its reply, the sender's attach, flow).
 The CPU cost is nil; it is pure waiting.  In that time an open link sends ~4,000
 tasks, so a second batch that simply waited for its own new link finished later
 than if it had queued behind the first (a 5,000-task ``push_many`` took 1.3× the
-raw SDK's single-sender batch send).  So a taker that finds no idle sender starts
+raw SDK's single-sender batch send; with one sender it took 0.87x).  So a taker that finds no idle sender starts
 opening a new one in the background (while under ``size``) and takes whichever is
 ready first: a sender given back, or the new one.  The new link then stays in the
 pool for the next batch.  A link that fails to open is put in the pool unopened;
@@ -20,9 +20,13 @@ the push that takes it opens it again and reports the error through its usual re
 path, so failures surface where they did before.
 
 ``warm`` starts the first link's open before the first batch is built (``push_many``
-calls ``Backend.prepare_push`` first thing): building 4,000 tasks' IDs and bodies
-takes about as long as the open's polling, so a push's first send no longer waits
-for both one after the other.
+calls ``Backend.prepare_push`` first thing; ``jobq push`` as soon as it connects), so
+building it (~0.1 s for 4,000 tasks) and the queue's checks overlap part of the
+open's polling instead of coming before it.
+
+Measured with ``bench/bench_servicebus.py --repeat 3`` (5,000 tasks): raw batch send
+took 1.21x and 1.28x ``push_many``'s time (RTT 0 and 1 ms) before the pool, 0.78x and
+0.75x after.
 """
 
 from __future__ import annotations
