@@ -81,18 +81,20 @@ async def test_malformed_message_dead_lettered_and_worker_continues(
 
 
 async def test_heartbeat_keeps_a_long_task_invisible_to_other_workers(azurite, spec, tmp_path):
-    """Lock (visibility timeout) 2 s, task 5 s, two workers: it runs exactly once."""
+    """Lock (visibility timeout) 3 s, task 7 s, two workers: it runs exactly once.
+    (It was 2 s and 5 s; once, in a full run on 2 busy cores, no renewal landed within
+    the 2 s and the other worker took the message: the margin is now 2 s.)"""
     log = tmp_path / "log"
     opened = [
         JobQ.open(
-            spec, connection_string=azurite.connection_string, lock_duration=timedelta(seconds=2)
+            spec, connection_string=azurite.connection_string, lock_duration=timedelta(seconds=3)
         )
         for _ in range(2)
     ]
     async with opened[0] as first, opened[1] as second:
-        await first.push({"log": str(log), "name": "long", "seconds": 5.0})
+        await first.push({"log": str(log), "name": "long", "seconds": 7.0})
         workers = [
-            Worker(q.backend, CallableProcessor(sample_tasks.record), policy(idle_timeout=7.0))
+            Worker(q.backend, CallableProcessor(sample_tasks.record), policy(idle_timeout=9.0))
             for q in (first, second)
         ]
         stats = await asyncio.gather(*(w.run() for w in workers))
