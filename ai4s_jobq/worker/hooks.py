@@ -2,8 +2,9 @@
 
 The loop (:mod:`.loop`) calls every registered :class:`WorkerHook` at the same few
 moments: the worker starts, a task is entered (in its own context, just before its
-code is called) and starts, a task ends (with its outcome), the worker stops.  The outcome ledger, telemetry and heartbeats are hooks; the loop knows
-nothing about any of them.  Like dramatiq's middleware, but smaller: a hook observes,
+code is called) and starts, a task ends (with its outcome), the worker stops.  The
+outcome ledger, telemetry and heartbeats are hooks; the loop knows nothing about any
+of them.  Like dramatiq's middleware, but smaller: a hook observes,
 it does not steer — control policies (preemption, retry back-off) have their own
 modules that the loop asks explicitly.
 
