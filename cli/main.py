@@ -25,6 +25,7 @@ from ai4s_jobq.ledger.recorder import ledger_hooks
 from ai4s_jobq.task import task_args
 from ai4s_jobq.telemetry.setup import telemetry_session
 from ai4s_jobq.worker.build import ProcessorOptions, build_processor
+from ai4s_jobq.worker.heap import freeze_startup_objects
 from ai4s_jobq.worker.loop import Worker, WorkerPolicy
 from ai4s_jobq.worker.processors import started
 
@@ -258,7 +259,9 @@ def _run_worker(ctx: click.Context, options: ProcessorOptions, policy: WorkerPol
         async with open_queue(ctx) as q, started(built.processor):
             # the ledger's recorder (outcomes, heartbeats), and telemetry when configured
             hooks = [*ledger_hooks(q), *telemetry.worker_hooks(q.backend)]
-            stats = await Worker(q.backend, built.processor, policy, hooks=hooks).run()
+            worker = Worker(q.backend, built.processor, policy, hooks=hooks)
+            freeze_startup_objects()  # start-up done: see ai4s_jobq/worker/heap.py
+            stats = await worker.run()
             return stats.exit_code
 
     with telemetry_session("jobq-worker") as telemetry:

@@ -111,3 +111,10 @@ def dispatch_exit_or_record(**args: object) -> None:
         exit_task(str(args["how"]))
     else:
         record(str(args["log"]), str(args["name"]))
+
+
+def frozen_objects() -> int:
+    """How many objects the garbage collector leaves alone (``gc.freeze``)."""
+    import gc
+
+    return gc.get_freeze_count()

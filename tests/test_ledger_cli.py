@@ -184,3 +184,15 @@ def test_an_interrupted_task_is_recorded_as_interrupted_not_failed(env):
     assert (record["state"], record["interruptions"], record["attempt"]) == ("interrupted", 1, 1)
     status = json.loads(cli(env, "status", "--json", check=True).stdout)
     assert status["counts"] == {"interrupted": 1} and status["remaining"] == 1
+
+
+def test_the_worker_freezes_its_start_up_objects_before_the_first_task(env):
+    """``jobq worker`` moves what it built at start-up out of the collector's way
+    (ai4s_jobq/worker/heap.py): a task run by it sees a non-empty frozen generation."""
+    pushed = cli(env, "push", "--json", "--format", "json", check=True, input="{}\n")
+    (line,) = [x for x in json_lines(pushed.stdout) if "id" in x]
+    worker = cli(env, "worker", "--proc", "sample_tasks:frozen_objects", "--idle-timeout", "1s")
+    assert worker.returncode == 0, worker.stderr
+    record = json.loads(cli(env, "result", line["id"], "--json", check=True).stdout)
+    assert record["state"] == "succeeded"
+    assert record["result"] > 10_000  # the package, click, the SDKs it imported
