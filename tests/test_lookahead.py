@@ -228,9 +228,7 @@ async def test_with_telemetry_on_a_slot_still_looks_ahead_and_each_task_sees_its
     spans = {s.attributes["jobq.task.id"]: s for s in memory.get_finished_spans()}
     assert set(spans) == set(seen)
     in_order = sorted(seen.items(), key=lambda item: item[1][1])
-    for (_, (_, _, previous_left)), (task_id, (span_id, entered, _)) in zip(
-        in_order, in_order[1:]
-    ):
+    for (_, (_, _, previous_left)), (task_id, (span_id, entered, _)) in zip(in_order, in_order[1:]):
         span = spans[task_id]
         assert span.context.span_id == span_id  # current for the task's own code
         # Started when its thread began the call, not when it was looked ahead for.

@@ -14,10 +14,10 @@ tasks, so a second batch that simply waited for its own new link finished later
 than if it had queued behind the first (a 5,000-task ``push_many`` took 1.3x the
 raw SDK's single-sender batch send; with one sender it took 0.87x).  So a taker
 that finds no idle sender starts opening a new one in the background (while under
-``size``) and takes whichever is ready first: a sender given back, or the new one.  The new link then stays in the
-pool for the next batch.  A link that fails to open is put in the pool unopened;
-the push that takes it opens it again and reports the error through its usual retry
-path, so failures surface where they did before.
+``size``) and takes whichever is ready first: a sender given back, or the new one.
+The new link then stays in the pool for the next batch.  A link that fails to open
+is put in the pool unopened; the push that takes it opens it again and reports the
+error through its usual retry path, so failures surface where they did before.
 
 ``warm`` starts the first link's open before the first batch is built (``push_many``
 calls ``Backend.prepare_push`` first thing; ``jobq push`` as soon as it connects), so
