@@ -78,3 +78,14 @@ async def test_warm_opens_the_first_link_before_the_first_take(sb_cs, sb_queue):
         pool.give_back(sender)
         await close_all(await pool.drain())
     assert await runtime_counts(sb_cs, sb_queue) == (1, 0)
+
+
+async def test_a_link_that_fails_to_open_in_the_background_still_reaches_the_taker(sb_cs):
+    """No queue of that name: the background open fails, yet the waiting taker gets the
+    sender (and its own open reports the error) instead of waiting for ever."""
+    async with ServiceBusClient.from_connection_string(sb_cs) as client:
+        pool = SenderPool(lambda: client.get_queue_sender("no-such-queue"), size=1)
+        pool.warm()
+        sender = await asyncio.wait_for(pool.take(), timeout=60)
+        pool.give_back(sender)
+        await close_all(await pool.drain())
