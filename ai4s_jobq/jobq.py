@@ -123,14 +123,10 @@ class JobQ:
         check: bool = True,
         create: bool = True,
         ledger: str | None = None,
-        pushing: bool = False,
     ) -> AsyncIterator[JobQ]:
         """Connect to the queue named by ``spec`` (see :mod:`ai4s_jobq.spec`), create it
         on first use, and log the startup checker's warnings.  ``ledger`` names the
-        outcome ledger's Azure Table (``ACCOUNT[/TABLE]``, see :mod:`ai4s_jobq.ledger.resolve`).
-        ``pushing``: the caller is about to push, so the backend may start opening its
-        push link at once, overlapping the queue's creation and checks
-        (:meth:`Backend.prepare_push`)."""
+        outcome ledger's Azure Table (``ACCOUNT[/TABLE]``, see :mod:`ai4s_jobq.ledger.resolve`)."""
         connection_string = connection_string or os.environ.get(CONNECTION_STRING_ENV) or None
         window = configured_dedup_window(dedup_window)
         backend = make_backend(
@@ -144,8 +140,6 @@ class JobQ:
             ledger=ledger_for(backend, ledger),
         )
         await backend.open()
-        if pushing:
-            backend.prepare_push()
         try:
             if create:
                 await backend.ensure_queue(q.settings)

@@ -193,9 +193,7 @@ def push(
     show_progress = sys.stderr.isatty() if progress is None else progress
 
     async def main() -> int:
-        async with open_queue(
-            ctx, dedup_window=dedup_window, lock_duration=lock_duration, pushing=True
-        ) as q:
+        async with open_queue(ctx, dedup_window=dedup_window, lock_duration=lock_duration) as q:
             return await run_push(
                 q,
                 tasks,

@@ -20,9 +20,8 @@ is put in the pool unopened; the push that takes it opens it again and reports t
 error through its usual retry path, so failures surface where they did before.
 
 ``warm`` starts the first link's open before the first batch is built (``push_many``
-calls ``Backend.prepare_push`` first thing; ``jobq push`` as soon as it connects), so
-building it (~0.1 s for 4,000 tasks) and the queue's checks overlap part of the
-open's polling instead of coming before it.
+calls ``Backend.prepare_push`` first thing), so building it (~0.1 s for 4,000 tasks)
+overlaps part of the open's polling instead of coming before it.
 
 Measured with ``bench/bench_servicebus.py --repeat 3`` (5,000 tasks): raw batch send
 took 1.21x and 1.28x ``push_many``'s time (RTT 0 and 1 ms) before the pool, 0.78x and
