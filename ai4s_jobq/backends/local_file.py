@@ -121,27 +121,32 @@ class ReadOnlyCore(broker_core.BrokerCore):
         super().__init__(path, read_only=True)
 
     def _connect(self) -> sqlite3.Connection:
-        # ``mode=ro`` still needs the WAL's shared-memory file, which a read-only
-        # directory may not let SQLite create; then ``immutable=1`` reads the file
-        # as it is (no one may write it, so it does not change under us).
-        uri = Path(self.path).resolve().as_uri()
-        for flags in ("mode=ro", "immutable=1"):
-            conn = sqlite3.connect(
-                f"{uri}?{flags}",
-                uri=True,
-                timeout=60.0,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            try:
-                conn.execute("PRAGMA busy_timeout = 60000")
-                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-                return conn
-            except sqlite3.OperationalError:
-                conn.close()
-                if flags == "immutable=1":
-                    raise
-        raise AssertionError("unreachable")
+        return connect_read_only(Path(self.path))
+
+
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that only reads ``path`` (the broker's, and the ledger's in the
+    same file).  ``mode=ro`` still needs the WAL's shared-memory file, which a
+    read-only directory may not let SQLite create; then ``immutable=1`` reads the
+    file as it is (no one may write it, so it does not change under us)."""
+    uri = path.resolve().as_uri()
+    for flags in ("mode=ro", "immutable=1"):
+        conn = sqlite3.connect(
+            f"{uri}?{flags}",
+            uri=True,
+            timeout=60.0,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            conn.execute("PRAGMA busy_timeout = 60000")
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError:
+            conn.close()
+            if flags == "immutable=1":
+                raise
+    raise AssertionError("unreachable")
 
 
 def create_atomically(path: Path) -> None:
