@@ -76,7 +76,20 @@ def test_peek_and_dlq_list_show_hostile_bodies_raw(local_dir, jobq):
 
 # ---------------------------------------------------------------------- missing queues
 
-READ_ONLY_COMMANDS = [("size",), ("peek",), ("dlq", "list"), ("size", "--json")]
+READ_ONLY_COMMANDS = [
+    ("size",),
+    ("peek",),
+    ("dlq", "list"),
+    ("size", "--json"),
+    # commands that read the ledger, which lives in the queue's file
+    ("status",),
+    ("status", "--json"),
+    ("tasks",),
+    ("tasks", "--json"),
+    ("result", "0" * 32),
+    ("wait", "--tag", "run", "--timeout", "30"),
+    ("ledger", "prune", "--older-than", "1d"),
+]
 
 
 @pytest.mark.parametrize("command", READ_ONLY_COMMANDS, ids=" ".join)
@@ -164,6 +177,7 @@ def _read_only_view(directory: str) -> dict:
             out["peek"] = [t.task.args["cmd"] for t in await q.peek(10) if t.task]
             out["dlq"] = len(await q.dlq_list())
             out["check"] = [f.level for f in await q.check()]
+            out["status"] = (await q.status()).counts
         try:
             async with JobQ.open("local://ro") as q:
                 await q.push("echo refused")
@@ -195,6 +209,7 @@ def test_read_only_queue_file(shared_dir, monkeypatch, what):
     assert view["counts"] == [2, 0]
     assert view["peek"] == ["echo one", "echo two"]
     assert view["dlq"] == 0 and "warning" not in view["check"]
+    assert view["status"] == {"queued": 2}  # the ledger, in the same file, reads too
     assert "read-only" in view["push"] and str(shared_dir) in view["push"]
     assert {p.name: p.stat().st_mtime_ns for p in shared_dir.iterdir()} == before
 
@@ -239,6 +254,8 @@ ALL_COMMANDS = [
     ("clear", "--yes"),
     ("dlq", "purge", "--yes"),
     ("dlq", "requeue", "--all"),
+    ("status",),
+    ("tasks",),
 ]
 
 

@@ -49,7 +49,11 @@ def ledger_for(backend: Backend, ledger: str | None = None) -> LedgerStore | Non
         from .sqlite_store import SqliteLedger
 
         assert isinstance(backend, LocalBackend)
-        return SqliteLedger(backend.path, synchronous=SYNCHRONOUS[backend.durability])
+        return SqliteLedger(
+            backend.path,
+            synchronous=SYNCHRONOUS[backend.durability],
+            queue_name=backend.queue_name,
+        )
     if backend.kind == "storage" and spec is None and connection_string is None:
         from .table_store import TableLedger
 

@@ -24,6 +24,7 @@ the ledger costs ~5%.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -32,6 +33,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..backends.local_file import (
+    connect_read_only,
+    may_write,
+    missing_queue_error,
+    translate_sqlite_errors,
+)
 from ..broker_store import size_for_large_queues
 from ..sqlite_bulk import for_each_id
 from .base import (
@@ -148,14 +155,25 @@ class SqliteLedger(LedgerStore):
         *,
         clock: Callable[[], float] = time.time,
         synchronous: str = "NORMAL",
+        queue_name: str | None = None,
     ):
         """``synchronous``: the queue's durability (``NORMAL`` or ``FULL``), so the
-        ledger's records are flushed as hard as the queue's own commits."""
+        ledger's records are flushed as hard as the queue's own commits.
+
+        ``queue_name``: this is the ledger of that local queue, in the queue's file,
+        and keeps the file's rules (:mod:`ai4s_jobq.backends.local_file`): it never
+        creates the file (the queue's creation does, whole), so a ledger read with a
+        mistyped name (``jobq status``, ``tasks``, ``wait`` ...) says the queue does
+        not exist instead of leaving a new file that then lists as a queue; it only
+        reads a file it may not write; and SQLite's complaints about the file itself
+        come out as the backend's (damaged, read-only) errors.  Without it (a
+        ledger file of its own) the file is created as needed."""
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
         self.path = Path(path)
         self.clock = clock
         self.synchronous = synchronous
+        self.queue_name = queue_name
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
 
@@ -171,10 +189,25 @@ class SqliteLedger(LedgerStore):
 
     def _open_sync(self) -> None:
         try:
+            with self._file_errors():
+                self._conn = self._connect()
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot open the ledger in {self.path}: {exc}") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        target, uri = str(self.path), False
+        if self.queue_name is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(
-                str(self.path), timeout=60.0, isolation_level=None, check_same_thread=False
-            )
+        elif not self.path.exists():
+            raise missing_queue_error(self.queue_name, self.path)
+        elif not may_write(self.path):
+            return self._read_only()
+        else:  # "rw": never create it, even if it went away since the check
+            target, uri = f"{self.path.resolve().as_uri()}?mode=rw", True
+        conn = sqlite3.connect(
+            target, timeout=60.0, isolation_level=None, check_same_thread=False, uri=uri
+        )
+        try:
             conn.execute("PRAGMA busy_timeout = 60000")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
@@ -182,9 +215,31 @@ class SqliteLedger(LedgerStore):
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
-        except sqlite3.Error as exc:
-            raise LedgerError(f"cannot open the ledger in {self.path}: {exc}") from None
-        self._conn = conn
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _read_only(self) -> sqlite3.Connection:
+        """The queue's file, which we may only read: reads work, writes fail as the
+        backend's would (read-only).  A file that has no ledger tables yet cannot get
+        them."""
+        conn = connect_read_only(self.path)
+        found = conn.execute(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'ledger_tasks'"
+        ).fetchone()
+        if not found[0]:
+            conn.close()
+            raise LedgerError(
+                f"the queue file {self.path} is read-only and has no ledger yet (its tasks "
+                "were pushed with the ledger off); a process that may write it makes one"
+            )
+        return conn
+
+    def _file_errors(self) -> contextlib.AbstractContextManager[None]:
+        if self.queue_name is None:
+            return contextlib.nullcontext()
+        return translate_sqlite_errors(self.path)
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -197,7 +252,8 @@ class SqliteLedger(LedgerStore):
         with self._lock:
             assert self._conn is not None, "ledger is closed"
             try:
-                return fn(self._conn)
+                with self._file_errors():
+                    return fn(self._conn)
             except sqlite3.Error as exc:
                 raise LedgerError(f"ledger in {self.path}: {exc}") from None
 
