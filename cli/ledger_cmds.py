@@ -423,14 +423,23 @@ def ledger_group() -> None:
     metavar="D",
     help="Delete records not updated for this long.",
 )
+@click.option(
+    "--unfinished",
+    is_flag=True,
+    help="Also delete the records of tasks not finished (queued, running, to be retried), "
+    "e.g. of a cleared queue.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def prune_command(ctx: click.Context, older_than: timedelta, as_json: bool) -> None:
-    """Delete old task records, tag memberships and worker heartbeats."""
+def prune_command(
+    ctx: click.Context, older_than: timedelta, unfinished: bool, as_json: bool
+) -> None:
+    """Delete old records of finished tasks, their tag memberships, and old worker
+    heartbeats (a task not finished keeps its record unless --unfinished)."""
 
     async def main() -> int:
         async with _open(ctx) as q:
-            return await require(q.ledger).prune(older_than.total_seconds())
+            return await require(q.ledger).prune(older_than.total_seconds(), unfinished=unfinished)
 
     deleted = _run(main())
     if as_json:

@@ -149,8 +149,11 @@ def test_prune(env):
     pushed = json_lines(cli(env, "push", "--json", "-c", "echo old", check=True).stdout)
     kept = cli(env, "ledger", "prune", "--json", check=True)
     assert json.loads(kept.stdout) == {"deleted": 0}
+    # still queued: kept, whatever its age, unless asked
     pruned = cli(env, "ledger", "prune", "--older-than", "0.001s", "--json", check=True)
-    assert json.loads(pruned.stdout) == {"deleted": 1}
+    assert json.loads(pruned.stdout) == {"deleted": 0}
+    args = ("ledger", "prune", "--older-than", "0.001s", "--unfinished", "--json")
+    assert json.loads(cli(env, *args, check=True).stdout) == {"deleted": 1}
     assert cli(env, "result", pushed[0]["id"]).returncode == 1
 
 

@@ -136,12 +136,39 @@ async def test_prune(store):
     now = [1_000_000.0]
     store.clock = lambda: now[0]  # type: ignore[attr-defined]
     await store.record_pushes([PushEntry("old", False)], tag="a")
+    await store.record_attempts([AttemptEvent("old", "dead_lettered", 1, now[0], reason="X")])
     now[0] += 40 * 86400
     await store.record_pushes([PushEntry("new", False)], tag="b")
     assert await store.prune(30 * 86400) == 1
     assert set(await store.get(["old", "new"])) == {"new"}
     assert await store.tags() == ["b"]
     assert [r.id async for r in store.iter_tag("a")] == []
+
+
+async def test_prune_keeps_what_has_not_finished(store):
+    """A task still queued or running past the retention keeps its record and its tag
+    membership (a long run's ``jobq wait --tag`` must not see it vanish and call the
+    run done); only ``unfinished=True`` (say after ``jobq clear``) deletes those too."""
+    now = [1_000_000.0]
+    store.clock = lambda: now[0]  # type: ignore[attr-defined]
+    ids = ["done", "waiting", "started"]
+    await store.record_pushes([PushEntry(i, False) for i in ids], tag="run")
+    await store.record_attempts(
+        [
+            AttemptEvent("done", "running", 1, now[0]),
+            AttemptEvent("done", "succeeded", 1, now[0], duration=1.0),
+            AttemptEvent("started", "running", 1, now[0]),
+        ]
+    )
+    now[0] += 40 * 86400
+    assert await store.prune(30 * 86400) == 1
+    assert set(await store.get(ids)) == {"waiting", "started"}
+    assert sorted([r.id async for r in store.iter_tag("run")]) == ["started", "waiting"]
+    assert await store.tags() == ["run"]
+    assert await store.prune(30 * 86400, unfinished=True) == 2
+    assert await store.get(ids) == {}
+    assert [r.id async for r in store.iter_tag("run")] == []
+    assert await store.tags() == []
 
 
 async def test_workers_prune_old_records_at_most_daily(store, monkeypatch):
@@ -152,6 +179,7 @@ async def test_workers_prune_old_records_at_most_daily(store, monkeypatch):
     now = [time.time() - 40 * 86400]
     store.clock = lambda: now[0]  # type: ignore[attr-defined]
     await store.record_pushes([PushEntry("old", False)])
+    await store.record_attempts([AttemptEvent("old", "succeeded", 1, now[0], duration=1.0)])
     now[0] = time.time()
     await store.mark_pruned(time.time() - 2 * 86400)  # the last prune was two days ago
 
@@ -168,6 +196,7 @@ async def test_workers_prune_old_records_at_most_daily(store, monkeypatch):
     # a second worker the same day does not prune again
     now[0] = time.time() - 40 * 86400
     await store.record_pushes([PushEntry("old2", False)])
+    await store.record_attempts([AttemptEvent("old2", "succeeded", 1, now[0], duration=1.0)])
     now[0] = time.time()
     await run_worker_hook()
     assert set(await store.get(["old2"])) == {"old2"}

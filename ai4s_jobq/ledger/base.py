@@ -209,8 +209,14 @@ class LedgerStore(abc.ABC):
         """Known tags, most recent first."""
 
     @abc.abstractmethod
-    async def prune(self, older_than_seconds: float) -> int:
-        """Delete records (and their tag memberships) not updated for that long."""
+    async def prune(self, older_than_seconds: float, *, unfinished: bool = False) -> int:
+        """Delete the records of finished tasks (succeeded, dead-lettered) not updated
+        for that long, with their tag memberships, and heartbeats as old; returns how
+        many task records went.  A task not finished (queued, running, failed or
+        interrupted, to be retried) keeps its record and memberships however old: a run
+        that outlasts the retention must not lose its waiting tasks from ``status`` and
+        ``wait --tag``.  ``unfinished``: delete those too (for tasks that will never
+        finish, such as those of a cleared queue)."""
 
     # ------------------------------------------------------------------ writes
     # Writers batch: one call carries a push batch or a worker's flush.  See

@@ -488,15 +488,25 @@ class SqliteLedger(LedgerStore):
         )
         return [r[0] for r in rows]
 
-    async def prune(self, older_than_seconds: float) -> int:
+    async def prune(self, older_than_seconds: float, *, unfinished: bool = False) -> int:
         cutoff = self.clock() - older_than_seconds
+        finished = "" if unfinished else f" AND state IN {_FINAL_SQL}"
 
         def write(conn: sqlite3.Connection) -> int:
             deleted = conn.execute(
-                "DELETE FROM ledger_tasks WHERE updated_at < ?", (cutoff,)
+                f"DELETE FROM ledger_tasks WHERE updated_at < ?{finished}", (cutoff,)
             ).rowcount
-            conn.execute("DELETE FROM ledger_tags WHERE added_at < ?", (cutoff,))
-            conn.execute("DELETE FROM ledger_tag_names WHERE last_pushed_at < ?", (cutoff,))
+            # a membership stays while its task has a record (one not finished, here)
+            conn.execute(
+                "DELETE FROM ledger_tags WHERE added_at < ? AND NOT EXISTS "
+                "(SELECT 1 FROM ledger_tasks t WHERE t.id = ledger_tags.id)",
+                (cutoff,),
+            )
+            conn.execute(
+                "DELETE FROM ledger_tag_names WHERE last_pushed_at < ? AND NOT EXISTS "
+                "(SELECT 1 FROM ledger_tags g WHERE g.tag = ledger_tag_names.tag)",
+                (cutoff,),
+            )
             conn.execute("DELETE FROM ledger_workers WHERE last_seen < ?", (cutoff,))
             return int(deleted)
 

@@ -71,6 +71,9 @@ from .table_access import (
     storage_backend_access,
 )
 
+#: A Table query clause: the record is final (``events.FINAL``).
+_FINAL_FILTER = " or ".join(f"state eq '{state}'" for state in FINAL)
+
 RESULT_CHUNK = 16_000
 REMEMBERED_WRITES = 10_000  # ETags of this process's own recent writes, per store
 _MEMBER_BATCH = 200
@@ -491,36 +494,53 @@ class TableLedger(LedgerStore):
 
     # ------------------------------------------------------------------ retention
 
-    async def prune(self, older_than_seconds: float) -> int:
-        """Records not updated since the cut-off go with their push entity; a push
-        entity that old goes only if the task has no (newer) record."""
+    async def prune(self, older_than_seconds: float, *, unfinished: bool = False) -> int:
+        """Records (``t~``) of finished tasks not updated since the cut-off go with
+        their push entity (``p~``).  With ``unfinished`` every old record does, and
+        so does an old push entity whose task has no (newer) record (pushed, never
+        started).  A tag membership that old goes once its task has neither entity
+        left, and a tag's name once it has no members left."""
         cutoff = self.clock() - older_than_seconds
-        old_records = await self._keys_older(self._tasks_pk, "updated_at", cutoff)
+        finished = "" if unfinished else f" and ({_FINAL_FILTER})"
+        old_records = await self._keys_older(self._tasks_pk, "updated_at", cutoff, finished)
         await self.access.delete(self._tasks_pk, [key for key, _ in old_records])
         await self.access.delete(self._pushed_pk, [key for key, _ in old_records])
-        gone = {key for key, _ in old_records}
-        old_pushes = [
-            (key, task_id)
-            for key, task_id in await self._keys_older(self._pushed_pk, "updated_at", cutoff)
-            if key not in gone
-        ]
-        alive = await self.access.lookup(self._tasks_pk, [task_id for _, task_id in old_pushes])
-        orphans = [key for key, task_id in old_pushes if task_id not in alive]
-        await self.access.delete(self._pushed_pk, orphans)
+        orphans: list[str] = []
+        if unfinished:
+            gone = {key for key, _ in old_records}
+            old_pushes = [
+                (key, task_id)
+                for key, task_id in await self._keys_older(self._pushed_pk, "updated_at", cutoff)
+                if key not in gone
+            ]
+            alive = await self.access.lookup(self._tasks_pk, [task_id for _, task_id in old_pushes])
+            orphans = [key for key, task_id in old_pushes if task_id not in alive]
+            await self.access.delete(self._pushed_pk, orphans)
         for entity in await self.access.query("tags", f"PartitionKey eq '{quote(self._names_pk)}'"):
             partition = self._tag_pk(entity["tag"])
-            keys = await self._keys_older(partition, "added_at", cutoff)
-            await self.access.delete(partition, [key for key, _ in keys])
-        for partition, field in (
-            (self._names_pk, "last_pushed_at"),
-            (self._workers_pk, "last_seen"),
-        ):
-            keys = await self._keys_older(partition, field, cutoff)
-            await self.access.delete(partition, [key for key, _ in keys])
+            members = await self._keys_older(partition, "added_at", cutoff)
+            kept = await self._still_recorded([task_id for _, task_id in members])
+            await self.access.delete(partition, [k for k, i in members if i not in kept])
+            if float(entity.get("last_pushed_at", 0.0)) < cutoff and not kept:
+                # every member was added by then (at its push): none is left
+                await self.access.delete(self._names_pk, [entity["RowKey"]])
+        keys = await self._keys_older(self._workers_pk, "last_seen", cutoff)
+        await self.access.delete(self._workers_pk, [key for key, _ in keys])
         return len(old_records) + len(orphans)
 
-    async def _keys_older(self, partition: str, field: str, cutoff: float) -> list[tuple[str, str]]:
-        query = f"PartitionKey eq '{quote(partition)}' and {field} lt {cutoff!r}"
+    async def _still_recorded(self, ids: list[str]) -> set[str]:
+        """Those of ``ids`` that still have a record or a push entity."""
+        pushed, records = await asyncio.gather(
+            self.access.lookup(self._pushed_pk, ids), self.access.lookup(self._tasks_pk, ids)
+        )
+        return set(pushed) | set(records)
+
+    async def _keys_older(
+        self, partition: str, field: str, cutoff: float, also: str = ""
+    ) -> list[tuple[str, str]]:
+        """(RowKey, task ID) of the entities of ``partition`` whose ``field`` is before
+        ``cutoff`` (and that match the filter clause ``also``)."""
+        query = f"PartitionKey eq '{quote(partition)}' and {field} lt {cutoff!r}{also}"
         return [
             (e["RowKey"], e.get("id", ""))
             async for e in self.access.scan("prune", query, ["RowKey", "id"])
