@@ -524,6 +524,12 @@ def _describe(message: ReceivedMessage) -> DeadLetteredTask:
 
 def configured_dedup_window(value: timedelta | str | int | None) -> timedelta | None:
     """An explicitly configured window (argument, else ``JOBQ_DEDUP_WINDOW``), or None."""
-    if value is None:
-        value = os.environ.get(DEDUP_WINDOW_ENV) or None
-    return None if value is None else parse_duration(value)
+    if value is not None:
+        return parse_duration(value)
+    raw = os.environ.get(DEDUP_WINDOW_ENV) or None
+    if raw is None:
+        return None
+    try:
+        return parse_duration(raw)
+    except ValueError as exc:  # say where the value came from
+        raise ValueError(f"{DEDUP_WINDOW_ENV}: {exc}") from None

@@ -123,7 +123,20 @@ def test_absurd_option_values_are_usage_errors(local_dir, jobq, args):
 def test_dedup_window_from_the_environment_is_bounded_too(local_dir, jobq):
     result = jobq("push", "-c", "true", env={"JOBQ_DEDUP_WINDOW": "99999999999"})
     assert result.returncode == 4 and "too long" in result.stderr
+    assert "JOBQ_DEDUP_WINDOW" in result.stderr  # where the bad value came from
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ["abc", "-3"])
+def test_a_bad_ledger_retention_stops_the_worker_at_its_start(local_dir, jobq, value):
+    """Read when the worker starts, not a minute in when it first prunes (where it
+    was only a warning)."""
+    jobq("push", "-c", "true", check=True)
+    result = jobq("worker", "--idle-timeout", "30", env={"JOBQ_LEDGER_RETENTION": value})
+    assert result.returncode == 4, result.stderr
+    assert "JOBQ_LEDGER_RETENTION" in result.stderr and "Traceback" not in result.stderr
+    off = jobq("worker", "--idle-timeout", "0.2", env={"JOBQ_LEDGER_RETENTION": "0"})
+    assert off.returncode == 0 and "WARNING" not in off.stderr  # 0: no pruning, no fuss
 
 
 # ---------------------------------------------------------------------- queue names

@@ -71,7 +71,12 @@ def retention_seconds_from_env() -> float:
     raw = os.environ.get(RETENTION_ENV, "").strip()
     if not raw:
         return DEFAULT_RETENTION_DAYS * 86400.0
-    return parse_duration(raw, bare_unit="d").total_seconds()
+    if raw in ("0", "0d"):
+        return 0.0
+    try:
+        return parse_duration(raw, bare_unit="d").total_seconds()
+    except ValueError as exc:
+        raise ValueError(f"{RETENTION_ENV}: {exc}") from None
 
 
 class LedgerRecorder(WorkerHook):
@@ -91,6 +96,8 @@ class LedgerRecorder(WorkerHook):
     ):
         self.store = store
         self.heartbeat_seconds = heartbeat_seconds or heartbeat_seconds_from_env()
+        #: read now: a bad value stops the worker at its start, not a minute in
+        self.retention_seconds = retention_seconds_from_env()
         self.flush_interval = flush_interval
         self.flush_size = flush_size
         self.max_buffer = max_buffer
@@ -205,7 +212,7 @@ class LedgerRecorder(WorkerHook):
         workers starting together mostly skip).  A ledger without a marker gets one
         now and its first prune a day later."""
         try:
-            retention = retention_seconds_from_env()
+            retention = self.retention_seconds
             if retention <= 0:
                 return
             await asyncio.sleep(self.prune_delay)
