@@ -260,6 +260,28 @@ def test_signal_endpoint_and_service_name_variables(local_dir, receiver):
     assert receiver.received.requests["logs"] == 0
 
 
+BAD_BATCH_SETTINGS = {
+    "OTEL_BSP_SCHEDULE_DELAY": "abc",
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "0",
+    "OTEL_BLRP_MAX_QUEUE_SIZE": "-5",
+    "OTEL_METRIC_EXPORT_INTERVAL": "-1",
+}
+
+
+def test_invalid_batch_settings_are_warnings_and_defaults(local_dir, receiver):
+    """The specification's rule for a bad value (warn, treat as unset), where the SDK
+    raised or printed a traceback (telemetry/otel_env.py): push and worker run, and
+    export."""
+    env = otel_env(local_dir, receiver, **BAD_BATCH_SETTINGS)
+    pushed = jobq_cli("push", "-c", "echo bad settings", env=env)
+    assert pushed.returncode == 0 and "Traceback" not in pushed.stderr, pushed.stderr
+    for variable in BAD_BATCH_SETTINGS:
+        assert variable in pushed.stderr  # each named once, with the default used
+    worked = work(env)
+    assert worked.returncode == 0 and "Traceback" not in worked.stderr, worked.stderr
+    assert receiver.wait_for(lambda: receiver.spans("process tel"))
+
+
 def test_nothing_configured_means_nothing_loaded(local_dir):
     """Without OTEL_* / Application Insights variables: no session, no hooks, and a
     push and a worker run never import the SDK (or even the API)."""

@@ -27,6 +27,7 @@ from ..redact import redact
 from . import names
 from .durations import TaskDurations, TaskMeterProvider, WithTaskDurations
 from .logs import TaskLogFilter
+from .otel_env import LOG_BATCH, METRIC_READER, SPAN_BATCH, settings_from_env
 from .task_span import TaskTracerProvider
 
 if TYPE_CHECKING:
@@ -65,9 +66,10 @@ def install(
         session.providers.append(tracer_provider)
     if "metrics" in exporters:
         durations = _task_durations(environ)
+        reader_settings = settings_from_env(METRIC_READER, environ)
         readers = [
             PeriodicExportingMetricReader(
-                e if durations is None else WithTaskDurations(e, durations)
+                e if durations is None else WithTaskDurations(e, durations), **reader_settings
             )
             for e in exporters["metrics"]
         ]
@@ -87,8 +89,11 @@ def install(
         )
     if "logs" in exporters:
         logger_provider = LoggerProvider(resource=resource, shutdown_on_exit=False)
+        log_settings = settings_from_env(LOG_BATCH, environ)
         for exporter in exporters["logs"]:
-            logger_provider.add_log_record_processor(BatchLogRecordProcessor(exporter))
+            logger_provider.add_log_record_processor(
+                BatchLogRecordProcessor(exporter, **log_settings)
+            )
         _logs.set_logger_provider(logger_provider)
         session.providers.append(logger_provider)
         handler = _logging_handler(logger_provider)
@@ -155,14 +160,10 @@ SPAN_BATCH_DEFAULTS = {"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": 2048, "OTEL_BSP_MAX_QUE
 
 
 def _batch_span_processor(exporter: Any, environ: Mapping[str, str]) -> BatchSpanProcessor:
-    """The SDK's batch processor; ours are only defaults, each variable wins (when
-    one is set the SDK reads both, so that a batch never outgrows its queue)."""
-    if any(environ.get(name) for name in SPAN_BATCH_DEFAULTS):
-        return BatchSpanProcessor(exporter)
+    """The SDK's batch processor; ours are only defaults, each variable wins (read by
+    :mod:`.otel_env`, which also keeps a batch within its queue)."""
     return BatchSpanProcessor(
-        exporter,
-        max_export_batch_size=SPAN_BATCH_DEFAULTS["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"],
-        max_queue_size=SPAN_BATCH_DEFAULTS["OTEL_BSP_MAX_QUEUE_SIZE"],
+        exporter, **settings_from_env(SPAN_BATCH, environ, SPAN_BATCH_DEFAULTS)
     )
 
 
