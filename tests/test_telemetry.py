@@ -282,6 +282,18 @@ def test_invalid_batch_settings_are_warnings_and_defaults(local_dir, receiver):
     assert receiver.wait_for(lambda: receiver.spans("process tel"))
 
 
+def test_an_endpoint_that_is_not_a_url_is_a_warning_at_start(local_dir, receiver):
+    """Said once at the start, naming the variable (not an SDK error per export, the
+    first only at the worker's exit); the signals whose endpoint is fine still go."""
+    env = otel_env(local_dir, receiver, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT="collector:4318")
+    result = jobq_cli("push", "-c", "echo not a url", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT='collector:4318' is not an http" in result.stderr
+    assert "Invalid URL" not in result.stderr and "Traceback" not in result.stderr
+    assert receiver.wait_for(lambda: receiver.received.requests["metrics"])  # still exported
+    assert receiver.received.requests["traces"] == 0
+
+
 def test_nothing_configured_means_nothing_loaded(local_dir):
     """Without OTEL_* / Application Insights variables: no session, no hooks, and a
     push and a worker run never import the SDK (or even the API)."""

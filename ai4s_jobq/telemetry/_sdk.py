@@ -11,6 +11,7 @@ import logging
 import socket
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from opentelemetry import _logs, metrics, trace
 from opentelemetry import context as otel_context
@@ -189,6 +190,29 @@ def _protocol(signal: str, environ: Mapping[str, str]) -> str:
     return value.strip().lower()
 
 
+def _http_endpoint(signal: str, environ: Mapping[str, str]) -> bool:
+    """Whether the endpoint in effect for ``signal`` is an http(s) URL; else a warning
+    now (the exporter would fail on every export, first at the worker's exit)."""
+    for variable in (
+        f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ):
+        value = environ.get(variable, "").strip()
+        if not value:
+            continue
+        parts = urlsplit(value)
+        if parts.scheme in ("http", "https") and parts.netloc:
+            return True
+        log.warning(
+            "telemetry: %s=%r is not an http:// or https:// URL; not exporting %s over OTLP",
+            variable,
+            redact(value)[:100],
+            signal,
+        )
+        return False
+    return True  # the exporter's own default
+
+
 def _otlp_exporter(signal: str, environ: Mapping[str, str]) -> Any:
     protocol = _protocol(signal, environ)
     if protocol not in PROTOCOLS:
@@ -200,6 +224,8 @@ def _otlp_exporter(signal: str, environ: Mapping[str, str]) -> Any:
         )
         return None
     package = "http" if protocol == "http/protobuf" else "grpc"
+    if package == "http" and not _http_endpoint(signal, environ):
+        return None
     try:
         if signal == "traces" and package == "http":
             from .otlp_spans import SpanExporter  # the SDK's, with a faster encoder
