@@ -214,6 +214,21 @@ def test_task_environment_names():
     assert task_environment(["HF_*"], {"HF_TOKEN": "y"}) == {"HF_TOKEN": "y"}
 
 
+@pytest.mark.parametrize(
+    "pattern, exit_code, says",
+    [
+        ("FOO=bar", 2, "push them with -e KEY=VALUE"),  # a value, not a name
+        ("MY KEY", 2, "no spaces"),
+        ("AZURE_CLIENT_SECERT", 0, "matches no variable of this worker's environment"),
+    ],
+)
+def test_pass_env_that_cannot_pass_anything_is_said(local_dir, pattern, exit_code, says):
+    result = jobq_cli(
+        "worker", "--idle-timeout", "0.1", "--pass-env", pattern, env=worker_env(local_dir)
+    )
+    assert result.returncode == exit_code and says in result.stderr, result.stderr
+
+
 def test_signal_after_time_limit_still_honours_grace_period(local_dir, tmp_path):
     """--time-limit fired (intake stopped, the long task keeps running); a SIGTERM then
     gives it --grace-period, not forever: the worker ends within it and the task is put

@@ -16,12 +16,16 @@ GPUs.  Run the result inside :func:`~ai4s_jobq.worker.processors.started` so
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from .gpus import GpuGroup, GpuSlots, gpu_groups
 from .isolation import ProcessPool
 from .processors import KILL_GRACE_SECONDS, Processor, ShellProcessor, make_processor
+from .task_env import pass_env_problem, unmatched_pass_env
 from .timeouts import TaskTimeout
+
+log = logging.getLogger("ai4s_jobq.worker")
 
 ISOLATION_CHOICES = ("none", "process")
 
@@ -65,6 +69,7 @@ def build_processor(options: ProcessorOptions, slots: int | None = None) -> Buil
         raise ValueError("--tty applies to shell tasks only")
     if options.gpus_per_task != 1 and not options.gpus:
         raise ValueError("--gpus-per-task needs --gpus")
+    _check_pass_env(options)
     groups = gpu_groups(options.gpus, options.gpus_per_task, slots) if options.gpus else []
     count = len(groups) if groups else (slots or 1)
 
@@ -85,3 +90,27 @@ def build_processor(options: ProcessorOptions, slots: int | None = None) -> Buil
     if options.task_timeout is not None:
         processor = TaskTimeout(processor, options.task_timeout)
     return BuiltProcessor(processor, count, groups)
+
+
+def _check_pass_env(options: ProcessorOptions) -> None:
+    """A ``--pass-env`` that cannot name a variable is refused; one that names none of
+    the worker's, or that cannot apply (in-process Python tasks share the worker's
+    environment), is a warning."""
+    for pattern in options.pass_env:
+        problem = pass_env_problem(pattern)
+        if problem is not None:
+            raise ValueError(problem)
+    if not options.pass_env:
+        return
+    if not is_shell(options) and options.isolation != "process":
+        log.warning(
+            "--pass-env has no effect on in-process Python tasks: they share the worker's "
+            "environment (use --isolation process for a scrubbed one)"
+        )
+        return
+    for pattern in unmatched_pass_env(options.pass_env):
+        log.warning(
+            "--pass-env %s matches no variable of this worker's environment: "
+            "tasks inherit nothing for it",
+            pattern,
+        )

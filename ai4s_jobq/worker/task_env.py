@@ -54,3 +54,24 @@ def scrubbed_names(environ: Mapping[str, str] | None = None) -> list[str]:
     """The names ``task_environment`` leaves out (for a log line at startup)."""
     source = os.environ if environ is None else environ
     return sorted(name for name in source if is_credential_name(name))
+
+
+def pass_env_problem(pattern: str) -> str | None:
+    """Why ``pattern`` (a ``--pass-env`` value) cannot name a variable, or None."""
+    if "=" in pattern:
+        return (
+            f"--pass-env {pattern!r}: names a variable of the worker for tasks to inherit "
+            "(NAME or a shell pattern); to give tasks a value, push them with -e KEY=VALUE"
+        )
+    if not pattern or any(c.isspace() for c in pattern):
+        return f"--pass-env {pattern!r}: a variable name or shell pattern has no spaces"
+    return None
+
+
+def unmatched_pass_env(
+    patterns: Iterable[str], environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """The ``--pass-env`` names or patterns that match no variable of ``environ``
+    (default: the worker's): a typo there silently passes nothing."""
+    source = os.environ if environ is None else environ
+    return [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in source)]
