@@ -200,6 +200,11 @@ def test_tasks_do_not_inherit_credentials_unless_asked(local_dir, tmp_path):
         "AZURE_CLIENT_ID": "keep-me",  # identifies, does not authenticate
     }
     assert "abc123secret" not in result.stderr  # task output is redacted in the log
+    # the start says which variables tasks go without (names, never values)
+    (withheld,) = [ln for ln in result.stderr.splitlines() if "do not inherit" in ln]
+    for name in ("JOBQ_CONNECTION_STRING", "AZURE_CLIENT_SECRET", "AZURE_STORAGE_SAS_TOKEN"):
+        assert name in withheld
+    assert "OPENAI_API_KEY" not in withheld and "SECRET" not in withheld.replace("_SECRET", "")
     (dead,) = json.loads(
         jobq_cli("--queue", "local://envq", "dlq", "list", "--json", env=env, check=True).stdout
     )
