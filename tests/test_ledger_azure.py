@@ -74,6 +74,50 @@ async def test_storage_queue_ledger_lives_in_its_own_table(azurite, storage_queu
     assert {DEDUP_TABLE, DEFAULT_TABLE} <= names
 
 
+async def test_reading_a_ledger_creates_no_table_and_needs_only_read_rights(azurite):
+    """A read of a ledger table nobody has written finds nothing and creates nothing
+    (a mistyped --ledger table must not appear in the account); the first write
+    creates it; and a reader whose SAS may only read and list (no right to create a
+    table, as a dashboard's role might be) reads an existing ledger."""
+    from datetime import datetime, timedelta, timezone
+
+    from azure.core.credentials import AzureNamedKeyCredential
+    from azure.data.tables import AccountSasPermissions, ResourceTypes, generate_account_sas
+    from azurite_fixtures import ACCOUNT, ACCOUNT_KEY
+
+    from ai4s_jobq.ledger.events import PushEntry
+    from ai4s_jobq.ledger.table_store import TableLedger
+
+    table = f"t{uuid.uuid4().hex[:16]}"
+
+    def ledger(connection_string: str) -> TableLedger:
+        return TableLedger.for_account(None, table, scope="q", connection_string=connection_string)
+
+    async def tables() -> set[str]:
+        async with TableServiceClient.from_connection_string(azurite.connection_string) as svc:
+            return {t.name async for t in svc.list_tables()}
+
+    async with ledger(azurite.connection_string) as reader:
+        assert (await reader.status()).counts == {}
+        assert await reader.get(["x"]) == {} and await reader.tags() == []
+        assert [r async for r in reader.iter_tag("run")] == []
+    assert table not in await tables()
+    async with ledger(azurite.connection_string) as writer:
+        await writer.record_pushes([PushEntry("x", False)], tag="run")
+    assert table in await tables()
+
+    sas = generate_account_sas(
+        AzureNamedKeyCredential(ACCOUNT, ACCOUNT_KEY),
+        resource_types=ResourceTypes(service=True, container=True, object=True),
+        permission=AccountSasPermissions(read=True, list=True),
+        expiry=datetime.now(timezone.utc) + timedelta(hours=1),
+    )
+    read_only = f"TableEndpoint={azurite.service_url('table')};SharedAccessSignature={sas}"
+    async with ledger(read_only) as reader:
+        assert (await reader.status()).counts == {"queued": 1}
+        assert [r.id async for r in reader.iter_tag("run")] == ["x"]
+
+
 def test_storage_cli_push_wait_and_status(azurite, storage_queue_name, tmp_path):
     env = {"JOBQ_CONNECTION_STRING": azurite.connection_string}
     spec = f"devstoreaccount1/{storage_queue_name}"

@@ -1,6 +1,9 @@
 """One Azure Table, as the Table ledger (:mod:`.table_store`) uses it.
 
-Connecting (lazily, creating the table on first use), and the handful of request shapes
+Connecting (lazily; the table is created by the first write, never by a read: a read
+command with a mistyped ``--ledger`` table must not leave a new table in the account,
+and a reader whose role may only read the table -- a dashboard's, say -- must not need
+the right to create one), and the handful of request shapes
 the ledger needs — a query, a streamed scan, an entity-group transaction, a lookup of
 many RowKeys — each turning SDK errors into a :class:`~.base.LedgerError` that keeps
 only the status and error code (SDK messages may echo URLs with SAS tokens).  Kept apart
@@ -10,7 +13,8 @@ from the store so the store reads as the ledger's layout and rules only.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from .base import LedgerError
@@ -53,6 +57,7 @@ class TableAccess:
         self.where = where  # "ACCOUNT/TABLE", for messages
         self._close = close
         self._table: Any = None
+        self._created = False  # by this process's first write (see the module docstring)
         self._opening: asyncio.Lock | None = None
         self._limit = asyncio.Semaphore(CONCURRENCY)
 
@@ -64,17 +69,29 @@ class TableAccess:
         async with self._opening:
             if self._table is not None:
                 return
-            from azure.core.exceptions import ResourceExistsError
 
-            async def create() -> Any:
+            async def connect() -> Any:
                 service = await self._service()
-                try:
-                    await service.create_table(self.table_name)
-                except ResourceExistsError:
-                    pass
                 return service.get_table_client(self.table_name)
 
-            self._table = await self.call("opening", create)
+            self._table = await self.call("opening", connect)
+
+    async def _create(self) -> None:
+        """Create the table (once per process) before the first write."""
+        await self.open()
+        if self._created:
+            return
+        from azure.core.exceptions import ResourceExistsError
+
+        async def create() -> None:
+            service = await self._service()
+            try:
+                await service.create_table(self.table_name)
+            except ResourceExistsError:
+                pass
+
+        await self.call("creating the table", create)
+        self._created = True
 
     async def close(self) -> None:
         self._table = None
@@ -99,7 +116,9 @@ class TableAccess:
         async def run() -> list[dict[str, Any]]:
             async with self._limit:
                 pages = self._table.query_entities(query_filter, select=select)
-                return [entity async for entity in pages]
+                with _missing_table_is_empty():
+                    return [entity async for entity in pages]
+                return []
 
         return await self.call(what, run)
 
@@ -115,11 +134,13 @@ class TableAccess:
         while True:
 
             async def next_page() -> list[dict[str, Any]] | None:
-                try:
-                    page = await pager.__anext__()
-                except StopAsyncIteration:
-                    return None
-                return [entity async for entity in page]
+                with _missing_table_is_empty():
+                    try:
+                        page = await pager.__anext__()
+                    except StopAsyncIteration:
+                        return None
+                    return [entity async for entity in page]
+                return None
 
             entities = await self.call(what, next_page)
             if entities is None:
@@ -133,7 +154,7 @@ class TableAccess:
         404 gone), when nothing was written.  Other failures raise LedgerError."""
         from azure.data.tables import TableTransactionError
 
-        await self.open()
+        await self._create()
 
         async def run() -> list[Any] | None:
             try:
@@ -171,6 +192,18 @@ class TableAccess:
             if await self.transact("delete", operations) is None:
                 for operation in operations:
                     await self.transact("delete", [operation])
+
+
+@contextlib.contextmanager
+def _missing_table_is_empty() -> Iterator[None]:
+    """A read of a table nobody has written yet finds nothing (Table storage says 404
+    TableNotFound); the caller's code after the ``with`` block runs instead."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    try:
+        yield
+    except ResourceNotFoundError:
+        pass
 
 
 def storage_backend_access(backend: Any, table_name: str) -> TableAccess:
