@@ -12,6 +12,7 @@ with in-memory persistence and stops it when the session ends.  So plain
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -80,9 +81,18 @@ class Azurite:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: all held open until all are chosen.  (One at a
+    time, the kernel may hand out a port it just took back: Azurite then found its
+    queue and table services on the same port and exited, EADDRINUSE.)"""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 def install_azurite() -> Path:
@@ -143,7 +153,7 @@ def start_azurite(
     (headers included, so it holds tokens: keep it in a private temporary
     directory)."""
     binary = install_azurite()
-    queue_port, table_port, blob_port = free_port(), free_port(), free_port()
+    queue_port, table_port, blob_port = free_ports(3)
     log = workdir / "azurite.log"
     command = [
         str(binary),
