@@ -57,6 +57,7 @@ class TableAccess:
         self.where = where  # "ACCOUNT/TABLE", for messages
         self._close = close
         self._table: Any = None
+        self._service_client: Any = None
         self._created = False  # by this process's first write (see the module docstring)
         self._opening: asyncio.Lock | None = None
         self._limit = asyncio.Semaphore(CONCURRENCY)
@@ -70,11 +71,11 @@ class TableAccess:
             if self._table is not None:
                 return
 
-            async def connect() -> Any:
-                service = await self._service()
-                return service.get_table_client(self.table_name)
+            async def connect() -> tuple[Any, Any]:
+                service = await self._service()  # made once: the caller closes it
+                return service, service.get_table_client(self.table_name)
 
-            self._table = await self.call("opening", connect)
+            self._service_client, self._table = await self.call("opening", connect)
 
     async def _create(self) -> None:
         """Create the table (once per process) before the first write."""
@@ -84,9 +85,8 @@ class TableAccess:
         from azure.core.exceptions import ResourceExistsError
 
         async def create() -> None:
-            service = await self._service()
             try:
-                await service.create_table(self.table_name)
+                await self._service_client.create_table(self.table_name)
             except ResourceExistsError:
                 pass
 
@@ -94,7 +94,8 @@ class TableAccess:
         self._created = True
 
     async def close(self) -> None:
-        self._table = None
+        self._table = self._service_client = None
+        self._created = False
         if self._close is not None:
             await self._close()
 
