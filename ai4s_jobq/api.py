@@ -20,6 +20,7 @@ from typing import Any
 
 from .backends.base import PushOutcome
 from .jobq import JobQ, PushFailure, PushResult, PushSummary, TaskInput
+from .ledger.base import check_tag
 from .ledger.wait import WaitReport
 
 
@@ -79,6 +80,8 @@ def push(
     ledger: str | None = None,
 ) -> PushResult:
     """Push one task (a shell command string or a dict of arguments)."""
+    if tag is not None:
+        check_tag(tag)  # before the queue is opened (or made)
 
     async def main() -> PushResult:
         async with JobQ.open(
@@ -117,6 +120,8 @@ def push_many(
     with a tag: without one, every accepted ID is kept for ``.wait()`` (see the module
     docstring).  ``tag`` records the tasks as members of a run; ``skip_succeeded``
     leaves out tasks the ledger records as succeeded."""
+    if tag is not None:
+        check_tag(tag)  # before the queue is opened (or made)
     ids: list[str] | None = None if tag is not None else []
 
     def collect(index: int, task_id: str | None, outcome: PushOutcome | PushFailure) -> None:

@@ -32,7 +32,7 @@ from .backends.base import (
 )
 from .durations import parse_duration
 from .ids import ConfigError, TaskEncodingError, deterministic_ids_enabled
-from .ledger.base import LedgerStore, StatusSummary, TaskRecord
+from .ledger.base import LedgerStore, StatusSummary, TaskRecord, check_tag
 from .ledger.events import PushEntry
 from .ledger.push import PushLedger
 from .ledger.resolve import ledger_for, require
@@ -330,6 +330,10 @@ class JobQ:
         return summary
 
     def _push_ledger(self, tag: str | None, skip_succeeded: bool) -> PushLedger | None:
+        """The ledger side of a push (None without a ledger); called before anything
+        is sent, so a bad tag stops the push before its first task."""
+        if tag is not None:
+            check_tag(tag)
         if self.ledger is None:
             if skip_succeeded:
                 require(None)  # raises: says which setting names a ledger

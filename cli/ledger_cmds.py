@@ -33,7 +33,7 @@ from ai4s_jobq.ledger.resolve import require
 from ai4s_jobq.ledger.wait import EXIT_OK, EXIT_TIMEOUT, WaitProgress, WaitReport
 
 from .common import open_queue, run
-from .options import Duration
+from .options import Duration, tag_option
 
 EXIT_CONFIG = 4
 PLAIN_PROGRESS_EVERY = 10.0
@@ -58,7 +58,9 @@ def _timeout(ctx: click.Context, param: click.Parameter, value: Any) -> float | 
 
 @click.command("wait")
 @click.argument("ids", nargs=-1)
-@click.option("--tag", metavar="NAME", help="Wait for every task pushed with --tag NAME.")
+@click.option(
+    "--tag", metavar="NAME", callback=tag_option, help="Wait for every task pushed with --tag NAME."
+)
 @click.option(
     "--from",
     "from_file",
@@ -240,7 +242,9 @@ class _PlainLines:
 
 
 @click.command("status")
-@click.option("--tag", metavar="NAME", help="Only tasks pushed with --tag NAME.")
+@click.option(
+    "--tag", metavar="NAME", callback=tag_option, help="Only tasks pushed with --tag NAME."
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def status_command(ctx: click.Context, tag: str | None, as_json: bool) -> None:
@@ -292,7 +296,7 @@ def status_command(ctx: click.Context, tag: str | None, as_json: bool) -> None:
 
 
 @click.command("tasks")
-@click.option("--tag", metavar="NAME")
+@click.option("--tag", metavar="NAME", callback=tag_option)
 @click.option("--state", type=click.Choice([s.value for s in TaskState]), default=None)
 @click.option("-n", "limit", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)

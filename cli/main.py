@@ -140,7 +140,12 @@ def cli(
     hidden=False,
     help="Lock duration for a new queue (default 5m).",
 )
-@click.option("--tag", metavar="NAME", help="Record the tasks as members of run NAME.")
+@click.option(
+    "--tag",
+    metavar="NAME",
+    callback=options.tag_option,
+    help="Record the tasks as members of run NAME.",
+)
 @click.option(
     "--wait",
     "wait_after",

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from ai4s_jobq.durations import MAX_DURATION, DurationError, format_duration, parse_duration
+from ai4s_jobq.ledger.base import check_tag
 from ai4s_jobq.task import MAX_NUM_RETRIES
 
 #: Largest count for ``-n`` of ``peek`` / ``dlq list`` (they hold it all in memory).
@@ -48,6 +49,16 @@ class Duration(click.ParamType):
 
     def __repr__(self) -> str:
         return f"Duration(bare_unit={self.bare_unit!r}, max={format_duration(self.maximum)})"
+
+
+def tag_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--tag``: checked by the library's rule (a usage error, exit 2)."""
+    if value is None:
+        return None
+    try:
+        return check_tag(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
 
 
 def count(minimum: int, maximum: int) -> click.IntRange:

@@ -117,6 +117,29 @@ def test_skip_succeeded_reports_the_reason(env):
     assert line["status"] == "duplicate" and "succeeded" in line["reason"]
 
 
+@pytest.mark.parametrize(
+    "tag, says",
+    [
+        ("", "is the variable set?"),  # --tag "$RUN" with RUN unset
+        ("x" * 101, "at most 100 characters"),
+        ("a\nb", "no control characters"),
+    ],
+)
+def test_a_tag_that_cannot_name_a_run_is_refused_before_anything_is_pushed(
+    env, local_dir, tag, says
+):
+    import ai4s_jobq
+
+    for args in (("push", "-c", "echo tagged"), ("wait",), ("status",), ("tasks",)):
+        result = cli(env, *args, "--tag", tag)
+        assert result.returncode == 2 and says in result.stderr, (args, result.stderr)
+    with pytest.raises(ValueError, match=says):
+        ai4s_jobq.push_many(["echo tagged"], queue="local://tagged", tag=tag)
+    with pytest.raises(ValueError, match=says):
+        ai4s_jobq.push("echo tagged", queue="local://tagged", tag=tag)
+    assert not local_dir.exists() or not list(local_dir.iterdir())  # no queue was made
+
+
 def test_heartbeats_appear_and_go_stale_when_the_worker_is_killed(env):
     cli(env, "push", "-c", "sleep 60", check=True)
     worker = start_worker(env, "-n", "2", "--idle-timeout", "0")

@@ -51,6 +51,22 @@ MAX_RESULT_BYTES = 32 * 1024
 DEFAULT_RETENTION_DAYS = 30
 #: a worker whose last heartbeat is older than this is shown as stale
 DEFAULT_HEARTBEAT_SECONDS = 15.0
+#: the longest tag: its Azure Table partition key (the tag hex-encoded when it has
+#: characters Table keys forbid, behind the queue's name) must stay under 1 KiB
+MAX_TAG_CHARS = 100
+
+
+def check_tag(tag: str) -> str:
+    """``tag`` if it can name a run, else ValueError saying why.  An empty one usually
+    comes from an unset shell variable (``--tag "$RUN"``): its tasks would quietly
+    share one nameless run."""
+    if not tag:
+        raise ValueError("a tag needs a name: got an empty string (is the variable set?)")
+    if len(tag) > MAX_TAG_CHARS:
+        raise ValueError(f"a tag has at most {MAX_TAG_CHARS} characters, not {len(tag)}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in tag):
+        raise ValueError(f"a tag has no control characters: {tag!r}")
+    return tag
 
 
 class LedgerError(Exception):
