@@ -95,7 +95,8 @@ def build_processor(options: ProcessorOptions, slots: int | None = None) -> Buil
 def _check_pass_env(options: ProcessorOptions) -> None:
     """A ``--pass-env`` that cannot name a variable is refused; one that names none of
     the worker's, or that cannot apply (in-process Python tasks share the worker's
-    environment), is a warning."""
+    environment), is a warning.  Where tasks get a scrubbed environment, one INFO line
+    names the credential variables they go without (names only: never a value)."""
     for pattern in options.pass_env:
         problem = pass_env_problem(pattern)
         if problem is not None:
