@@ -43,7 +43,13 @@ def dlq_requeue(ctx: click.Context, ids: tuple[str, ...], requeue_all: bool) -> 
 
     moved = run(main())
     click.echo(f"requeued {moved} task(s)")
-    if ids and moved < len(ids):
+    wanted = len(set(ids))
+    if ids and moved < wanted:
+        click.echo(
+            f"{wanted - moved} of the {wanted} task ID(s) given are not dead-lettered in "
+            "this queue (`jobq dlq list` shows those that are)",
+            err=True,
+        )
         raise SystemExit(1)
 
 

@@ -131,6 +131,9 @@ def test_dlq_list_requeue_purge(local_dir, jobq):
     assert all(d["reason"] == "NonZeroExit" for d in listed)
     target = next(d["id"] for d in listed if d["args"]["cmd"] == "exit 3")
     assert "requeued 1" in jobq("dlq", "requeue", target, check=True).stdout
+    again = jobq("dlq", "requeue", target, "0" * 32)  # neither is dead-lettered now
+    assert again.returncode == 1 and "requeued 0" in again.stdout
+    assert "2 of the 2 task ID(s) given are not dead-lettered" in again.stderr
     assert json.loads(jobq("size", "--json").stdout)["active"] == 1
     (requeued,) = json.loads(jobq("peek", "--json").stdout)
     assert requeued["id"] == target and requeued["message_id"] != target
