@@ -45,4 +45,7 @@ def print_tasks(items: list[DeadLetteredTask], *, as_json: bool) -> None:
             click.echo(f"{item.message_id}  (not a task) {item.raw[:80]!r}")
         if item.reason or item.description:
             first = (item.description or "").strip().splitlines()
-            click.echo(f"    reason: {item.reason}" + (f": {first[0]}" if first else ""))
+            detail = first[0] if first else ""
+            if item.reason and detail.startswith(f"{item.reason}: "):
+                detail = detail[len(item.reason) + 2 :]  # a Python error names its type
+            click.echo(f"    reason: {item.reason}" + (f": {detail}" if detail else ""))

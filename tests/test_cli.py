@@ -123,6 +123,16 @@ def test_peek_size_clear(local_dir, jobq):
     assert json.loads(jobq("size", "--json").stdout)["active"] == 0
 
 
+def test_dlq_list_names_a_python_error_once(local_dir, jobq):
+    from conftest import worker_env
+
+    env = worker_env(local_dir)
+    jobq("push", "--num-retries", "0", env=env, input='{"message": "no input"}\n', check=True)
+    jobq("worker", "--proc", "sample_tasks:fail", "--idle-timeout", "0.3", env=env)
+    listed = jobq("dlq", "list", env=env, check=True).stdout
+    assert "reason: RuntimeError: no input" in listed, listed  # not "RuntimeError: RuntimeError"
+
+
 def test_dlq_list_requeue_purge(local_dir, jobq):
     jobq("push", "-c", "exit 3", "-c", "exit 5", "--num-retries", "0", check=True)
     jobq("worker", "--idle-timeout", "0.3")
