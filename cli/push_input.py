@@ -41,6 +41,10 @@ def read_tasks(
         line = raw.rstrip("\r\n")
         if not line.strip():
             continue
+        undecodable = _first_undecodable(line)
+        if undecodable is not None:
+            yield _Numbered(number, BadLine(f"line {number}: {undecodable}"))
+            continue
         is_json = line_format == "json" or (line_format == "auto" and line.lstrip().startswith("{"))
         if not is_json:
             yield _Numbered(number, {"cmd": line, **({"env": dict(env)} if env else {})})
@@ -66,6 +70,16 @@ def read_tasks(
             )
             continue
         yield _Numbered(number, value)
+
+
+def _first_undecodable(line: str) -> str | None:
+    """What is wrong with a line that was not UTF-8 (read with ``surrogateescape``, its
+    bad bytes are lone surrogates), or None."""
+    for column, char in enumerate(line, 1):
+        if "\udc80" <= char <= "\udcff":
+            byte = ord(char) - 0xDC00
+            return f"not UTF-8 text (byte 0x{byte:02x} at column {column}); tasks are read as UTF-8"
+    return None
 
 
 class _Numbered:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 from datetime import timedelta
 
 import pytest
@@ -66,6 +67,23 @@ def test_push_reports_hostile_lines_and_pushes_the_rest(local_dir, jobq):
     assert "pushed 2 new" in result.stderr
     deep = jobq("id", '{"a":' + "[" * 5000 + "]" * 5000 + "}")
     assert deep.returncode == 2 and "Traceback" not in deep.stderr
+
+
+def test_a_line_that_is_not_utf8_is_reported_and_the_rest_pushed(local_dir):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "ai4s_jobq_cli", "push"],
+        input=b"echo ok\n\xff\xfe latin-1 bytes\necho ok2\n",
+        capture_output=True,
+        env={**os.environ, "JOBQ_LOCAL_DIR": str(local_dir)},
+        timeout=60,
+    )
+    stderr = result.stderr.decode()
+    assert result.returncode == 1 and "Traceback" not in stderr, stderr
+    assert "line 2: not UTF-8 text (byte 0xff at column 1)" in stderr
+    assert "pushed 2 new" in stderr
 
 
 # ---------------------------------------------------------------------- durations
