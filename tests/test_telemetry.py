@@ -263,8 +263,10 @@ def test_signal_endpoint_and_service_name_variables(local_dir, receiver):
 BAD_BATCH_SETTINGS = {
     "OTEL_BSP_SCHEDULE_DELAY": "abc",
     "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "0",
+    "OTEL_BSP_MAX_QUEUE_SIZE": "1e300",  # the SDK's deque overflowed
     "OTEL_BLRP_MAX_QUEUE_SIZE": "-5",
     "OTEL_METRIC_EXPORT_INTERVAL": "-1",
+    "OTEL_METRIC_EXPORT_TIMEOUT": "1e300",
 }
 
 

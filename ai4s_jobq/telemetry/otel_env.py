@@ -5,8 +5,8 @@ of such a variable is warned about and treated as unset.  The Python SDK (1.45) 
 on some instead -- ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE=0``, ``OTEL_BLRP_MAX_QUEUE_SIZE=-5``,
 ``OTEL_METRIC_EXPORT_INTERVAL=-1`` made ``jobq push`` and ``jobq worker`` die with a
 traceback -- and logs a traceback for others (``OTEL_BSP_SCHEDULE_DELAY=abc``).  Here
-each variable is read once, an invalid one (not a positive number, or a batch larger
-than its queue) costs one warning that names it, and the SDK classes get explicit
+each variable is read once, an invalid one (not a positive number, absurdly large,
+or a batch larger than its queue) costs one warning that names it, and the SDK classes get explicit
 arguments, so they never read the environment themselves: a typo in a telemetry
 setting never stops a worker.
 """
@@ -22,6 +22,13 @@ from typing import Any
 log = logging.getLogger("ai4s_jobq.telemetry")
 
 
+#: The largest value taken: a size (spans or records held in memory), a time (ms, one
+#: day).  Past it the SDK overflows (a deque or a timer cannot be that large) or the
+#: value is a typo; either way it is treated as invalid.
+MAX_SIZE = 10_000_000
+MAX_MILLIS = 86_400_000
+
+
 @dataclass(frozen=True)
 class Setting:
     """One variable: the SDK class's argument it sets, and the SDK's default."""
@@ -29,6 +36,10 @@ class Setting:
     variable: str
     argument: str
     default: int
+
+    @property
+    def maximum(self) -> int:
+        return MAX_MILLIS if self.argument.endswith("_millis") else MAX_SIZE
 
 
 #: ``BatchSpanProcessor``'s settings (the SDK's defaults).
@@ -67,7 +78,7 @@ def settings_from_env(
     for setting in settings:
         default = (defaults or {}).get(setting.variable, setting.default)
         raw = environ.get(setting.variable, "").strip()
-        arguments[setting.argument] = _positive(raw, setting.variable, default) if raw else default
+        arguments[setting.argument] = _positive(raw, setting, default) if raw else default
         if raw and arguments[setting.argument] != default:
             given.add(setting.argument)
     batch, queue = arguments.get("max_export_batch_size"), arguments.get("max_queue_size")
@@ -83,14 +94,15 @@ def settings_from_env(
     return arguments
 
 
-def _positive(raw: str, variable: str, default: int) -> int:
+def _positive(raw: str, setting: Setting, default: int) -> int:
     try:
         value = float(raw)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value >= 1):
+    if not (math.isfinite(value) and 1 <= value <= setting.maximum):
         log.warning(
-            "telemetry: %s=%r is not a positive number; using %d", variable, raw[:40], default
+            "telemetry: %s=%r is not a number from 1 to %d; using %d",
+            *(setting.variable, raw[:40], setting.maximum, default),
         )
         return default
     return int(value)
