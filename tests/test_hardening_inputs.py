@@ -86,6 +86,23 @@ def test_a_line_that_is_not_utf8_is_reported_and_the_rest_pushed(local_dir):
     assert "pushed 2 new" in stderr
 
 
+@pytest.mark.parametrize("value", ["0.0001", "inf", "nan", "1e300"])
+def test_a_heartbeat_interval_out_of_range_stops_the_worker_at_its_start(local_dir, jobq, value):
+    """0.0001 s would have the worker write its heartbeat ten thousand times a second."""
+    result = jobq("worker", "--idle-timeout", "30", env={"JOBQ_HEARTBEAT_SECONDS": value})
+    assert result.returncode == 4 and "JOBQ_HEARTBEAT_SECONDS" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("value", ["1e-9", "inf", "nan", "-1", "x"])
+def test_a_depth_interval_out_of_range_is_a_warning_and_the_default(monkeypatch, value):
+    from ai4s_jobq.telemetry.worker_hook import DEFAULT_DEPTH_INTERVAL, depth_interval_from_env
+
+    monkeypatch.setenv("JOBQ_TELEMETRY_DEPTH_INTERVAL", value)
+    assert depth_interval_from_env() == DEFAULT_DEPTH_INTERVAL  # 1e-9 was a busy loop
+    monkeypatch.setenv("JOBQ_TELEMETRY_DEPTH_INTERVAL", "0")
+    assert depth_interval_from_env() == 0  # never
+
+
 # ---------------------------------------------------------------------- durations
 
 

@@ -50,6 +50,10 @@ _RECORDED = (SUCCEEDED, FAILED, DEAD_LETTERED, INTERRUPTED)
 _WARN_EVERY = 60.0
 
 
+#: heartbeat intervals accepted from the environment (seconds)
+HEARTBEAT_RANGE = (0.1, 86_400.0)
+
+
 def heartbeat_seconds_from_env() -> float:
     raw = os.environ.get(HEARTBEAT_ENV, "").strip()
     if not raw:
@@ -58,8 +62,12 @@ def heartbeat_seconds_from_env() -> float:
         value = float(raw)
     except ValueError:
         raise ValueError(f"{HEARTBEAT_ENV}={raw!r}: expected a number of seconds") from None
-    if not value > 0:
-        raise ValueError(f"{HEARTBEAT_ENV}={raw!r}: must be greater than 0")
+    if not HEARTBEAT_RANGE[0] <= value <= HEARTBEAT_RANGE[1]:  # nan fails too
+        low, high = HEARTBEAT_RANGE
+        raise ValueError(
+            f"{HEARTBEAT_ENV}={raw!r}: expected {low:g} to {high:g} seconds (a worker "
+            "writes its heartbeat that often; faster would flood the ledger)"
+        )
     return value
 
 

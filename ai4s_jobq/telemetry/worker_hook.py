@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,9 @@ log = logging.getLogger("ai4s_jobq.telemetry")
 
 DEPTH_INTERVAL_ENV = "JOBQ_TELEMETRY_DEPTH_INTERVAL"
 DEFAULT_DEPTH_INTERVAL = 30.0
+#: depth samples are broker calls: not more often than this (a tiny value would make
+#: the sampler a busy loop), nor less often than once a day
+MIN_DEPTH_INTERVAL, MAX_DEPTH_INTERVAL = 0.5, 86_400.0
 FIRST_SAMPLE_TIMEOUT = 5.0
 _RUN_KEY = "telemetry"
 _STARTED = "started"
@@ -90,10 +94,17 @@ def depth_interval_from_env() -> float:
     if not value:
         return DEFAULT_DEPTH_INTERVAL
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        log.warning("%s=%r is not a number of seconds; using %.0f", DEPTH_INTERVAL_ENV, value, 30)
-        return DEFAULT_DEPTH_INTERVAL
+        seconds = math.nan
+    if seconds == 0 or MIN_DEPTH_INTERVAL <= seconds <= MAX_DEPTH_INTERVAL:  # 0: never
+        return seconds
+    log.warning(
+        "%s=%r is not 0 (never) or %g to %g seconds; using %g",
+        *(DEPTH_INTERVAL_ENV, value, MIN_DEPTH_INTERVAL, MAX_DEPTH_INTERVAL),
+        DEFAULT_DEPTH_INTERVAL,
+    )
+    return DEFAULT_DEPTH_INTERVAL
 
 
 class TelemetryHook(WorkerHook):
