@@ -102,7 +102,10 @@ def _positive(raw: str, setting: Setting, default: int) -> int:
     if not (math.isfinite(value) and 1 <= value <= setting.maximum):
         log.warning(
             "telemetry: %s=%r is not a number from 1 to %d; using %d",
-            *(setting.variable, raw[:40], setting.maximum, default),
+            setting.variable,
+            raw[:40],
+            setting.maximum,
+            default,
         )
         return default
     return int(value)

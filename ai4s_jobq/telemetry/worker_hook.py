@@ -101,7 +101,10 @@ def depth_interval_from_env() -> float:
         return seconds
     log.warning(
         "%s=%r is not 0 (never) or %g to %g seconds; using %g",
-        *(DEPTH_INTERVAL_ENV, value, MIN_DEPTH_INTERVAL, MAX_DEPTH_INTERVAL),
+        DEPTH_INTERVAL_ENV,
+        value,
+        MIN_DEPTH_INTERVAL,
+        MAX_DEPTH_INTERVAL,
         DEFAULT_DEPTH_INTERVAL,
     )
     return DEFAULT_DEPTH_INTERVAL

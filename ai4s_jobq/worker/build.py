@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from .gpus import GpuGroup, GpuSlots, gpu_groups
 from .isolation import ProcessPool
 from .processors import KILL_GRACE_SECONDS, Processor, ShellProcessor, make_processor
-from .task_env import pass_env_problem, scrubbed_names, task_environment, unmatched_pass_env
+from .task_env import pass_env_problem, unmatched_pass_env, withheld_names
 from .timeouts import TaskTimeout
 
 log = logging.getLogger("ai4s_jobq.worker")
@@ -102,7 +102,7 @@ def _check_pass_env(options: ProcessorOptions) -> None:
         if problem is not None:
             raise ValueError(problem)
     scrubbing = is_shell(options) or options.isolation == "process"
-    withheld = [n for n in scrubbed_names() if not task_environment(options.pass_env, {n: ""})]
+    withheld = withheld_names(options.pass_env)
     if scrubbing and withheld:
         log.info(
             "tasks do not inherit these credential variables: %s (--pass-env NAME passes one)",

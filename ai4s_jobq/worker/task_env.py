@@ -42,18 +42,22 @@ def task_environment(
     named (or matched) by ``pass_env``."""
     source = os.environ if environ is None else environ
     patterns = tuple(pass_env)
-    return {
-        name: value
-        for name, value in source.items()
-        if not is_credential_name(name)
-        or any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
-    }
+    return {name: value for name, value in source.items() if not _withheld(name, patterns)}
 
 
-def scrubbed_names(environ: Mapping[str, str] | None = None) -> list[str]:
+def withheld_names(
+    pass_env: Iterable[str] = (), environ: Mapping[str, str] | None = None
+) -> list[str]:
     """The names ``task_environment`` leaves out (for a log line at startup)."""
     source = os.environ if environ is None else environ
-    return sorted(name for name in source if is_credential_name(name))
+    patterns = tuple(pass_env)
+    return sorted(name for name in source if _withheld(name, patterns))
+
+
+def _withheld(name: str, patterns: tuple[str, ...]) -> bool:
+    return is_credential_name(name) and not any(
+        fnmatch.fnmatchcase(name, pattern) for pattern in patterns
+    )
 
 
 def pass_env_problem(pattern: str) -> str | None:
