@@ -22,6 +22,20 @@ _PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 
 #: The longest duration any option takes (ten years).
 MAX_DURATION = timedelta(days=3650)
+#: The longest refresh or polling interval (a day): beyond it is a typo, and an
+#: infinite one broke the dashboard's page.
+MAX_INTERVAL_SECONDS = 86_400.0
+
+
+def check_interval(name: str, seconds: float, minimum: float = 0.0) -> float:
+    """``seconds`` if it is above ``minimum`` (or equal to a non-zero one) and at most
+    :data:`MAX_INTERVAL_SECONDS`; a ValueError naming ``name`` otherwise (nan too)."""
+    low_ok = seconds >= minimum if minimum > 0 else seconds > 0
+    if not (low_ok and seconds <= MAX_INTERVAL_SECONDS):  # both false for nan
+        raise ValueError(
+            f"{name} must be from {minimum:g} to {MAX_INTERVAL_SECONDS:g} seconds, got {seconds}"
+        )
+    return seconds
 
 
 class DurationError(ValueError):

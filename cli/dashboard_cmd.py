@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from .options import Seconds
+
 SPEC_HELP = "A queue to show (repeatable; default: the global --queue / JOBQ_QUEUE)."
 
 
@@ -28,14 +30,14 @@ SPEC_HELP = "A queue to show (repeatable; default: the global --queue / JOBQ_QUE
 @click.option("--queue", "-q", "queues", multiple=True, metavar="SPEC", help=SPEC_HELP)
 @click.option(
     "--refresh",
-    type=click.FloatRange(min=0.5),
+    type=Seconds(0.5),
     default=5.0,
     show_default=True,
     help="Seconds between page refreshes.",
 )
 @click.option(
     "--sample",
-    type=click.FloatRange(min=0.1),
+    type=Seconds(0.1),
     default=5.0,
     show_default=True,
     help="Seconds between queue depth samples.",

@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from .options import Seconds
+
 
 @click.command()
 @click.option(
@@ -39,7 +41,7 @@ import click
 @click.option(
     "--wait",
     "idle_wait",
-    type=click.FloatRange(min=0.1),
+    type=Seconds(0.1),
     default=5.0,
     show_default=True,
     metavar="SECONDS",

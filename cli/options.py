@@ -8,12 +8,19 @@ overflow deep in a broker call.  The bounds are generous: they only catch typos.
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 from typing import Any
 
 import click
 
-from ai4s_jobq.durations import MAX_DURATION, DurationError, format_duration, parse_duration
+from ai4s_jobq.durations import (
+    MAX_DURATION,
+    MAX_INTERVAL_SECONDS,
+    DurationError,
+    format_duration,
+    parse_duration,
+)
 from ai4s_jobq.ledger.base import check_tag
 from ai4s_jobq.task import MAX_NUM_RETRIES
 
@@ -59,6 +66,23 @@ def tag_option(ctx: click.Context, param: click.Parameter, value: str | None) ->
         return check_tag(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc), ctx, param) from None
+
+
+class Seconds(click.FloatRange):
+    """A number of seconds from ``minimum`` to ``maximum`` (refresh and polling
+    intervals).  Unlike ``click.FloatRange`` it refuses ``nan`` (which compares
+    false with both bounds, so a range check lets it through) and ``inf``."""
+
+    name = "seconds"
+
+    def __init__(self, minimum: float, maximum: float = MAX_INTERVAL_SECONDS):
+        super().__init__(minimum, maximum)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a number of seconds from {self.min:g} to {self.max:g}")
+        return seconds
 
 
 def count(minimum: int, maximum: int) -> click.IntRange:

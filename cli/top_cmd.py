@@ -7,6 +7,8 @@ import json
 
 import click
 
+from .options import Seconds
+
 
 @click.command()
 @click.option(
@@ -19,7 +21,7 @@ import click
 )
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0.2),
+    type=Seconds(0.2),
     default=2.0,
     show_default=True,
     help="Seconds between refreshes.",

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 from datetime import timedelta
 
 import pytest
 from conftest import ROOT
 
-from ai4s_jobq.durations import MAX_DURATION, DurationError, parse_duration
+from ai4s_jobq.durations import MAX_DURATION, DurationError, check_interval, parse_duration
 from ai4s_jobq.queue_names import QueueNameError, validate_queue_name
 from ai4s_jobq.spec import SpecError, parse_spec
 from ai4s_jobq.task import MAX_NUM_RETRIES, MalformedTaskError, Task, make_task
@@ -115,6 +116,14 @@ def test_absurd_durations_are_refused(text):
         parse_duration(text)
 
 
+@pytest.mark.parametrize("seconds", [math.inf, math.nan, 0.0, -1.0, 86_401.0, 0.1])
+def test_intervals_out_of_range_are_refused_by_the_library_too(seconds):
+    with pytest.raises(ValueError, match="refresh_seconds must be from 0.2 to 86400"):
+        check_interval("refresh_seconds", seconds, 0.2)
+    assert check_interval("refresh_seconds", 0.2, 0.2) == 0.2
+    assert check_interval("refresh_seconds", 86_400.0) == 86_400.0
+
+
 def test_durations_below_the_bound_still_parse():
     assert parse_duration("3650") == MAX_DURATION
     assert parse_duration("1d12h") == timedelta(hours=36)
@@ -143,6 +152,15 @@ USAGE_ERRORS = [
     ("peek", "-n", "99999999999999999999999"),
     ("dlq", "list", "-n", "99999999999"),
     ("check", "--dedup-window", "99999999999"),
+    # a float range lets nan through (it compares false with both bounds), and an
+    # infinite refresh made every dashboard page a server error
+    ("dashboard", "--refresh", "inf"),
+    ("dashboard", "--refresh", "nan"),
+    ("dashboard", "--refresh", "1e308"),
+    ("dashboard", "--sample", "nan"),
+    ("top", "--interval", "inf"),
+    ("top", "--interval", "nan"),
+    ("migrate", "--to", "local://other", "--wait", "nan"),
 ]
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from ..durations import check_interval
 from . import render
 from .snapshot import QueueSnapshot, QueueSource, collect
 
@@ -95,6 +96,8 @@ class Dashboard:
     ):
         if not sources:
             raise ValueError("the dashboard needs at least one queue")
+        check_interval("refresh_seconds", refresh_seconds)
+        check_interval("sample_seconds", sample_seconds)
         self.sources = sources
         self.refresh_seconds = refresh_seconds
         self.sample_seconds = sample_seconds

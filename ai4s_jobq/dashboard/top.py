@@ -26,6 +26,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from ..durations import check_interval
 from .charts import STATE_COLOURS
 from .snapshot import (
     STATE_ORDER,
@@ -225,6 +226,7 @@ async def run_top(
     stdin_fd: int | None = None,
 ) -> None:
     """Refresh until ``q``/``Q``, Ctrl-C or SIGTERM."""
+    check_interval("interval", interval)
     console = console or Console()
     loop = asyncio.get_running_loop()
     quit_event = asyncio.Event()
