@@ -187,6 +187,9 @@ def push(
     env = _parse_env(env_pairs)
     if commands and file is not None:
         raise click.UsageError("give either -c commands or a FILE, not both")
+    if any(not command.strip() for command in commands):
+        # a blank line of a file is skipped; a blank -c is a mistake (``-c "$CMD"``)
+        raise click.UsageError("-c got an empty command (is the variable set?)")
     source = file if file is not None else sys.stdin
     if not commands and source.isatty():
         raise click.UsageError("no tasks: use -c CMD, give a FILE, or pipe lines to stdin")

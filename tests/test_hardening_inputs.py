@@ -173,6 +173,14 @@ def test_absurd_option_values_are_usage_errors(local_dir, jobq, args):
     assert not local_dir.exists()  # refused before anything was touched
 
 
+@pytest.mark.parametrize("command", ["", "  "])
+def test_an_empty_command_is_a_usage_error_not_an_empty_push(local_dir, jobq, command):
+    result = jobq("push", "-c", "echo first", "-c", command)
+    assert result.returncode == 2, result.stderr
+    assert "-c got an empty command" in result.stderr
+    assert not local_dir.exists()  # nothing pushed, not even the good one
+
+
 def test_dedup_window_from_the_environment_is_bounded_too(local_dir, jobq):
     result = jobq("push", "-c", "true", env={"JOBQ_DEDUP_WINDOW": "99999999999"})
     assert result.returncode == 4 and "too long" in result.stderr
