@@ -70,8 +70,9 @@ def dashboard(
     remote = not is_loopback(host)
     if remote and not allow_remote:
         raise click.UsageError(
-            f"--host {host} is reachable from other machines and the dashboard has no "
-            "authentication; pass --allow-remote to bind it anyway"
+            f"--host {host} is not a loopback address: the dashboard would be reachable "
+            "from other machines, and it has no authentication; pass --allow-remote to "
+            "bind it anyway"
         )
     specs = list(queues) or [ctx.obj.queue]
 

@@ -295,7 +295,7 @@ def _run_worker(ctx: click.Context, options: ProcessorOptions, policy: WorkerPol
     "--time-limit",
     type=options.Duration("s", zero_ok=True),
     metavar="D",
-    help="Stop taking new tasks after this long (running ones finish).",
+    help="Stop taking new tasks after this long (running ones finish; 0 = no limit).",
 )
 @click.option(
     "--max-consecutive-failures",

@@ -290,6 +290,7 @@ def test_cli_refuses_remote_bind_without_flag(local_dir: Path):
     result = jobq_cli("dashboard", "--host", "0.0.0.0", "--port", "0", timeout=30)
     assert result.returncode == 2
     assert "--allow-remote" in result.stderr and "no authentication" in result.stderr
+    assert "not a loopback address" in result.stderr
 
 
 def test_cli_bad_queue_fails_fast(local_dir: Path):
