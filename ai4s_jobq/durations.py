@@ -27,6 +27,16 @@ MAX_DURATION = timedelta(days=3650)
 MAX_INTERVAL_SECONDS = 86_400.0
 
 
+def check_timeout(timeout: float | None) -> float | None:
+    """A wait's ``timeout`` in seconds: None or inf (no limit, as None), else a number
+    from 0 up; a ValueError for a negative one or nan (which would never time out)."""
+    if timeout is None or timeout == math.inf:
+        return None
+    if not timeout >= 0:  # also true for nan
+        raise ValueError(f"timeout must be None or a number of seconds from 0 up, got {timeout}")
+    return float(timeout)
+
+
 def check_interval(name: str, seconds: float, minimum: float = 0.0) -> float:
     """``seconds`` if it is above ``minimum`` (or equal to a non-zero one) and at most
     :data:`MAX_INTERVAL_SECONDS`; a ValueError naming ``name`` otherwise (nan too)."""

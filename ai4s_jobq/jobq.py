@@ -30,7 +30,7 @@ from .backends.base import (
     QueueSettings,
     ReceivedMessage,
 )
-from .durations import parse_duration
+from .durations import check_timeout, parse_duration
 from .ids import ConfigError, TaskEncodingError, deterministic_ids_enabled
 from .ledger.base import LedgerStore, StatusSummary, TaskRecord, check_tag
 from .ledger.events import PushEntry
@@ -217,6 +217,10 @@ class JobQ:
         ``skip_succeeded`` a task the ledger records as succeeded is not sent again
         (its outcome is a ``SkippedOutcome``, counted as a duplicate).
         """
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.backend.prepare_push()
         size = batch_size or self.backend.push_batch_size
         keys = list(dedup_keys) if dedup_keys is not None else None
@@ -382,6 +386,7 @@ class JobQ:
     async def wait_drained(self, timeout: float | None = None, poll: float = 0.5) -> bool:
         """Wait until the queue has no active or scheduled messages (no ledger needed).
         True when drained, False on timeout."""
+        timeout = check_timeout(timeout)
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         delay = 0.02
         while True:
@@ -402,6 +407,9 @@ class JobQ:
     async def peek(
         self, max_count: int = 10, *, dead_letter: bool = False
     ) -> list[DeadLetteredTask]:
+        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
+            # (a backend may read -1 as "no limit": SQLite's LIMIT does)
+            raise ValueError(f"max_count must be a positive integer, got {max_count!r}")
         return [_describe(m) for m in await self.backend.peek(max_count, dead_letter=dead_letter)]
 
     async def clear(self, *, dead_letter: bool = False) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import pytest
@@ -135,3 +136,33 @@ async def test_sync_push_refuses_inside_event_loop(local_dir):
     with pytest.raises(RuntimeError, match="JobQ.open"):
         ai4s_jobq.push("echo x")
     await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("batch_size", [-5, True, 2.5])
+async def test_push_many_refuses_a_batch_size_that_is_not_a_positive_integer(local_dir, batch_size):
+    async with JobQ.open("local://sizes") as q:
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            await q.push_many([{"a": 1}], batch_size=batch_size)
+        assert (await q.counts()).active == 0  # refused before anything was sent
+
+
+@pytest.mark.parametrize("max_count", [0, -1, True])
+async def test_peek_refuses_a_count_that_is_not_positive(local_dir, max_count):
+    """SQLite reads LIMIT -1 as no limit: peek(-1) listed the whole queue."""
+    async with JobQ.open("local://peeks") as q:
+        await q.push_many([{"a": i} for i in range(3)])
+        with pytest.raises(ValueError, match="max_count must be a positive integer"):
+            await q.peek(max_count)
+        assert len(await q.peek(2)) == 2
+
+
+@pytest.mark.parametrize("timeout", [math.nan, -1.0])
+async def test_waits_refuse_a_negative_or_nan_timeout(local_dir, timeout):
+    """A nan deadline is never reached: the wait would have blocked for ever."""
+    async with JobQ.open("local://waits") as q:
+        await q.push({"a": 1})
+        with pytest.raises(ValueError, match="timeout must be None or a number"):
+            await q.wait(ids=["x"], timeout=timeout)
+        with pytest.raises(ValueError, match="timeout must be None or a number"):
+            await q.wait_drained(timeout)
+        assert await q.wait_drained(0) is False  # 0 still means "look once"

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..durations import check_timeout
 from .base import LedgerStore, StatusSummary, TaskRecord, TaskState
 
 EXIT_OK = 0
@@ -124,6 +125,7 @@ async def wait_for_tasks(
     """Block until every task named (by ``ids`` or ``tag``) is final, or ``timeout``."""
     if (ids is None) == (tag is None):
         raise ValueError("wait on task IDs or on a tag (exactly one)")
+    timeout = check_timeout(timeout)
     if ids is not None:
         return await _wait_ids(
             store, list(dict.fromkeys(ids)), timeout, on_progress, poll_min, poll_max
