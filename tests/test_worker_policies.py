@@ -299,3 +299,32 @@ async def test_a_queue_that_disappears_stops_the_worker_with_code_4(local_dir):
         q.backend.core.delete_queue("vanishing")
         stats = await asyncio.wait_for(worker, 10)
         assert stats.exit_code == 4 and stats.stop_reason == "configuration error"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"slots": 0},  # waited for ever for a free slot
+        {"slots": -2},
+        {"slots": 2.5},
+        {"idle_timeout": -1},  # spun the event loop at full CPU, deaf to SIGTERM
+        {"idle_timeout": float("nan")},  # never came
+        {"idle_timeout": float("inf")},
+        {"grace_period": float("nan")},
+        {"time_limit": -5},
+        {"max_tasks": 0},
+        {"max_interruptions": -1},
+        {"max_consecutive_failures": -1},
+        {"slots": True},
+    ],
+    ids=repr,
+)
+def test_a_policy_the_loop_cannot_run_is_refused_when_made(fields):
+    (name,) = fields
+    with pytest.raises(ValueError, match=f"WorkerPolicy.{name} must be"):
+        WorkerPolicy(**fields)
+
+
+def test_the_policy_bounds_keep_what_users_pass():
+    WorkerPolicy(idle_timeout=0, time_limit=0.5, max_consecutive_failures=0, max_interruptions=0)
+    WorkerPolicy(slots=64, idle_timeout=0.3, grace_period=0, max_tasks=1)
