@@ -156,3 +156,12 @@ def test_cli_worker_reads_the_endpoint_from_the_environment(local_dir, tmp_path,
     assert "worker stopped (preempted (Terminate))" in err
     assert (tmp_path / "ckpt").exists()
     assert imds.acks == []
+
+
+@pytest.mark.parametrize(
+    "fields", [{"mode": "bogus"}, {"mode": "IMDS"}, {"interval": 0}, {"interval": float("nan")}]
+)
+def test_a_preemption_policy_the_watcher_cannot_follow_is_refused(fields):
+    """An unknown mode was watched as if it were "imds"."""
+    with pytest.raises(ValueError, match="preemption"):
+        PreemptionPolicy(**fields)

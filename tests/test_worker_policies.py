@@ -37,9 +37,29 @@ def test_retry_delay_parse_and_bounds():
     assert RetryDelay.parse("30s").seconds(5) == 30
     assert RetryDelay.parse("0").seconds(3) == 0
     assert RetryDelay.parse("exp:1s:4s:3").seconds(3) <= 4
-    for bad in ("soon", "exp:1s:2s:3:4", "exp:10s:1s", "exp:1s:1m:0.5", "-5s"):
+    bad_specs = ("soon", "exp:1s:2s:3:4", "exp:10s:1s", "exp:1s:1m:0.5", "-5s")
+    # a nan or infinite factor passed the "factor < 1" test: delays of nan / inf
+    for bad in (*bad_specs, "exp:1s:1m:nan", "exp:1s:1m:inf"):
         with pytest.raises(ValueError, match="--retry-delay"):
             RetryDelay.parse(bad)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"base": -1.0},
+        {"base": float("nan")},
+        {"cap": float("inf")},
+        {"base": 20.0, "cap": 10.0},
+        {"factor": 0.5},
+        {"factor": float("nan")},
+        {"jitter": 2.0},
+    ],
+    ids=repr,
+)
+def test_a_retry_delay_made_in_code_is_checked_too(fields):
+    with pytest.raises(ValueError, match="retry delay"):
+        RetryDelay(**fields)
 
 
 def test_bad_retry_delay_is_a_usage_error(local_dir):

@@ -37,6 +37,7 @@ import asyncio
 import email.utils
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -60,6 +61,7 @@ PROBE_TIMEOUT = 1.0
 AZURE_ASSET_TAG = "7783-7084-3265-9085-8269-3286-77"
 DMI_ASSET_TAG_FILE = "/sys/class/dmi/id/chassis_asset_tag"
 POLL_INTERVAL = 1.0
+PREEMPTION_MODES = ("off", "auto", "imds")
 POLL_TIMEOUT = 2.0
 #: Kept in hand before the notice's deadline to give messages back.
 DEADLINE_MARGIN = 3.0
@@ -76,6 +78,17 @@ class PreemptionPolicy:
         )
     )
     interval: float = POLL_INTERVAL
+
+    def __post_init__(self) -> None:
+        # an unknown mode watched as if "imds" (only "off" and "auto" are tested for)
+        if self.mode not in PREEMPTION_MODES:
+            raise ValueError(
+                f"preemption mode must be one of {PREEMPTION_MODES}, not {self.mode!r}"
+            )
+        if not 0 < self.interval < math.inf:
+            raise ValueError(
+                f"preemption poll interval must be above 0 seconds, not {self.interval}"
+            )
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,11 @@ back at once, whatever the policy says.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
-from ..durations import DurationError, parse_duration
+from ..durations import MAX_DURATION, DurationError, parse_duration
 
 #: The fraction of a delay that jitter may take away (never adds: the cap holds).
 JITTER = 0.25
@@ -38,6 +39,20 @@ class RetryDelay:
     factor: float = 2.0  # growth per further failure (1 = fixed delay)
     cap: float = 600.0  # never longer than this
     jitter: float = JITTER  # fraction of the delay drawn at random (taken off)
+
+    def __post_init__(self) -> None:
+        """A nan or infinite delay reached the broker's reschedule as an error (the
+        task's retry lost); a factor below 1 shrank the delays."""
+        longest = MAX_DURATION.total_seconds()
+        if not (0 <= self.base <= self.cap <= longest):  # false for nan too
+            raise ValueError(
+                f"retry delay base and cap must be 0 <= base <= cap <= {longest:g} seconds, "
+                f"not base={self.base} cap={self.cap}"
+            )
+        if not 1 <= self.factor < math.inf:
+            raise ValueError(f"retry delay factor must be >= 1, not {self.factor}")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"retry delay jitter must be from 0 to 1, not {self.jitter}")
 
     @classmethod
     def immediate(cls) -> RetryDelay:
@@ -61,14 +76,10 @@ class RetryDelay:
                 if len(parts) > len(defaults):
                     raise ValueError("too many parts")
                 base, cap, factor = parts + defaults[len(parts) :]
-                policy = cls(
-                    base=_seconds(base),
-                    cap=_seconds(cap),
-                    factor=float(factor),
-                )
-                if policy.factor < 1 or policy.cap < policy.base:
+                base_seconds, cap_seconds = _seconds(base), _seconds(cap)
+                if float(factor) < 1 or cap_seconds < base_seconds:
                     raise ValueError("the factor must be >= 1 and the cap >= the base")
-                return policy
+                return cls(base=base_seconds, cap=cap_seconds, factor=float(factor))
             return cls.fixed(_seconds(text))
         except (ValueError, DurationError) as exc:
             raise ValueError(
