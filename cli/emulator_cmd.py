@@ -1,6 +1,6 @@
 """``jobq emulator``: run the local Service Bus emulator in the foreground.
 
-Prints the connection string (give it to ``--conn-str`` / ``JOBQ_CONN_STR`` or to
+Prints the connection string (give it to ``--conn-str`` / ``JOBQ_CONNECTION_STRING`` or to
 the azure-servicebus SDK) and serves until Ctrl-C / SIGTERM.  Needs the
 ``emulator`` extra (``pip install ai4s_jobq[emulator]``; see the README for what
 building its python-qpid-proton needs).
@@ -8,7 +8,12 @@ building its python-qpid-proton needs).
 
 from __future__ import annotations
 
+import errno
+import sys
+
 import click
+
+from .common import EXIT_CONFIG
 
 
 @click.command("emulator")
@@ -79,4 +84,12 @@ def emulator(
     try:
         run(host, port, data_dir, announce=announce, aad_trust_key=aad_trust_key)
     except OSError as exc:
-        raise click.ClickException(f"cannot start the emulator: {exc}") from exc
+        if exc.errno == errno.EADDRINUSE:  # most often another emulator's port
+            message = (
+                f"cannot listen on {host}:{port}: the port is in use; choose another "
+                "with --port (0 picks a free one)"
+            )
+        else:
+            message = f"cannot start the emulator: {exc}"
+        click.echo(f"error: {message}", err=True)
+        sys.exit(EXIT_CONFIG)

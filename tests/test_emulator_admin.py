@@ -215,3 +215,18 @@ def test_jobq_emulator_command_prints_the_connection_string(tmp_path):
         assert proc.wait(10) == 0  # SIGTERM is a clean stop
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_jobq_emulator_on_a_port_in_use_says_so_and_exits_4(tmp_path):
+    import socket
+
+    from conftest import jobq_cli
+
+    with socket.socket() as taken:  # a port another program listens on
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = jobq_cli("emulator", "--port", str(port), "--data", str(tmp_path / "d"))
+    assert result.returncode == 4, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in result.stderr
+    assert "Traceback" not in result.stderr
