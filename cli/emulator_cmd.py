@@ -58,6 +58,7 @@ def emulator(
 
     try:
         from ai4s_jobq.emulator.__main__ import run
+        from ai4s_jobq.emulator.server import EmulatorDataError
     except ImportError as exc:  # proton / cryptography missing
         raise click.ClickException(
             f"the emulator needs the 'emulator' extra ({exc}): pip install "
@@ -83,6 +84,9 @@ def emulator(
 
     try:
         run(host, port, data_dir, announce=announce, aad_trust_key=aad_trust_key)
+    except EmulatorDataError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:  # most often another emulator's port
             message = (

@@ -230,3 +230,39 @@ def test_jobq_emulator_on_a_port_in_use_says_so_and_exits_4(tmp_path):
     assert result.returncode == 4, result.stderr
     assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_jobq_emulator_with_damaged_settings_says_which_file_and_exits_4(tmp_path):
+    from conftest import jobq_cli
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for damage in ('{"port": 5672, "key": ', '["a list"]', '{"port": "x"}', b"\xff\xfe"):
+        settings = data / "emulator.json"
+        if isinstance(damage, bytes):
+            settings.write_bytes(damage)
+        else:
+            settings.write_text(damage)
+        result = jobq_cli("emulator", "--port", "0", "--data", str(data))
+        assert result.returncode == 4, result.stderr
+        assert f"settings file {settings} is damaged" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert settings.read_bytes() == (damage if isinstance(damage, bytes) else damage.encode())
+
+
+def test_jobq_emulator_with_a_damaged_message_store_says_so_and_exits_4(tmp_path):
+    from conftest import jobq_cli
+
+    from ai4s_jobq.broker_core import BrokerCore
+
+    data = tmp_path / "data"
+    data.mkdir()
+    store = data / "broker.sqlite3"
+    BrokerCore(store).close()
+    with open(store, "r+b") as file:  # page 1 after the header: the schema
+        file.seek(100)
+        file.write(b"\xff" * 3000)
+    result = jobq_cli("emulator", "--port", "0", "--data", str(data))
+    assert result.returncode == 4, result.stderr
+    assert f"message store {store} is damaged" in result.stderr
+    assert "Traceback" not in result.stderr

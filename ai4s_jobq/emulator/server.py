@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import socket
+import sqlite3
 import ssl
 import threading
 from collections.abc import Iterator
@@ -57,13 +58,33 @@ class EmulatorSettings:
     aad_trust_key: str = ""
 
 
+class EmulatorDataError(ValueError):
+    """The data directory's settings or message store is damaged; says which file
+    and what to do (the emulator will not overwrite it)."""
+
+
 def load_settings(data_dir: Path) -> EmulatorSettings:
     path = data_dir / "emulator.json"
-    if path.exists():
-        raw = json.loads(path.read_text())
+    if not path.exists():
+        return EmulatorSettings()
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
         known = EmulatorSettings.__dataclass_fields__
-        return EmulatorSettings(**{k: v for k, v in raw.items() if k in known})
-    return EmulatorSettings()
+        settings = EmulatorSettings(**{k: v for k, v in raw.items() if k in known})
+        for name in ("key_name", "key", "aad_trust_key"):
+            if not isinstance(getattr(settings, name), str):
+                raise ValueError(f"{name} is not a string")
+        if not isinstance(settings.port, int) or not 0 <= settings.port <= 65535:
+            raise ValueError("port is not a port number")
+    except ValueError as exc:  # JSON and UnicodeDecodeError are ValueErrors too
+        why = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise EmulatorDataError(
+            f"the emulator's settings file {path} is damaged ({why}); fix it, or move it "
+            "aside to start with a new SAS key (clients then need the new connection string)"
+        ) from None
+    return settings
 
 
 def save_settings(data_dir: Path, settings: EmulatorSettings) -> None:
@@ -125,7 +146,14 @@ class EmulatorServer:
         )
 
     def start(self) -> EmulatorServer:
-        self.core = BrokerCore(self.data_dir / "broker.sqlite3")
+        store = self.data_dir / "broker.sqlite3"
+        try:
+            self.core = BrokerCore(store)
+        except sqlite3.DatabaseError as exc:
+            raise EmulatorDataError(
+                f"the emulator's message store {store} is damaged ({exc}); move it aside "
+                "to start with an empty namespace (its queues and messages are in it)"
+            ) from None
         self.ctx = EmulatorContext(
             core=self.core,
             authority=SasAuthority(self.settings.key_name, self.settings.key),
