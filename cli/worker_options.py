@@ -42,6 +42,7 @@ def processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--gpus",
             metavar="auto|LIST",
+            callback=_gpus_given,
             help="Give each running task its own GPUs (CUDA_VISIBLE_DEVICES, JOBQ_GPUS): "
             "auto (CUDA_VISIBLE_DEVICES, nvidia-smi -L or NVML) or a list such as "
             "0,1,2,3 or 0-3. Without -n, slots = GPUs / --gpus-per-task.",
@@ -73,3 +74,11 @@ def processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         decorated = option(decorated)
     return decorated
+
+
+def _gpus_given(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An empty ``--gpus`` (``--gpus "$GPUS"`` with the variable unset) is a usage
+    error: it was taken for no ``--gpus`` at all, and tasks shared every GPU."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("an empty list (is the variable set?)", ctx, param)
+    return value

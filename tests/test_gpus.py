@@ -52,6 +52,15 @@ def test_gpu_lists():
         parse_gpu_list("0,1,1")
     with pytest.raises(GpuConfigError, match="backwards"):
         parse_gpu_list("3-1")
+    # a typo'd range: parsing 0-99999 spun for minutes (a quadratic duplicate check)
+    # and 0-999999999 would have filled memory
+    with pytest.raises(GpuConfigError, match="has over 1024 GPUs"):
+        parse_gpu_list("0-999999999")
+    with pytest.raises(GpuConfigError, match="more than 1024 GPUs"):
+        parse_gpu_list(",".join(f"GPU-{i}" for i in range(1025)))
+    assert len(parse_gpu_list("0-1023")) == 1024
+    with pytest.raises(GpuConfigError, match="listed twice: 5"):
+        parse_gpu_list("0-1000,5")
     assert gpu_groups("0-7", 2) == [("0", "1"), ("2", "3"), ("4", "5"), ("6", "7")]
     assert gpu_groups("0-4", 2) == [("0", "1"), ("2", "3")]  # GPU 4 unused
     assert gpu_groups("0-3", 1, slots=2) == [("0",), ("1",)]
@@ -223,3 +232,10 @@ def test_cli_gpus_auto_sets_slots_and_cuda_visible_devices(local_dir, tmp_path, 
     )
     assert too_many.returncode == 2
     assert "use -n 2 or fewer" in too_many.stderr
+
+
+def test_an_empty_gpus_option_is_a_usage_error(local_dir, jobq):
+    """``--gpus "$GPUS"`` with the variable unset ran tasks on every GPU."""
+    result = jobq("worker", "--gpus", " ", "--idle-timeout", "1")
+    assert result.returncode == 2, result.stderr
+    assert "--gpus" in result.stderr and "is the variable set?" in result.stderr

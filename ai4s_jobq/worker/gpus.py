@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -40,6 +41,9 @@ log = logging.getLogger("ai4s_jobq.worker")
 
 GpuGroup = tuple[str, ...]
 NVIDIA_SMI_TIMEOUT = 20.0
+#: More GPUs than any node has (8 GPUs split into 7 MIG instances each is 56): a
+#: longer list or range is a typo (``0-99999`` spun parsing it, at full CPU).
+MAX_GPUS = 1024
 _GPU_LINE = re.compile(r"^GPU (\d+):")
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
 
@@ -59,12 +63,16 @@ def parse_gpu_list(text: str) -> list[str]:
             first, last = int(span.group(1)), int(span.group(2))
             if last < first:
                 raise GpuConfigError(f"GPU range {item!r} runs backwards")
+            if last - first >= MAX_GPUS:  # checked before a typo'd range fills memory
+                raise GpuConfigError(f"GPU range {item!r} has over {MAX_GPUS} GPUs")
             gpus.extend(str(i) for i in range(first, last + 1))
         else:
             gpus.append(item)
+        if len(gpus) > MAX_GPUS:
+            raise GpuConfigError(f"more than {MAX_GPUS} GPUs in {text[:60]!r}")
     if not gpus:
         raise GpuConfigError(f"no GPUs in {text!r}: give 'auto' or a list such as 0,1,2,3")
-    duplicates = sorted({g for g in gpus if gpus.count(g) > 1})
+    duplicates = sorted(g for g, times in Counter(gpus).items() if times > 1)
     if duplicates:
         raise GpuConfigError(f"GPU(s) listed twice: {', '.join(duplicates)}")
     return gpus
