@@ -4,11 +4,13 @@ task environment, kept here so ``cli/main.py`` only applies them.
 Each option maps onto a field of :class:`ai4s_jobq.worker.loop.WorkerPolicy` (or the
 processor's ``pass_env``); parsing and validation live in the library
 (:mod:`ai4s_jobq.worker.retry`, :mod:`ai4s_jobq.worker.preemption`), so the CLI only
-turns a bad value into a usage error (exit 2).
+turns a bad value into a usage error (exit 2), or a configuration error (exit 4) when
+it came from the environment (``JOBQ_IMDS_ENDPOINT``).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +18,8 @@ import click
 
 from ai4s_jobq.worker.preemption import EVICTION_EVENTS, MAINTENANCE_EVENTS, PreemptionPolicy
 from ai4s_jobq.worker.retry import DEFAULT_SPEC, RetryDelay
+
+from .common import EXIT_CONFIG
 
 #: Upper bound for --max-interruptions: a count, not a way to say "forever".
 MAX_INTERRUPTIONS_LIMIT = 10_000
@@ -86,12 +90,15 @@ def worker_policy_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def policy_fields(options: dict[str, Any]) -> dict[str, Any]:
     """WorkerPolicy keyword arguments from the options above."""
     events = EVICTION_EVENTS + (MAINTENANCE_EVENTS if options["preemption_maintenance"] else ())
+    try:
+        preemption = PreemptionPolicy(
+            mode=options["preemption"], event_types=events, acknowledge=options["preemption_ack"]
+        )
+    except ValueError as exc:  # JOBQ_IMDS_ENDPOINT is not a URL: configuration
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
     return {
         "retry_delay": options["retry_delay"],
         "max_interruptions": options["max_interruptions"],
-        "preemption": PreemptionPolicy(
-            mode=options["preemption"],
-            event_types=events,
-            acknowledge=options["preemption_ack"],
-        ),
+        "preemption": preemption,
     }

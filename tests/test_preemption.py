@@ -165,3 +165,16 @@ def test_a_preemption_policy_the_watcher_cannot_follow_is_refused(fields):
     """An unknown mode was watched as if it were "imds"."""
     with pytest.raises(ValueError, match="preemption"):
         PreemptionPolicy(**fields)
+
+
+@pytest.mark.parametrize("endpoint", ["not a url", "ftp://169.254.169.254", "169.254.169.254"])
+def test_an_imds_endpoint_that_is_not_a_url_stops_the_worker_at_its_start(
+    local_dir, jobq, endpoint
+):
+    """It was polled as it was, with warnings that did not name the variable."""
+    env = {"JOBQ_IMDS_ENDPOINT": endpoint}
+    result = jobq("worker", "--preemption", "auto", "--idle-timeout", "1", env=env)
+    assert result.returncode == 4, result.stderr
+    assert "JOBQ_IMDS_ENDPOINT" in result.stderr and "Traceback" not in result.stderr
+    off = jobq("worker", "--preemption", "off", "--idle-timeout", "0.2", env=env)
+    assert off.returncode == 0, off.stderr  # not watched: not read

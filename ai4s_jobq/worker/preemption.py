@@ -85,6 +85,11 @@ class PreemptionPolicy:
             raise ValueError(
                 f"preemption mode must be one of {PREEMPTION_MODES}, not {self.mode!r}"
             )
+        if self.mode != "off" and not self.endpoint.lower().startswith(("http://", "https://")):
+            raise ValueError(
+                f"the Scheduled Events endpoint {self.endpoint!r} (JOBQ_IMDS_ENDPOINT) is not "
+                "an http:// or https:// URL"
+            )
         if not 0 < self.interval < math.inf:
             raise ValueError(
                 f"preemption poll interval must be above 0 seconds, not {self.interval}"
