@@ -33,7 +33,7 @@ from ai4s_jobq.ledger.resolve import require
 from ai4s_jobq.ledger.wait import EXIT_OK, EXIT_TIMEOUT, WaitProgress, WaitReport
 
 from .common import open_queue, run
-from .options import Duration, tag_option
+from .options import LISTED, Duration, tag_option
 
 EXIT_CONFIG = 4
 PLAIN_PROGRESS_EVERY = 10.0
@@ -298,7 +298,7 @@ def status_command(ctx: click.Context, tag: str | None, as_json: bool) -> None:
 @click.command("tasks")
 @click.option("--tag", metavar="NAME", callback=tag_option)
 @click.option("--state", type=click.Choice([s.value for s in TaskState]), default=None)
-@click.option("-n", "limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("-n", "limit", type=LISTED, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def tasks_command(

@@ -151,6 +151,7 @@ USAGE_ERRORS = [
     ("pull", "--wait", "99999999999"),
     ("peek", "-n", "99999999999999999999999"),
     ("dlq", "list", "-n", "99999999999"),
+    ("tasks", "-n", "99999999999999999999999"),  # was an OverflowError from SQLite
     ("check", "--dedup-window", "99999999999"),
     # a float range lets nan through (it compares false with both bounds), and an
     # infinite refresh made every dashboard page a server error
