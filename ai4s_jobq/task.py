@@ -125,6 +125,21 @@ class Task:
         return cls(id=task_id, args=args, num_retries=num_retries, extra=extra)
 
 
+def bad_env_name(env: Mapping[Any, Any], *, empty_ok: bool = False) -> str | None:
+    """Why one of ``env``'s names cannot be set in a process environment (``=`` or a
+    NUL byte in it, or empty unless ``empty_ok``), or None.  Checked at push, so that
+    such a task is refused before it is queued, and again by the worker, for messages
+    pushed by other producers: there it fails at once, without retries (an empty name,
+    with which such tasks always ran, is let through there)."""
+    for name, value in env.items():
+        text = str(name)
+        if (not text and not empty_ok) or "=" in text or "\0" in text:
+            return f"{text!r} cannot be an environment variable name"
+        if "\0" in str(value):
+            return f"the value of {text} has a NUL byte"
+    return None
+
+
 def task_args(
     task: str | Mapping[str, Any], env: Mapping[str, str] | None = None
 ) -> Mapping[str, Any]:
@@ -144,6 +159,9 @@ def task_args(
             f"a task is a shell command string or a dict of arguments, not {type(task).__name__}"
         )
     if env:
+        problem = bad_env_name(env)
+        if problem is not None:
+            raise ValueError(f"env: {problem}")
         args["env"] = {**args.get("env", {}), **env}
     return args
 

@@ -166,3 +166,11 @@ async def test_waits_refuse_a_negative_or_nan_timeout(local_dir, timeout):
         with pytest.raises(ValueError, match="timeout must be None or a number"):
             await q.wait_drained(timeout)
         assert await q.wait_drained(0) is False  # 0 still means "look once"
+
+
+@pytest.mark.parametrize("env", [{"": "x"}, {"A=B": "x"}, {"A\0": "x"}, {"A": "x\0y"}])
+def test_push_refuses_an_env_a_process_cannot_have(local_dir, env):
+    """Queued, such a task failed every attempt ("illegal environment variable name")."""
+    with pytest.raises(ValueError, match="env: "):
+        ai4s_jobq.push("true", env=env)
+    assert ai4s_jobq.push("true", env={"A": "x"}).duplicate is False

@@ -20,6 +20,8 @@ import worker_scenarios
 from conftest import ROOT, jobq_cli, wait_for, worker_env
 
 from ai4s_jobq import JobQ, Worker, WorkerPolicy
+from ai4s_jobq.backends.base import OutgoingMessage
+from ai4s_jobq.task import Task
 from ai4s_jobq.worker.attempts import RunCounters
 from ai4s_jobq.worker.processors import CallableProcessor, ShellProcessor
 from ai4s_jobq.worker.retry import RetryDelay
@@ -127,6 +129,21 @@ async def test_permanent_errors_skip_retries(local_dir, tmp_path):
         assert "input is corrupt" in text
         assert "ai4s_jobq_module_that_does_not_exist" in text
         assert "needs a 'cmd'" in text
+
+
+async def test_a_shell_task_whose_env_cannot_be_set_fails_once_not_three_times(local_dir):
+    """Pushed by another producer (``push`` refuses it): each attempt failed with
+    "illegal environment variable name", and its retries were burnt on it."""
+    async with JobQ.open("local://badenv") as q:
+        bad = Task("bad-env", {"cmd": "true", "env": {"A=B": "1"}}, num_retries=5)
+        await q.backend.push([OutgoingMessage(bad.id, bad.to_body())])
+        await q.push("true", env={"FINE": "1"})
+        policy = WorkerPolicy(idle_timeout=0.3, retry_delay=RetryDelay.fixed(60))
+        stats = await Worker(q.backend, ShellProcessor(), policy).run()
+        assert (stats.succeeded, stats.failed, stats.dead_lettered) == (1, 1, 1)
+        (dead,) = await q.dlq_list()
+        assert dead.reason == "Permanent"
+        assert "'A=B' cannot be an environment variable name" in (dead.description or "")
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,7 @@ from types import TracebackType
 from typing import Any
 
 from ..redact import redact
-from ..task import Task
+from ..task import Task, bad_env_name
 from ..telemetry.context import child_process_env
 from .context import current_task
 from .permanent import PERMANENT_REASON, is_permanent
@@ -169,6 +169,9 @@ class ShellProcessor:
             raise TaskFailed(
                 PERMANENT_REASON, "a shell task's 'env' must be an object", permanent=True
             )
+        problem = bad_env_name(extra_env, empty_ok=True)
+        if problem is not None:  # the same on every attempt
+            raise TaskFailed(PERMANENT_REASON, f"a shell task's env: {problem}", permanent=True)
         env.update({str(k): str(v) for k, v in extra_env.items()})
         context = current_task()
         env.update(context.env() if context is not None else {"JOBQ_TASK_ID": task.id})
