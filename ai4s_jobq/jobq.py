@@ -217,6 +217,12 @@ class JobQ:
         ``skip_succeeded`` a task the ledger records as succeeded is not sent again
         (its outcome is a ``SkippedOutcome``, counted as a duplicate).
         """
+        if isinstance(tasks, (str, bytes, Mapping)):
+            # iterating it would push each character (or key) as a shell command
+            raise TypeError(
+                f"push_many takes an iterable of tasks, not one {type(tasks).__name__}; "
+                "push() pushes a single task"
+            )
         if batch_size is not None and (
             isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
         ):

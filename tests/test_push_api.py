@@ -174,3 +174,11 @@ def test_push_refuses_an_env_a_process_cannot_have(local_dir, env):
     with pytest.raises(ValueError, match="env: "):
         ai4s_jobq.push("true", env=env)
     assert ai4s_jobq.push("true", env={"A": "x"}).duplicate is False
+
+
+@pytest.mark.parametrize("tasks", ["echo hi", b"echo hi", {"cmd": "echo hi"}])
+def test_push_many_of_one_task_is_a_type_error_not_one_task_per_character(local_dir, tasks):
+    """push_many("echo hi") pushed seven shell tasks: "e", "c", "h", ..."""
+    with pytest.raises(TypeError, match="push_many takes an iterable of tasks"):
+        ai4s_jobq.push_many(tasks)
+    assert ai4s_jobq.push_many(["echo hi"]).pushed == 1
