@@ -57,6 +57,11 @@ def local_dir() -> Path:
 def parse_spec(spec: str | None, connection_string: str | None = None) -> QueueSpec:
     """The backend and queue ``spec`` names, its queue name checked against the
     backend's rules (:mod:`ai4s_jobq.queue_names`) before anything is contacted."""
+    if spec is not None and not isinstance(spec, str):  # e.g. a Path, or a number
+        raise SpecError(
+            f"a queue spec is a string such as local://NAME or sb://NAMESPACE/QUEUE, "
+            f"not a {type(spec).__name__}"
+        )
     parsed = _parse(spec, connection_string)
     try:
         validate_queue_name(parsed.kind, parsed.queue)

@@ -9,6 +9,7 @@ import json
 import math
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -255,6 +256,9 @@ def test_specs_are_validated_per_backend():
     cs = "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=eA==;EndpointSuffix=x"
     with pytest.raises(SpecError, match="Storage queue name"):
         parse_spec("My_Queue", cs)
+    for not_text in (123, Path("local://x"), b"local://x"):  # an AttributeError before
+        with pytest.raises(SpecError, match="a queue spec is a string"):
+            parse_spec(not_text)  # type: ignore[arg-type]
 
 
 def test_a_bad_queue_name_is_refused_before_any_call(jobq):
