@@ -121,7 +121,12 @@ def cli(
     help="How to read lines: auto (a line starting with '{' is a JSON object of "
     "arguments, any other line a shell command), shell, or json.",
 )
-@click.option("--dedup-keys", metavar="K1,K2", help="Compute IDs from only these arguments.")
+@click.option(
+    "--dedup-keys",
+    metavar="K1,K2",
+    callback=options.dedup_keys_option,
+    help="Compute IDs from only these arguments.",
+)
 @click.option(
     "--json",
     "as_json",
@@ -172,7 +177,7 @@ def push(
     dedup_window: timedelta | None,
     env_pairs: tuple[str, ...],
     line_format: str,
-    dedup_keys: str | None,
+    dedup_keys: list[str] | None,
     as_json: bool,
     progress: bool | None,
     lock_duration: timedelta | None,
@@ -193,7 +198,8 @@ def push(
     source = file if file is not None else sys.stdin
     if not commands and source.isatty():
         raise click.UsageError("no tasks: use -c CMD, give a FILE, or pipe lines to stdin")
-    keys = [k.strip() for k in dedup_keys.split(",") if k.strip()] if dedup_keys else None
+    if timeout is not None and not wait_after:
+        raise click.UsageError("--timeout is for --wait (push itself does not wait)")
     lines: Iterator[tuple[int, str]] = (
         iter(enumerate(commands, start=1)) if commands else enumerate(source, start=1)
     )
@@ -206,7 +212,7 @@ def push(
                 q,
                 tasks,
                 num_retries=num_retries,
-                dedup_keys=keys,
+                dedup_keys=dedup_keys,
                 as_json=as_json,
                 show_progress=show_progress,
                 print_ids=bool(commands),
@@ -410,13 +416,13 @@ def clear(ctx: click.Context, dead_letter: bool, yes: bool) -> None:
 @click.argument("task", required=False)
 @click.option("-c", "--cmd", help="A shell command.")
 @click.option("-e", "--env", "env_pairs", multiple=True, metavar="KEY=VALUE")
-@click.option("--dedup-keys", metavar="K1,K2")
+@click.option("--dedup-keys", metavar="K1,K2", callback=options.dedup_keys_option)
 @click.option("--json", "as_json", is_flag=True)
 def id_command(
     task: str | None,
     cmd: str | None,
     env_pairs: tuple[str, ...],
-    dedup_keys: str | None,
+    dedup_keys: list[str] | None,
     as_json: bool,
 ) -> None:
     """Show the canonical form and the ID a task would get (JSON object or shell command)."""
@@ -425,9 +431,10 @@ def id_command(
         raise click.UsageError("give a task: jobq id '{\"x\": 1}' or jobq id -c 'echo hi'")
     try:
         args: Any = json.loads(text) if cmd is None and text.lstrip().startswith("{") else text
-        keys = [k.strip() for k in dedup_keys.split(",")] if dedup_keys else None
         identified = identify(
-            task_args(args, _parse_env(env_pairs) or None), dedup_keys=keys, deterministic=True
+            task_args(args, _parse_env(env_pairs) or None),
+            dedup_keys=dedup_keys,
+            deterministic=True,
         )
     except (TaskEncodingError, ValueError, TypeError, RecursionError) as exc:
         raise click.UsageError(str(exc)) from None

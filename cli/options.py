@@ -85,6 +85,19 @@ class Seconds(click.FloatRange):
         return seconds
 
 
+def dedup_keys_option(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> list[str] | None:
+    """``--dedup-keys K1,K2`` as a list; one that names no argument (``""``, ``,,``:
+    usually an unset variable) is a usage error, never "dedup on every argument"."""
+    if value is None:
+        return None
+    keys = [key.strip() for key in value.split(",") if key.strip()]
+    if not keys:
+        raise click.BadParameter(f"{value!r} names no argument (is the variable set?)", ctx, param)
+    return keys
+
+
 def count(minimum: int, maximum: int) -> click.IntRange:
     """An integer count from ``minimum`` to ``maximum``; outside is a usage error."""
     return click.IntRange(minimum, maximum)

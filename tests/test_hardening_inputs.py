@@ -153,6 +153,10 @@ USAGE_ERRORS = [
     ("peek", "-n", "99999999999999999999999"),
     ("dlq", "list", "-n", "99999999999"),
     ("tasks", "-n", "99999999999999999999999"),  # was an OverflowError from SQLite
+    # an unset variable: the IDs were silently made from every argument
+    ("push", "--dedup-keys", "", "-c", "true"),
+    ("push", "--dedup-keys", ",,", "-c", "true"),
+    ("id", "--dedup-keys", "", "-c", "true"),
     ("check", "--dedup-window", "99999999999"),
     # a float range lets nan through (it compares false with both bounds), and an
     # infinite refresh made every dashboard page a server error
@@ -181,6 +185,13 @@ def test_an_empty_command_is_a_usage_error_not_an_empty_push(local_dir, jobq, co
     assert result.returncode == 2, result.stderr
     assert "-c got an empty command" in result.stderr
     assert not local_dir.exists()  # nothing pushed, not even the good one
+
+
+def test_push_timeout_without_wait_is_a_usage_error(local_dir, jobq):
+    """It was silently ignored: the user expected push to wait."""
+    result = jobq("push", "--timeout", "5s", "-c", "true")
+    assert result.returncode == 2 and "--timeout is for --wait" in result.stderr
+    assert not local_dir.exists()
 
 
 def test_dedup_window_from_the_environment_is_bounded_too(local_dir, jobq):
