@@ -125,6 +125,8 @@ async def wait_for_tasks(
     """Block until every task named (by ``ids`` or ``tag``) is final, or ``timeout``."""
     if (ids is None) == (tag is None):
         raise ValueError("wait on task IDs or on a tag (exactly one)")
+    if isinstance(ids, (str, bytes)):  # iterated, it is one "ID" per character
+        raise TypeError(f"ids is an iterable of task IDs; for one ID, pass [{ids!r}]")
     timeout = check_timeout(timeout)
     if ids is not None:
         return await _wait_ids(
