@@ -197,6 +197,13 @@ def content_id(canonical: str) -> str:
     return hashlib.md5(canonical.encode("utf-8"), usedforsecurity=False).hexdigest()
 
 
+def check_id_iterable(ids: object) -> None:
+    """TypeError for one ID given where an iterable of IDs is wanted: iterated, a
+    string is one "ID" per character."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"ids is an iterable of task IDs; for one ID, pass [{ids!r}]")
+
+
 def validate_explicit_id(task_id: str) -> str:
     if not isinstance(task_id, str) or not task_id.strip():
         raise ValueError("id= must be a non-empty string")

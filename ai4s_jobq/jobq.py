@@ -31,7 +31,7 @@ from .backends.base import (
     ReceivedMessage,
 )
 from .durations import check_timeout, parse_duration
-from .ids import ConfigError, TaskEncodingError, deterministic_ids_enabled
+from .ids import ConfigError, TaskEncodingError, check_id_iterable, deterministic_ids_enabled
 from .ledger.base import LedgerStore, StatusSummary, TaskRecord, check_tag
 from .ledger.events import PushEntry
 from .ledger.push import PushLedger
@@ -454,6 +454,7 @@ class JobQ:
         queue's duplicate detection does not drop it, while re-running an
         interrupted requeue does not create two copies.
         """
+        check_id_iterable(ids)
         wanted = set(ids) if ids is not None else None
         seen: set[str] = set()
         moved = 0

@@ -156,13 +156,15 @@ async def test_peek_refuses_a_count_that_is_not_positive(local_dir, max_count):
         assert len(await q.peek(2)) == 2
 
 
-async def test_wait_on_one_id_given_as_a_string_is_a_type_error(local_dir):
+async def test_one_id_given_as_a_string_is_a_type_error(local_dir):
     """wait(ids="9bfe...") waited on 32 unknown one-character IDs."""
     async with JobQ.open("local://waits") as q:
         pushed = await q.push({"a": 1})
         with pytest.raises(TypeError, match="for one ID, pass"):
             await q.wait(ids=pushed.id, timeout=0)
         assert (await q.wait(ids=[pushed.id], timeout=0)).total == 1
+        with pytest.raises(TypeError, match="for one ID, pass"):
+            await q.dlq_requeue(pushed.id)  # requeued nothing: no dead letter is 'a'
 
 
 @pytest.mark.parametrize("timeout", [math.nan, -1.0])

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..durations import check_timeout
+from ..ids import check_id_iterable
 from .base import LedgerStore, StatusSummary, TaskRecord, TaskState
 
 EXIT_OK = 0
@@ -125,8 +126,7 @@ async def wait_for_tasks(
     """Block until every task named (by ``ids`` or ``tag``) is final, or ``timeout``."""
     if (ids is None) == (tag is None):
         raise ValueError("wait on task IDs or on a tag (exactly one)")
-    if isinstance(ids, (str, bytes)):  # iterated, it is one "ID" per character
-        raise TypeError(f"ids is an iterable of task IDs; for one ID, pass [{ids!r}]")
+    check_id_iterable(ids)
     timeout = check_timeout(timeout)
     if ids is not None:
         return await _wait_ids(
