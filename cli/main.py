@@ -34,7 +34,7 @@ from .common import Settings, accept_global_options, apply_log_level, confirm, o
 from .dlq import dlq
 from .ledger_cmds import register as register_ledger_commands
 from .policy_options import policy_fields, worker_policy_options
-from .push_input import LedgerPush, read_tasks, run_push
+from .push_input import LedgerPush, numbered_lines, read_tasks, run_push
 from .worker_options import processor_options
 
 
@@ -200,8 +200,8 @@ def push(
         raise click.UsageError("no tasks: use -c CMD, give a FILE, or pipe lines to stdin")
     if timeout is not None and not wait_after:
         raise click.UsageError("--timeout is for --wait (push itself does not wait)")
-    lines: Iterator[tuple[int, str]] = (
-        iter(enumerate(commands, start=1)) if commands else enumerate(source, start=1)
+    lines: Iterator[tuple[int, str | None]] = (
+        iter(enumerate(commands, start=1)) if commands else numbered_lines(source)
     )
     tasks = read_tasks(lines, "shell" if commands else line_format, env)
     show_progress = sys.stderr.isatty() if progress is None else progress

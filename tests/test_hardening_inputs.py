@@ -5,6 +5,7 @@ subcommand, the CLI's module layout."""
 from __future__ import annotations
 
 import ast
+import io
 import json
 import math
 import os
@@ -12,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from ai4s_jobq_cli.push_input import MAX_LINE_CHARS, numbered_lines
 from conftest import ROOT
 
 from ai4s_jobq.durations import MAX_DURATION, DurationError, check_interval, parse_duration
@@ -69,6 +71,32 @@ def test_push_reports_hostile_lines_and_pushes_the_rest(local_dir, jobq):
     assert "pushed 2 new" in result.stderr
     deep = jobq("id", '{"a":' + "[" * 5000 + "]" * 5000 + "}")
     assert deep.returncode == 2 and "Traceback" not in deep.stderr
+
+
+def test_an_overlong_line_is_skipped_without_reading_it_whole():
+    stream = io.StringIO("first\n" + "x" * 25 + "\nafter\n" + "y" * 40)
+    expected = [(1, "first\n"), (2, None), (3, "after\n"), (4, None)]
+    assert list(numbered_lines(stream, limit=10)) == expected
+    assert list(numbered_lines(io.StringIO("exactly10!\nend"), limit=10)) == [
+        (1, "exactly10!\n"),
+        (2, "end"),
+    ]
+
+
+def test_push_of_a_line_longer_than_any_message_reports_it_and_pushes_the_rest(
+    local_dir, jobq, tmp_path
+):
+    """A file with no newline (a JSON array on one line, /dev/zero) was read whole
+    into memory: a MemoryError, or the kernel's OOM killer."""
+    path = tmp_path / "tasks.txt"
+    with open(path, "w") as file:
+        file.write("echo first\n")
+        file.write("x" * (MAX_LINE_CHARS + 5))
+        file.write("\necho after\n")
+    result = jobq("push", str(path))
+    assert result.returncode == 1, result.stderr
+    assert f"line 2: longer than {MAX_LINE_CHARS:,} characters" in result.stderr
+    assert "pushed 2 new" in result.stderr and "rejected 1" in result.stderr
 
 
 def test_a_line_that_is_not_utf8_is_reported_and_the_rest_pushed(local_dir):
