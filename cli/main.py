@@ -33,8 +33,9 @@ from . import options
 from .common import Settings, accept_global_options, apply_log_level, confirm, open_queue, run
 from .dlq import dlq
 from .ledger_cmds import register as register_ledger_commands
+from .lines import numbered_lines
 from .policy_options import policy_fields, worker_policy_options
-from .push_input import LedgerPush, numbered_lines, read_tasks, run_push
+from .push_input import LedgerPush, read_tasks, run_push
 from .worker_options import processor_options
 
 

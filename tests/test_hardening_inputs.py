@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from ai4s_jobq_cli.push_input import MAX_LINE_CHARS, numbered_lines
+from ai4s_jobq_cli.lines import MAX_LINE_CHARS, numbered_lines
 from conftest import ROOT
 
 from ai4s_jobq.durations import MAX_DURATION, DurationError, check_interval, parse_duration
