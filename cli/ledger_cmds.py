@@ -33,7 +33,11 @@ from ai4s_jobq.ledger.resolve import require
 from ai4s_jobq.ledger.wait import EXIT_OK, EXIT_TIMEOUT, WaitProgress, WaitReport
 
 from .common import open_queue, run
+from .lines import numbered_lines
 from .options import LISTED, Duration, tag_option
+
+#: A line of ``jobq push --json`` output is under a kilobyte; --from reads at most this.
+MAX_ID_LINE_CHARS = 1024 * 1024
 
 EXIT_CONFIG = 4
 PLAIN_PROGRESS_EVERY = 10.0
@@ -136,10 +140,28 @@ async def wait_on(
             display.stop()
 
 
-def ids_from_push_output(lines: Iterable[str]) -> Iterator[str]:
+def ids_from_push_output(stream: TextIO) -> Iterator[str]:
     """Task IDs from ``jobq push --json`` output (failed lines and the summary have
-    none); a line that is a bare ID is taken as one."""
-    for number, raw in enumerate(lines, start=1):
+    none); a line that is a bare ID is taken as one.  Read through
+    :func:`~.lines.numbered_lines`: such a line is short, so one over a mebibyte, or
+    bytes that are not UTF-8, mean the wrong file, a usage error."""
+    try:
+        yield from _ids_from_lines(numbered_lines(stream, limit=MAX_ID_LINE_CHARS))
+    except UnicodeDecodeError as exc:
+        name = getattr(stream, "name", "--from")
+        raise click.UsageError(
+            f"--from {name}: not UTF-8 text ({exc.reason}); give the JSON lines "
+            "`jobq push --json` printed"
+        ) from None
+
+
+def _ids_from_lines(lines: Iterable[tuple[int, str | None]]) -> Iterator[str]:
+    for number, raw in lines:
+        if raw is None:
+            raise click.UsageError(
+                f"--from line {number}: longer than {MAX_ID_LINE_CHARS:,} characters; "
+                "give the JSON lines `jobq push --json` printed"
+            )
         line = raw.strip()
         if not line:
             continue

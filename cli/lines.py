@@ -2,9 +2,10 @@
 
 Why: a user's input file may have no newline at all (a JSON array dumped on one
 line, ``/dev/zero``), and iterating a file object holds a whole line in memory,
-however long.  ``jobq push`` reads its tasks through :func:`numbered_lines`; a module
-of its own so that other commands reading files can share it.
+however long.  ``jobq push`` (tasks) and ``jobq wait --from`` (the IDs ``push --json``
+printed) read through :func:`numbered_lines` instead.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator

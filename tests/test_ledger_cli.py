@@ -222,3 +222,21 @@ def test_the_worker_freezes_its_start_up_objects_before_the_first_task(env):
     record = json.loads(cli(env, "result", line["id"], "--json", check=True).stdout)
     assert record["state"] == "succeeded"
     assert record["result"] > 10_000  # the package, click, the SDKs it imported
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"0123abcd\n\xff\xfe\n", "not UTF-8 text"),  # a traceback before
+        (b"x" * (2 * 1024 * 1024) + b"\n", "line 1: longer than 1,048,576 characters"),
+    ],
+    ids=["not-utf8", "overlong"],
+)
+def test_wait_from_a_file_that_is_not_push_output_is_a_usage_error(
+    local_dir, jobq, tmp_path, content, message
+):
+    path = tmp_path / "ids"
+    path.write_bytes(content)
+    result = jobq("wait", "--from", str(path), "--timeout", "1s")
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
