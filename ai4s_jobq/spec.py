@@ -47,10 +47,15 @@ class QueueSpec:
 
 
 def local_dir() -> Path:
+    """Where local queues live, as an absolute path: a relative ``JOBQ_LOCAL_DIR`` is
+    taken from the current directory and shown so in every message (a worker started
+    elsewhere sees another queue; the path it prints says so).  A relative
+    ``XDG_DATA_HOME`` is ignored, as the XDG Base Directory specification says."""
     configured = os.environ.get(LOCAL_DIR_ENV)
     if configured:
-        return Path(configured).expanduser()
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+        return Path(configured).expanduser().absolute()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = xdg if xdg and os.path.isabs(xdg) else os.path.join(Path.home(), ".local", "share")
     return Path(base) / "ai4s_jobq"
 
 

@@ -18,7 +18,7 @@ from conftest import ROOT
 
 from ai4s_jobq.durations import MAX_DURATION, DurationError, check_interval, parse_duration
 from ai4s_jobq.queue_names import QueueNameError, validate_queue_name
-from ai4s_jobq.spec import SpecError, parse_spec
+from ai4s_jobq.spec import SpecError, local_dir, parse_spec
 from ai4s_jobq.task import MAX_NUM_RETRIES, MalformedTaskError, Task, make_task
 
 # Bodies that are not tasks, one per way of failing.  The first two escaped
@@ -283,6 +283,20 @@ def test_invalid_queue_names(kind, name):
 def test_reserved_storage_name_says_whose_dead_letters_it_holds():
     with pytest.raises(QueueNameError, match="dead letters of queue 'jobs'"):
         validate_queue_name("storage", "jobs-failed")
+
+
+def test_the_local_directory_is_always_absolute(monkeypatch, tmp_path):
+    """A relative JOBQ_LOCAL_DIR was used, and printed, as given: a worker started in
+    another directory drained another queue, and the messages did not show it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("JOBQ_LOCAL_DIR", "relative/dir")
+    assert local_dir() == tmp_path / "relative" / "dir"
+    monkeypatch.delenv("JOBQ_LOCAL_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_DATA_HOME", "not/absolute")  # ignored, as XDG says
+    assert local_dir() == tmp_path / "home" / ".local" / "share" / "ai4s_jobq"
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert local_dir() == tmp_path / "data" / "ai4s_jobq"
 
 
 def test_specs_are_validated_per_backend():
