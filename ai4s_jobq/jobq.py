@@ -19,6 +19,7 @@ from datetime import timedelta
 from typing import Any
 
 from . import checker
+from .arguments import check_count
 from .backends.base import (
     Backend,
     BackendError,
@@ -223,10 +224,8 @@ class JobQ:
                 f"push_many takes an iterable of tasks, not one {type(tasks).__name__}; "
                 "push() pushes a single task"
             )
-        if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-        ):
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if batch_size is not None:
+            check_count("batch_size", batch_size, 1)
         self.backend.prepare_push()
         size = batch_size or self.backend.push_batch_size
         keys = list(dedup_keys) if dedup_keys is not None else None
@@ -413,9 +412,7 @@ class JobQ:
     async def peek(
         self, max_count: int = 10, *, dead_letter: bool = False
     ) -> list[DeadLetteredTask]:
-        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
-            # (a backend may read -1 as "no limit": SQLite's LIMIT does)
-            raise ValueError(f"max_count must be a positive integer, got {max_count!r}")
+        check_count("max_count", max_count, 1)  # SQLite reads LIMIT -1 as "no limit"
         return [_describe(m) for m in await self.backend.peek(max_count, dead_letter=dead_letter)]
 
     async def clear(self, *, dead_letter: bool = False) -> int:

@@ -4,11 +4,11 @@ and how it exits (:class:`ExitCode`): the loop's vocabulary, kept beside it so
 
 from __future__ import annotations
 
-import math
 import signal
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from ..arguments import check_count, check_seconds
 from .preemption import PreemptionPolicy
 from .retry import RetryDelay
 
@@ -38,26 +38,16 @@ class WorkerPolicy:
         """Refuse what the loop cannot run: ``slots=0`` waited for ever for a free slot,
         a negative ``idle_timeout`` spun the event loop at full CPU (deaf to SIGTERM),
         and a nan one never came."""
-        _check_count("slots", self.slots, 1)
-        _check_seconds("idle_timeout", self.idle_timeout)
-        _check_seconds("grace_period", self.grace_period)
+        check_count("WorkerPolicy.slots", self.slots, 1)
+        check_seconds("WorkerPolicy.idle_timeout", self.idle_timeout)
+        check_seconds("WorkerPolicy.grace_period", self.grace_period)
         if self.time_limit is not None:
-            _check_seconds("time_limit", self.time_limit)
+            check_seconds("WorkerPolicy.time_limit", self.time_limit)
         if self.max_consecutive_failures is not None:
-            _check_count("max_consecutive_failures", self.max_consecutive_failures, 0)
+            check_count("WorkerPolicy.max_consecutive_failures", self.max_consecutive_failures, 0)
         if self.max_tasks is not None:
-            _check_count("max_tasks", self.max_tasks, 1)
-        _check_count("max_interruptions", self.max_interruptions, 0)
-
-
-def _check_count(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"WorkerPolicy.{name} must be an integer >= {minimum}, not {value!r}")
-
-
-def _check_seconds(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-        raise ValueError(f"WorkerPolicy.{name} must be finite seconds >= 0, not {value!r}")
+            check_count("WorkerPolicy.max_tasks", self.max_tasks, 1)
+        check_count("WorkerPolicy.max_interruptions", self.max_interruptions, 0)
 
 
 @dataclass
